@@ -1,0 +1,66 @@
+"""``sharedsync-csi``: run the CSI plugin (controller, node, or both in one process)."""
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sharedsync import __version__
+from sharedsync.observability import configure_logging, serve_metrics
+
+from .config import DEFAULT_DATA_DIR, DEFAULT_KUBELET_DIR, DRIVER_NAME, PluginConfig, Role
+from .server import serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharedsync-csi",
+        description="The sharedsync CSI plugin: Identity plus Controller and/or Node services "
+                    "on a unix socket.")
+    env = os.environ.get
+    parser.add_argument("--endpoint", default=env("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+                        help="unix:///path of the socket to serve (env CSI_ENDPOINT)")
+    parser.add_argument("--node-id", default=env("NODE_ID") or socket.gethostname(),
+                        help="this node's name, as Kubernetes knows it (env NODE_ID)")
+    parser.add_argument("--role", type=Role, choices=list(Role), default=Role(env("CSI_ROLE",
+                        "all")), help="which services to serve (env CSI_ROLE; default all)")
+    parser.add_argument("--driver-name", default=DRIVER_NAME, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, default=Path(env("SHAREDSYNC_DATA_DIR",
+                        str(DEFAULT_DATA_DIR))),
+                        help="where replicas and controller state live "
+                             "(env SHAREDSYNC_DATA_DIR)")
+    parser.add_argument("--kubelet-dir", type=Path, default=DEFAULT_KUBELET_DIR,
+                        help="kubelet's root directory: staging and target paths must be "
+                             "inside it")
+    parser.add_argument("--allowed-path-root", type=Path, action="append", default=[],
+                        help="another directory under which staging and target paths are "
+                             "accepted (repeatable; for tests and non-kubelet COs)")
+    parser.add_argument("--metrics-address", default=env("METRICS_ADDRESS", ""),
+                        help="host:port for the Prometheus endpoint (empty: off)")
+    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    roots = tuple(p.absolute() for p in [args.kubelet_dir, *args.allowed_path_root])
+    config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id, role=args.role,
+                          driver_name=args.driver_name, data_dir=args.data_dir.absolute(),
+                          allowed_path_roots=roots, metrics_address=args.metrics_address)
+    if config.metrics_address:
+        serve_metrics(config.metrics_address)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

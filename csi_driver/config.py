@@ -1,0 +1,52 @@
+"""Settings of one CSI plugin process, from flags or environment (see ``csi_driver.cli``)."""
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DRIVER_NAME = "csi.sharedsync.io"
+#: Topology key carried by every volume and node: replicas are node-local.
+TOPOLOGY_NODE_KEY = "topology.sharedsync.io/node"
+DEFAULT_KUBELET_DIR = Path("/var/lib/kubelet")
+DEFAULT_DATA_DIR = Path("/var/lib/sharedsync")
+
+
+class Role(enum.StrEnum):
+    """Which CSI services this process serves (Identity is always served)."""
+
+    CONTROLLER = "controller"
+    NODE = "node"
+    ALL = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginConfig:
+    """Everything a plugin process needs to know about where it runs."""
+
+    endpoint: str
+    node_id: str
+    role: Role = Role.ALL
+    driver_name: str = DRIVER_NAME
+    data_dir: Path = DEFAULT_DATA_DIR
+    #: Directories under which the CO may ask us to stage or publish. kubelet only ever passes
+    #: paths under its root dir; anything else is refused, so a hostile request cannot make the
+    #: plugin mount over /etc.
+    allowed_path_roots: tuple[Path, ...] = field(default=(DEFAULT_KUBELET_DIR,))
+    metrics_address: str = ""
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def serves_controller(self) -> bool:
+        return self.role in (Role.CONTROLLER, Role.ALL)
+
+    @property
+    def serves_node(self) -> bool:
+        return self.role in (Role.NODE, Role.ALL)
+
+    @property
+    def replica_root(self) -> Path:
+        return self.data_dir / "replicas"
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "state" / "controller.db"

@@ -1,0 +1,107 @@
+"""Assemble and run a plugin process: the services its role calls for, on one gRPC socket."""
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+
+from sharedsync.core.errors import InvalidArgument
+from sharedsync.storage.replicas import ReplicaStore
+
+from .backend import LocalBackend
+from .config import PluginConfig
+from .controller import ControllerService
+from .identity import IdentityService
+from .interceptor import CsiInterceptor
+from .node import NodeService
+from .proto import csi_pb2_grpc
+from .state import LocalStateStore
+
+log = structlog.get_logger(__name__)
+#: How long in-flight RPCs may finish after SIGTERM before they are cancelled.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def socket_path(endpoint: str) -> Path:
+    """The filesystem path of a ``unix://`` endpoint (the only kind a CSI plugin serves)."""
+    for prefix in ("unix://", "unix:"):
+        if endpoint.startswith(prefix):
+            path = endpoint[len(prefix):]
+            if path.startswith("/"):
+                return Path(path)
+    raise InvalidArgument(f"endpoint must be unix:///absolute/path, got {endpoint!r}")
+
+
+def _prepare_socket(path: Path) -> None:
+    """Create the socket's directory and remove a stale socket left by a previous run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
+        path.unlink()
+
+
+@dataclass
+class Plugin:
+    """A configured, not yet started, plugin process."""
+
+    config: PluginConfig
+    server: grpc.aio.Server
+    state: LocalStateStore | None
+
+    async def start(self) -> None:
+        path = socket_path(self.config.endpoint)
+        _prepare_socket(path)
+        self.server.add_insecure_port(self.config.endpoint)
+        await self.server.start()
+        os.chmod(path, 0o660)
+        log.info("serving", endpoint=self.config.endpoint, role=str(self.config.role),
+                 node_id=self.config.node_id)
+
+    async def stop(self) -> None:
+        await self.server.stop(SHUTDOWN_GRACE_SECONDS)
+        if self.state is not None:
+            await self.state.close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(self.config.endpoint).unlink()
+
+
+def build_plugin(config: PluginConfig) -> Plugin:
+    """Create the gRPC server with the services ``config.role`` asks for."""
+    store = ReplicaStore(config.replica_root)
+    backend = LocalBackend(store, config.node_id)
+    server = grpc.aio.server(
+        interceptors=[CsiInterceptor(config.driver_name)],
+        options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                 ("grpc.max_send_message_length", config.max_message_bytes)],
+    )
+    state: LocalStateStore | None = None
+    if config.serves_controller:
+        state = LocalStateStore(config.state_path)
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(state, backend), server)
+    if config.serves_node:
+        csi_pb2_grpc.add_NodeServicer_to_server(
+            NodeService(store, config.node_id, config.allowed_path_roots), server)
+    identity = IdentityService(config.driver_name, controller=config.serves_controller,
+                               readiness=backend.ready)
+    csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
+    return Plugin(config, server, state)
+
+
+async def serve(config: PluginConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and exit."""
+    plugin = build_plugin(config)
+    await plugin.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping")
+    await plugin.stop()

@@ -1,0 +1,104 @@
+"""btrfs through the ``btrfs`` CLI from btrfs-progs: filesystems, subvolumes, snapshots, streams.
+
+Snapshots are what make a replica cheap to copy and safe to receive: a read-only snapshot is a
+frozen view that an incremental ``btrfs send -p`` can diff against, and a ``btrfs receive`` only
+becomes visible as a finished read-only subvolume, so a half-received stream is never mistaken for
+data.
+"""
+
+import os
+from pathlib import Path
+
+from sharedsync.core.sizes import MIXED_MODE_BELOW_BYTES
+
+from ._run import CommandFailed, pipe, run
+
+
+def make_filesystem(device: str | os.PathLike[str], size_bytes: int, label: str) -> None:
+    """Create a btrfs on ``device``; small ones use mixed block groups, as btrfs advises."""
+    argv = ["mkfs.btrfs", "--quiet", "--force", "--label", label[:255]]
+    if size_bytes < MIXED_MODE_BELOW_BYTES:
+        argv.append("--mixed")
+    run([*argv, os.fspath(device)])
+
+
+def create_subvolume(path: str | os.PathLike[str]) -> None:
+    run(["btrfs", "subvolume", "create", os.fspath(path)])
+
+
+def snapshot(source: str | os.PathLike[str], dest: str | os.PathLike[str], *,
+             read_only: bool) -> None:
+    """Snapshot subvolume ``source`` at ``dest`` (read-only for sends and CSI snapshots)."""
+    argv = ["btrfs", "subvolume", "snapshot"]
+    if read_only:
+        argv.append("-r")
+    run([*argv, os.fspath(source), os.fspath(dest)])
+
+
+def delete_subvolume(path: str | os.PathLike[str]) -> None:
+    """Delete a subvolume; a no-op when it is already gone."""
+    if not Path(path).exists():
+        return
+    try:
+        run(["btrfs", "subvolume", "delete", "--commit-after", os.fspath(path)])
+    except CommandFailed:
+        if Path(path).exists():
+            raise
+
+
+def is_subvolume(path: str | os.PathLike[str]) -> bool:
+    """btrfs subvolume roots always have inode number 256."""
+    try:
+        return Path(path).stat().st_ino == 256 and Path(path).is_dir()
+    except FileNotFoundError:
+        return False
+
+
+def is_read_only(path: str | os.PathLike[str]) -> bool:
+    out = run(["btrfs", "property", "get", "-ts", os.fspath(path), "ro"])
+    return out.strip() == "ro=true"
+
+
+def send_receive(snapshot_path: str | os.PathLike[str], dest_dir: str | os.PathLike[str], *,
+                 parent: str | os.PathLike[str] | None = None) -> None:
+    """Stream a read-only snapshot into ``dest_dir`` (incremental from ``parent`` if given)."""
+    send = ["btrfs", "send", "--quiet"]
+    if parent is not None:
+        send += ["-p", os.fspath(parent)]
+    pipe([*send, os.fspath(snapshot_path)], ["btrfs", "receive", os.fspath(dest_dir)])
+
+
+def resize_to_device(mount_point: str | os.PathLike[str]) -> None:
+    """Grow the filesystem to fill its (already grown) device."""
+    run(["btrfs", "filesystem", "resize", "max", os.fspath(mount_point)])
+
+
+def device_slack(mount_point: str | os.PathLike[str]) -> int:
+    """Bytes of the devices under ``mount_point`` that the filesystem does not use yet.
+
+    Non-zero after the device grew (an image expanded while the replica was closed) until
+    :func:`resize_to_device` runs.
+    """
+    out = run(["btrfs", "device", "usage", "-b", os.fspath(mount_point)])
+    slack = 0
+    for line in out.splitlines():
+        label, _, value = line.strip().partition(":")
+        if label == "Device slack":
+            slack += int(value.split()[0])
+    return slack
+
+
+def has_device_errors(mount_point: str | os.PathLike[str]) -> bool:
+    """Whether btrfs counted read, write, flush, checksum or generation errors."""
+    try:
+        run(["btrfs", "device", "stats", "--check", os.fspath(mount_point)])
+    except CommandFailed as exc:
+        if exc.returncode == 64:  # --check: some counter is non-zero
+            return True
+        raise
+    return False
+
+
+def sync(mount_point: str | os.PathLike[str]) -> None:
+    """Commit the current transaction so that everything written so far is on disk."""
+    run(["btrfs", "filesystem", "sync", os.fspath(mount_point)])

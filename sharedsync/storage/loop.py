@@ -1,0 +1,41 @@
+"""Loop devices backing replica images, through util-linux ``losetup``.
+
+``--nooverlap`` makes attaching idempotent: asking twice for the same file returns the device it
+is already on, which is what Stage needs after a crash between its steps.
+"""
+
+import os
+
+from ._run import run
+
+
+def attach(image: str | os.PathLike[str]) -> str:
+    """Attach ``image`` to a loop device (or return the one it is on) and return its path."""
+    return run(["losetup", "--find", "--show", "--nooverlap", os.fspath(image)]).strip()
+
+
+def devices_for(image: str | os.PathLike[str]) -> list[str]:
+    """Loop devices currently backed by ``image``.
+
+    ``--list`` is spelled out: older util-linux releases print the legacy
+    ``/dev/loopN: [dev]:ino (file)`` format for ``--associated`` unless asked for the list.
+    """
+    out = run(["losetup", "--list", "--noheadings", "--output", "NAME", "--associated",
+               os.fspath(image)])
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def detach_all(image: str | os.PathLike[str]) -> None:
+    """Detach every loop device backed by ``image``; a no-op when there is none."""
+    for device in devices_for(image):
+        run(["losetup", "--detach", device])
+
+
+def refresh_size(device: str) -> None:
+    """Tell the loop device its backing file grew (``losetup --set-capacity``)."""
+    run(["losetup", "--set-capacity", device])
+
+
+def size_of(device: str) -> int:
+    """Size of a block device in bytes."""
+    return int(run(["blockdev", "--getsize64", device]).strip())

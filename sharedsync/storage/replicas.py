@@ -1,0 +1,522 @@
+"""The replica store: one btrfs filesystem in a loop image per volume, on this node's disk.
+
+Layout under the store's root directory::
+
+    volumes/<volume-id>/image      sparse image file holding the replica's btrfs
+    volumes/<volume-id>/meta.json  size, kind and lifecycle flags, written atomically
+    volumes/<volume-id>/opened     present while a caller holds the replica open (open/close)
+    mnt/<volume-id>/               where the image's top-level subvolume is mounted while open
+    locks/<volume-id>.lock         serialises every operation on one replica across processes
+
+Inside each filesystem, ``live/`` is the subvolume users see (a filesystem volume's root, or the
+directory holding ``disk.img`` for a block volume) and ``snapshots/<id>`` are read-only
+snapshots of it: CSI snapshots now, the replication agent's sync points later. A clone or a
+restore is a ``btrfs send | btrfs receive`` into a fresh filesystem, so a volume never shares
+blocks with another volume's image.
+
+Every operation is idempotent and recovers from a crash at any step: the store reads the kernel's
+state (loop attachments, mounts, subvolumes) instead of trusting a record of it, a replica is
+usable only once ``meta.json`` says ``complete``, and an incomplete one is discarded and rebuilt
+on retry.
+"""
+
+import contextlib
+import enum
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sharedsync import failpoints
+from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from sharedsync.core.ids import is_snapshot_id, is_volume_id
+from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
+
+from . import btrfs, loop, mounts
+from .files import atomic_write, exclusive_lock
+
+LIVE = "live"
+SNAPSHOTS = "snapshots"
+BLOCK_FILE = "disk.img"
+#: A block volume's image leaves room for one full rewrite after a snapshot (copy-on-write)
+#: plus btrfs metadata. Images are sparse, so the headroom costs nothing until used.
+BLOCK_METADATA_HEADROOM = 256 * MiB
+
+
+class VolumeKind(enum.StrEnum):
+    """How a replica is presented: a mounted filesystem or a raw block device."""
+
+    FILESYSTEM = "filesystem"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaMeta:
+    """What ``meta.json`` records about a replica."""
+
+    volume_id: str
+    size_bytes: int
+    kind: VolumeKind
+    complete: bool = False
+    deleted: bool = False  # the volume is gone; the image lives on for its snapshots
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "ReplicaMeta":
+        raw = json.loads(data)
+        return cls(volume_id=str(raw["volume_id"]), size_bytes=int(raw["size_bytes"]),
+                   kind=VolumeKind(raw["kind"]), complete=bool(raw["complete"]),
+                   deleted=bool(raw.get("deleted", False)))
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a new replica's content comes from: a snapshot of a volume, or a volume itself."""
+
+    volume_id: str
+    snapshot_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A replica's condition as CSI reports it: abnormal or not, and a sentence why."""
+
+    abnormal: bool
+    message: str
+
+
+def image_size(size_bytes: int, kind: VolumeKind) -> int:
+    """Bytes of the image file that backs a replica of ``size_bytes``."""
+    if kind is VolumeKind.BLOCK:
+        return 2 * size_bytes + BLOCK_METADATA_HEADROOM
+    return size_bytes
+
+
+class ReplicaStore:
+    """The replicas held on this node, under one root directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self._volumes = self.root / "volumes"
+        self._mnt = self.root / "mnt"
+        self._locks = self.root / "locks"
+
+    def ensure_layout(self) -> None:
+        """Create the store's directories (idempotent)."""
+        for path in (self._volumes, self._mnt, self._locks):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _dir(self, volume_id: str) -> Path:
+        if not is_volume_id(volume_id):
+            raise InvalidArgument(f"{volume_id!r} is not a replica id")
+        return self._volumes / volume_id
+
+    def _image(self, volume_id: str) -> Path:
+        return self._dir(volume_id) / "image"
+
+    def _meta_path(self, volume_id: str) -> Path:
+        return self._dir(volume_id) / "meta.json"
+
+    def _opened_marker(self, volume_id: str) -> Path:
+        return self._dir(volume_id) / "opened"
+
+    def mount_point(self, volume_id: str) -> Path:
+        """Where the replica's filesystem is mounted while it is open."""
+        self._dir(volume_id)
+        return self._mnt / volume_id
+
+    def live_path(self, volume_id: str) -> Path:
+        """The live subvolume: what a filesystem volume's users see."""
+        return self.mount_point(volume_id) / LIVE
+
+    def block_file(self, volume_id: str) -> Path:
+        """The file that a block volume's loop device is backed by."""
+        return self.live_path(volume_id) / BLOCK_FILE
+
+    def _snapshot_path(self, volume_id: str, snapshot_id: str) -> Path:
+        if not (is_snapshot_id(snapshot_id) or snapshot_id.startswith(".clone-vol-")):
+            raise InvalidArgument(f"{snapshot_id!r} is not a snapshot id")
+        return self.mount_point(volume_id) / SNAPSHOTS / snapshot_id
+
+    @contextlib.contextmanager
+    def locked(self, volume_id: str) -> Iterator[None]:
+        """Serialise operations on one replica (across threads and processes)."""
+        self._dir(volume_id)
+        with exclusive_lock(self._locks / f"{volume_id}.lock"):
+            yield
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def meta(self, volume_id: str) -> ReplicaMeta | None:
+        """The replica's metadata, or None when there is no complete replica."""
+        try:
+            meta = ReplicaMeta.from_json(self._meta_path(volume_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        return meta if meta.complete else None
+
+    def _require(self, volume_id: str) -> ReplicaMeta:
+        meta = self.meta(volume_id)
+        if meta is None or meta.deleted:
+            raise NotFound(f"volume {volume_id} has no replica on this node")
+        return meta
+
+    def is_open(self, volume_id: str) -> bool:
+        return mounts.is_mounted(self.mount_point(volume_id))
+
+    def _devices(self, volume_id: str) -> list[str]:
+        image = self._image(volume_id)
+        return loop.devices_for(image) if image.exists() else []
+
+    def foreign_mounts(self, volume_id: str) -> list[str]:
+        """Mount points of this replica's filesystem other than the store's own mount."""
+        devices = set(self._devices(volume_id))
+        own = str(self.mount_point(volume_id))
+        return sorted(m.mount_point for m in mounts.mount_table()
+                      if m.source in devices and m.mount_point != own)
+
+    def snapshots(self, volume_id: str) -> list[str]:
+        """Ids of the CSI snapshots held in this replica (the replica must be open)."""
+        folder = self.mount_point(volume_id) / SNAPSHOTS
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if is_snapshot_id(p.name))
+
+    def available_bytes(self) -> int:
+        """Free space for new replica images on the store's filesystem."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def create(self, volume_id: str, size_bytes: int, kind: VolumeKind,
+               source: Source | None = None) -> ReplicaMeta:
+        """Create the replica (empty, or with ``source``'s content); idempotent.
+
+        An existing complete replica is returned unchanged: callers compare it with what they
+        asked for. A partial one, left by a crash, is discarded and built again; one that fails
+        for any other reason is discarded before the error propagates.
+
+        The id of a deleted volume whose snapshots still live in its image is refused
+        (``FailedPrecondition``) until those snapshots are deleted: building a new replica there
+        would destroy them.
+        """
+        if size_bytes < MIN_VOLUME_BYTES:
+            raise InvalidArgument(
+                f"a replica needs at least {MIN_VOLUME_BYTES} bytes, {size_bytes} requested")
+        with self.locked(volume_id):
+            meta = self.meta(volume_id)
+            if meta is not None and not meta.deleted:
+                return meta
+            if meta is not None:
+                raise FailedPrecondition(
+                    f"volume {volume_id} was deleted but its snapshots still exist; delete them "
+                    "before creating a volume with the same name")
+            self._discard(volume_id)
+            if source is not None:
+                self._check_source(source, size_bytes, kind)
+            try:
+                self._build(volume_id, size_bytes, kind, source)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._discard(volume_id)
+                raise
+            meta = ReplicaMeta(volume_id, size_bytes, kind, complete=True)
+            atomic_write(self._meta_path(volume_id), meta.to_json())
+            return meta
+
+    def _build(self, volume_id: str, size_bytes: int, kind: VolumeKind,
+               source: Source | None) -> None:
+        folder = self._dir(volume_id)
+        folder.mkdir(parents=True, mode=0o700)
+        atomic_write(self._meta_path(volume_id),
+                     ReplicaMeta(volume_id, size_bytes, kind).to_json())
+        with open(self._image(volume_id), "wb") as image:
+            image.truncate(image_size(size_bytes, kind))
+        failpoints.hit("replica.create.after_image")
+        device = loop.attach(self._image(volume_id))
+        btrfs.make_filesystem(device, image_size(size_bytes, kind), volume_id)
+        mount_point = self._open(volume_id)
+        try:
+            if source is None:
+                self._populate_empty(volume_id, size_bytes, kind)
+            else:
+                self._populate_from(volume_id, size_bytes, kind, source)
+            (mount_point / SNAPSHOTS).mkdir(exist_ok=True)
+            btrfs.sync(mount_point)
+            failpoints.hit("replica.create.before_commit")
+        finally:
+            self._close(volume_id)
+
+    def _check_source(self, source: Source, size_bytes: int, kind: VolumeKind) -> ReplicaMeta:
+        """Refuse a source that is missing or cannot fit a new replica of ``kind``."""
+        src_meta = self.meta(source.volume_id)
+        if src_meta is None or (src_meta.deleted and source.snapshot_id is None):
+            raise NotFound(f"source volume {source.volume_id} has no replica on this node")
+        if source.snapshot_id is not None and not is_snapshot_id(source.snapshot_id):
+            raise InvalidArgument(f"{source.snapshot_id!r} is not a snapshot id")
+        if src_meta.kind is not kind:
+            raise InvalidArgument(
+                f"cannot create a {kind} volume from a {src_meta.kind} source")
+        if src_meta.size_bytes > size_bytes:
+            raise InvalidArgument(
+                f"the source holds {src_meta.size_bytes} bytes, more than the "
+                f"{size_bytes} bytes requested")
+        return src_meta
+
+    def _populate_empty(self, volume_id: str, size_bytes: int, kind: VolumeKind) -> None:
+        live = self.live_path(volume_id)
+        btrfs.create_subvolume(live)
+        if kind is VolumeKind.BLOCK:
+            with open(live / BLOCK_FILE, "wb") as disk:
+                disk.truncate(size_bytes)
+
+    def _populate_from(self, volume_id: str, size_bytes: int, kind: VolumeKind,
+                       source: Source) -> None:
+        """Fill a new replica from a snapshot or a live volume through send/receive.
+
+        The new filesystem was made at its full size, so it needs no resize afterwards.
+        """
+        temporary = source.snapshot_id is None
+        snapshot_id = source.snapshot_id or f".clone-{volume_id}"
+        dest = self.mount_point(volume_id)
+        with self.locked(source.volume_id):
+            self._check_source(source, size_bytes, kind)  # again, now that the source is locked
+            with self._mounted(source.volume_id):
+                self._send_source(source.volume_id, snapshot_id, dest, temporary=temporary)
+        received = dest / snapshot_id
+        btrfs.snapshot(received, self.live_path(volume_id), read_only=False)
+        btrfs.delete_subvolume(received)
+        if kind is VolumeKind.BLOCK:
+            with open(self.block_file(volume_id), "r+b") as disk:
+                disk.truncate(size_bytes)
+
+    def _send_source(self, source_id: str, snapshot_id: str, dest: Path, *,
+                     temporary: bool) -> None:
+        snap = self._snapshot_path(source_id, snapshot_id)
+        if temporary:
+            btrfs.delete_subvolume(snap)  # left by an interrupted clone
+            btrfs.snapshot(self.live_path(source_id), snap, read_only=True)
+        elif not btrfs.is_subvolume(snap):
+            raise NotFound(f"snapshot {snapshot_id} not found in volume {source_id}")
+        try:
+            btrfs.send_receive(snap, dest)
+        finally:
+            if temporary:
+                btrfs.delete_subvolume(snap)
+
+    def delete(self, volume_id: str) -> None:
+        """Delete the replica; its image outlives it while CSI snapshots still live in it."""
+        with self.locked(volume_id):
+            meta_file = self._meta_path(volume_id)
+            if not meta_file.parent.exists():
+                return
+            meta = self.meta(volume_id)
+            if meta is None:  # never finished: nothing of value inside
+                self._discard(volume_id)
+                return
+            self._refuse_if_in_use(volume_id)
+            with self._mounted(volume_id):
+                remaining = self.snapshots(volume_id)
+                if remaining:
+                    btrfs.delete_subvolume(self.live_path(volume_id))
+                    atomic_write(meta_file, ReplicaMeta(
+                        volume_id, meta.size_bytes, meta.kind, complete=True,
+                        deleted=True).to_json())
+            if remaining:  # nobody may open a deleted volume: do not leave it mounted
+                self._close(volume_id)
+                self._opened_marker(volume_id).unlink(missing_ok=True)
+            else:
+                self._discard(volume_id)
+
+    def _refuse_if_in_use(self, volume_id: str) -> None:
+        users = self.foreign_mounts(volume_id)
+        if users:
+            raise FailedPrecondition(
+                f"volume {volume_id} is still mounted at {', '.join(users)}")
+        block = self.block_file(volume_id)
+        if self.is_open(volume_id) and block.exists() and loop.devices_for(block):
+            raise FailedPrecondition(f"volume {volume_id} is still attached as a block device")
+
+    def _discard(self, volume_id: str) -> None:
+        """Remove every trace of a replica: mounts, loop devices, files."""
+        folder = self._dir(volume_id)
+        if self.is_open(volume_id):
+            self._close(volume_id)
+        if folder.exists():
+            loop.detach_all(self._image(volume_id))
+            shutil.rmtree(folder)
+        with contextlib.suppress(FileNotFoundError):
+            self.mount_point(volume_id).rmdir()
+
+    # -- open / close ------------------------------------------------------------------------
+
+    def open(self, volume_id: str) -> Path:
+        """Attach and mount the replica (idempotent) and return its mount point."""
+        with self.locked(volume_id):
+            meta = self._require(volume_id)
+            mount_point = self._open(volume_id)
+            self._grow_if_needed(volume_id, meta)  # the image may have grown while closed
+            self._opened_marker(volume_id).touch()
+            return mount_point
+
+    def close(self, volume_id: str) -> None:
+        """Unmount and detach the replica (idempotent); refuses while something still uses it."""
+        with self.locked(volume_id):
+            if not self._dir(volume_id).exists():
+                return
+            self._refuse_if_in_use(volume_id)
+            self._close(volume_id)
+            self._opened_marker(volume_id).unlink(missing_ok=True)
+
+    def _open(self, volume_id: str) -> Path:
+        image = self._image(volume_id)
+        if not image.exists():
+            raise NotFound(f"the image of volume {volume_id} is missing")
+        device = loop.attach(image)
+        failpoints.hit("replica.open.after_attach")
+        if loop.size_of(device) < image.stat().st_size:
+            loop.refresh_size(device)
+        mount_point = self.mount_point(volume_id)
+        if not self.is_open(volume_id):
+            mount_point.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                mounts.mount(device, mount_point, fs_type="btrfs", options=["noatime"])
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if not self.is_open(volume_id):
+                        loop.detach_all(image)
+                raise
+        return mount_point
+
+    def _close(self, volume_id: str) -> None:
+        mount_point = self.mount_point(volume_id)
+        block = self.block_file(volume_id)
+        if self.is_open(volume_id) and block.exists():
+            loop.detach_all(block)
+        mounts.unmount(mount_point)
+        failpoints.hit("replica.close.after_unmount")
+        loop.detach_all(self._image(volume_id))
+        with contextlib.suppress(FileNotFoundError, OSError):
+            mount_point.rmdir()
+
+    @contextlib.contextmanager
+    def _mounted(self, volume_id: str) -> Iterator[Path]:
+        """Open the replica for the block's duration, then close it unless a caller opened it.
+
+        Whether a caller holds the replica open is recorded by :meth:`open` (not read from the
+        mount table), so that a mount left behind by a crashed operation is cleaned up here
+        instead of being mistaken for a user's and kept forever.
+        """
+        mount_point = self._open(volume_id)
+        try:
+            yield mount_point
+        finally:
+            if not self._opened_marker(volume_id).exists():
+                self._close(volume_id)
+
+    # -- resize ------------------------------------------------------------------------------
+
+    def expand(self, volume_id: str, size_bytes: int) -> ReplicaMeta:
+        """Grow the replica to ``size_bytes`` (online when open); never shrinks."""
+        with self.locked(volume_id):
+            meta = self._require(volume_id)
+            if size_bytes <= meta.size_bytes:
+                return meta
+            with open(self._image(volume_id), "r+b") as image:
+                image.truncate(image_size(size_bytes, meta.kind))
+            if self.is_open(volume_id):
+                self._grow_open(volume_id, meta.kind, size_bytes)
+            grown = ReplicaMeta(volume_id, size_bytes, meta.kind, complete=True)
+            atomic_write(self._meta_path(volume_id), grown.to_json())
+            return grown
+
+    def grow_online(self, volume_id: str) -> ReplicaMeta:
+        """Make an open replica's filesystem (or block file) fill its grown image."""
+        with self.locked(volume_id):
+            meta = self._require(volume_id)
+            if self.is_open(volume_id):
+                self._grow_open(volume_id, meta.kind, meta.size_bytes)
+            return meta
+
+    def _grow_if_needed(self, volume_id: str, meta: ReplicaMeta) -> None:
+        """Finish an expansion done while the replica was closed (or interrupted by a crash)."""
+        block = self.block_file(volume_id)
+        if (btrfs.device_slack(self.mount_point(volume_id)) > 0
+                or (meta.kind is VolumeKind.BLOCK and block.exists()
+                    and block.stat().st_size < meta.size_bytes)):
+            self._grow_open(volume_id, meta.kind, meta.size_bytes)
+
+    def _grow_open(self, volume_id: str, kind: VolumeKind, size_bytes: int) -> None:
+        for device in self._devices(volume_id):
+            loop.refresh_size(device)
+        btrfs.resize_to_device(self.mount_point(volume_id))
+        if kind is VolumeKind.BLOCK:
+            block = self.block_file(volume_id)
+            with open(block, "r+b") as disk:
+                if os.fstat(disk.fileno()).st_size < size_bytes:
+                    disk.truncate(size_bytes)
+            for device in loop.devices_for(block):
+                loop.refresh_size(device)
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self, volume_id: str, snapshot_id: str) -> int:
+        """Take a read-only snapshot of the live subvolume (idempotent); returns its size."""
+        with self.locked(volume_id):
+            meta = self._require(volume_id)
+            with self._mounted(volume_id):
+                dest = self._snapshot_path(volume_id, snapshot_id)
+                if not btrfs.is_subvolume(dest):
+                    dest.parent.mkdir(exist_ok=True)
+                    btrfs.snapshot(self.live_path(volume_id), dest, read_only=True)
+            return meta.size_bytes
+
+    def has_snapshot(self, volume_id: str, snapshot_id: str) -> bool:
+        with self.locked(volume_id):
+            if self.meta(volume_id) is None:
+                return False
+            with self._mounted(volume_id):
+                return btrfs.is_subvolume(self._snapshot_path(volume_id, snapshot_id))
+
+    def delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
+        """Delete a snapshot (idempotent); the last one of a deleted volume frees the image."""
+        with self.locked(volume_id):
+            meta = self.meta(volume_id)
+            if meta is None:
+                return
+            with self._mounted(volume_id):
+                btrfs.delete_subvolume(self._snapshot_path(volume_id, snapshot_id))
+                remaining = self.snapshots(volume_id)
+            if meta.deleted and not remaining:
+                self._discard(volume_id)
+
+    # -- health ------------------------------------------------------------------------------
+
+    def health(self, volume_id: str) -> Health:
+        """Whether the replica can be trusted, checked against the kernel's view of it."""
+        meta = self.meta(volume_id)
+        if meta is None or meta.deleted:
+            return Health(True, f"volume {volume_id} has no replica on this node")
+        if not self._image(volume_id).exists():
+            return Health(True, "the replica's image file is missing")
+        mount_point = self.mount_point(volume_id)
+        entries = mounts.mounts_at(mount_point)
+        if not entries:
+            return Health(False, "replica is healthy (not mounted)")
+        if entries[-1].read_only or entries[-1].fs_read_only:
+            return Health(True, "the replica's filesystem went read-only after an I/O error")
+        if btrfs.has_device_errors(mount_point):
+            return Health(True, "btrfs counted I/O or checksum errors on the replica")
+        return Health(False, "replica is healthy")
+
+    def devices(self, volume_id: str) -> list[str]:
+        """Loop devices the replica's image is attached to (empty when closed)."""
+        return self._devices(volume_id)
