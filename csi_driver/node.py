@@ -18,7 +18,13 @@ from typing import Any
 import structlog
 
 from sharedsync import failpoints
-from sharedsync.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from sharedsync.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from sharedsync.core.ids import check_id, is_volume_id
 from sharedsync.core.parameters import check_map
 from sharedsync.core.sizes import CapacityRange, resolve_expansion
@@ -96,7 +102,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                  request.HasField("volume_capability"))
         check_map(request.volume_context, "volume_context")
         size_hint = request.volume_context.get(CAPACITY_CONTEXT_KEY, "")
-        if size_hint and not size_hint.isdigit():
+        if size_hint and not (size_hint.isascii() and size_hint.isdigit()):
             raise InvalidArgument(f"volume_context[{CAPACITY_CONTEXT_KEY!r}] is not a number")
         async with self.locks.hold(_known(volume_id)):
             require_existing_dir(staging, "staging_target_path")
@@ -108,6 +114,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if meta is None or meta.deleted:
             if not size_hint:
                 raise NotFound(f"volume {volume_id} has no replica on node {self.node_id}")
+            available = self.store.available_bytes()
+            if size_hint > available:
+                raise ResourceExhausted(f"a replica of {size_hint} bytes does not fit in the "
+                                        f"{available} bytes free on node {self.node_id}")
             meta = self.store.create(volume_id, size_hint, cap.kind)
             log.info("replica created on stage", volume_id=volume_id, size_bytes=size_hint)
         if meta.kind is not cap.kind:

@@ -44,6 +44,8 @@ ALLOWED_MOUNT_FLAGS = frozenset({
     "diratime", "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime",
 })
 MAX_PATH_BYTES = 4096
+#: Largest group id chown(2) accepts ((gid_t)-1 means "leave unchanged").
+MAX_GID = 2**32 - 2
 MAX_CAPABILITIES = 16
 
 
@@ -79,8 +81,12 @@ def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
             return (f"mount flag {bad[0]!r} is not supported; allowed: "
                     f"{', '.join(sorted(ALLOWED_MOUNT_FLAGS))}")
         group = cap.mount.volume_mount_group
-        if group and not group.isdigit():
-            return f"volume_mount_group must be a numeric group id, got {group[:32]!r}"
+        # ASCII digits only ("²".isdigit() is true but int() refuses it) and a gid chown takes:
+        # it is applied after the bind mount, so a bad one must be caught here, not there.
+        if group and not (group.isascii() and group.isdigit() and len(group) <= 10
+                          and int(group) <= MAX_GID):
+            return (f"volume_mount_group must be a numeric group id (0 to {MAX_GID}), "
+                    f"got {group[:32]!r}")
     return None
 
 

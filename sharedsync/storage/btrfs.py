@@ -99,6 +99,22 @@ def has_device_errors(mount_point: str | os.PathLike[str]) -> bool:
     return False
 
 
+def persist_error_counters(mount_point: str | os.PathLike[str]) -> None:
+    """Make non-zero error counters survive an unmount.
+
+    btrfs keeps device statistics in memory and writes them only with a transaction commit. A
+    read-only workload (or ``noatime``) never commits, so errors found by reads would be
+    forgotten at unmount and a damaged replica would look healthy when next mounted. A tiny
+    change plus a sync forces the commit.
+    """
+    if not has_device_errors(mount_point):
+        return
+    marker = Path(mount_point) / ".sharedsync-error-counters"
+    marker.touch()
+    marker.unlink()
+    sync(mount_point)
+
+
 def sync(mount_point: str | os.PathLike[str]) -> None:
     """Commit the current transaction so that everything written so far is on disk."""
     run(["btrfs", "filesystem", "sync", os.fspath(mount_point)])

@@ -40,6 +40,8 @@ from .files import atomic_write, exclusive_lock
 LIVE = "live"
 SNAPSHOTS = "snapshots"
 BLOCK_FILE = "disk.img"
+#: Temporary read-only snapshot of a clone's source, named after the clone.
+CLONE_PREFIX = ".clone-"
 #: A block volume's image leaves room for one full rewrite after a snapshot (copy-on-write)
 #: plus btrfs metadata. Images are sparse, so the headroom costs nothing until used.
 BLOCK_METADATA_HEADROOM = 256 * MiB
@@ -140,9 +142,15 @@ class ReplicaStore:
         return self.live_path(volume_id) / BLOCK_FILE
 
     def _snapshot_path(self, volume_id: str, snapshot_id: str) -> Path:
-        if not (is_snapshot_id(snapshot_id) or snapshot_id.startswith(".clone-vol-")):
+        """Where a CSI snapshot lives; only well-formed snapshot ids are accepted."""
+        if not is_snapshot_id(snapshot_id):
             raise InvalidArgument(f"{snapshot_id!r} is not a snapshot id")
         return self.mount_point(volume_id) / SNAPSHOTS / snapshot_id
+
+    def _clone_point_path(self, volume_id: str, clone_id: str) -> Path:
+        """Where the temporary snapshot for cloning ``volume_id`` into ``clone_id`` lives."""
+        self._dir(clone_id)
+        return self.mount_point(volume_id) / SNAPSHOTS / f"{CLONE_PREFIX}{clone_id}"
 
     @contextlib.contextmanager
     def locked(self, volume_id: str) -> Iterator[None]:
@@ -284,33 +292,30 @@ class ReplicaStore:
 
         The new filesystem was made at its full size, so it needs no resize afterwards.
         """
-        temporary = source.snapshot_id is None
-        snapshot_id = source.snapshot_id or f".clone-{volume_id}"
         dest = self.mount_point(volume_id)
         with self.locked(source.volume_id):
             self._check_source(source, size_bytes, kind)  # again, now that the source is locked
             with self._mounted(source.volume_id):
-                self._send_source(source.volume_id, snapshot_id, dest, temporary=temporary)
-        received = dest / snapshot_id
+                if source.snapshot_id is None:
+                    snap = self._clone_point_path(source.volume_id, volume_id)
+                    btrfs.delete_subvolume(snap)  # left by an interrupted clone
+                    btrfs.snapshot(self.live_path(source.volume_id), snap, read_only=True)
+                    try:
+                        btrfs.send_receive(snap, dest)
+                    finally:
+                        btrfs.delete_subvolume(snap)
+                else:
+                    snap = self._snapshot_path(source.volume_id, source.snapshot_id)
+                    if not btrfs.is_subvolume(snap):
+                        raise NotFound(f"snapshot {source.snapshot_id} not found in volume "
+                                       f"{source.volume_id}")
+                    btrfs.send_receive(snap, dest)
+        received = dest / snap.name
         btrfs.snapshot(received, self.live_path(volume_id), read_only=False)
         btrfs.delete_subvolume(received)
         if kind is VolumeKind.BLOCK:
             with open(self.block_file(volume_id), "r+b") as disk:
                 disk.truncate(size_bytes)
-
-    def _send_source(self, source_id: str, snapshot_id: str, dest: Path, *,
-                     temporary: bool) -> None:
-        snap = self._snapshot_path(source_id, snapshot_id)
-        if temporary:
-            btrfs.delete_subvolume(snap)  # left by an interrupted clone
-            btrfs.snapshot(self.live_path(source_id), snap, read_only=True)
-        elif not btrfs.is_subvolume(snap):
-            raise NotFound(f"snapshot {snapshot_id} not found in volume {source_id}")
-        try:
-            btrfs.send_receive(snap, dest)
-        finally:
-            if temporary:
-                btrfs.delete_subvolume(snap)
 
     def delete(self, volume_id: str) -> None:
         """Delete the replica; its image outlives it while CSI snapshots still live in it."""
@@ -399,8 +404,13 @@ class ReplicaStore:
     def _close(self, volume_id: str) -> None:
         mount_point = self.mount_point(volume_id)
         block = self.block_file(volume_id)
-        if self.is_open(volume_id) and block.exists():
-            loop.detach_all(block)
+        if self.is_open(volume_id):
+            # Best effort (a filesystem that went read-only cannot commit): keep health honest
+            # across a close and reopen.
+            with contextlib.suppress(Exception):
+                btrfs.persist_error_counters(mount_point)
+            if block.exists():
+                loop.detach_all(block)
         mounts.unmount(mount_point)
         failpoints.hit("replica.close.after_unmount")
         loop.detach_all(self._image(volume_id))

@@ -58,9 +58,11 @@ def test_align_table(value: int, up: int, down: int) -> None:
 @given(st.integers(min_value=0, max_value=1 << 60), st.integers(min_value=1, max_value=1 << 30))
 def test_align_properties(value: int, unit: int) -> None:
     up, down = align_up(value, unit), align_down(value, unit)
-    assert up % unit == 0 and down % unit == 0
+    assert up % unit == 0
+    assert down % unit == 0
     assert down <= value <= up
-    assert up - value < unit and value - down < unit
+    assert up - value < unit
+    assert value - down < unit
 
 
 # -- resolve_capacity: table -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The committed CSI bindings must be exactly what scripts/gen-protos produces."""
+"""The committed protocol bindings must be exactly what scripts/gen-protos produces."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GEN_PROTOS = REPO_ROOT / "scripts" / "gen-protos"
-PROTO_DIR = Path("csi_driver") / "proto"
-GENERATED = ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py", "csi_pb2_grpc.pyi")
+PROTOS = (Path("csi_driver/proto/csi.proto"), Path("replication_agent/proto/agent.proto"))
+GENERATED = tuple(
+    proto.parent / f"{proto.stem}{suffix}"
+    for proto in PROTOS
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +43,14 @@ def test_gen_protos_is_executable() -> None:
     assert os.access(GEN_PROTOS, os.X_OK), f"{GEN_PROTOS} must be executable"
 
 
-@pytest.mark.parametrize("name", GENERATED)
-def test_committed_stub_is_up_to_date(fresh_dir: Path, name: str) -> None:
-    committed = REPO_ROOT / PROTO_DIR / name
-    fresh = fresh_dir / PROTO_DIR / name
-    assert fresh.is_file(), f"scripts/gen-protos did not produce {PROTO_DIR / name}"
-    assert committed.is_file(), (
-        f"{PROTO_DIR / name} is missing; run scripts/gen-protos and commit the result"
-    )
+@pytest.mark.parametrize("name", GENERATED, ids=str)
+def test_committed_stub_is_up_to_date(fresh_dir: Path, name: Path) -> None:
+    committed = REPO_ROOT / name
+    fresh = fresh_dir / name
+    assert fresh.is_file(), f"scripts/gen-protos did not produce {name}"
+    assert committed.is_file(), f"{name} is missing; run scripts/gen-protos and commit the result"
     assert committed.read_bytes() == fresh.read_bytes(), (
-        f"{PROTO_DIR / name} is out of date with csi_driver/proto/csi.proto (or was "
+        f"{name} is out of date with its .proto (or was "
         "generated with different grpcio-tools/mypy-protobuf versions); "
         "run scripts/gen-protos and commit the result"
     )

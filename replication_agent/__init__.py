@@ -1,0 +1,1 @@
+"""The sharedsync agent: the per-node replication sidecar that keeps replicas in sync."""

@@ -1,0 +1,1 @@
+"""Generated bindings of agent.proto (regenerate with scripts/gen-protos)."""
