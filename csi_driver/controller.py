@@ -192,7 +192,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 accessible_nodes=self.backend.accessible_nodes(), created_at=time.time())
             record = await self.state.put_volume(record)
             failpoints.hit("controller.create_volume.after_record")
-            actual = await self.backend.create_volume(volume_id, size, kind, source)
+            try:
+                actual = await self.backend.create_volume(volume_id, size, kind, source)
+            except Exception:
+                # The backend discards what it built for a failed create: forget the attempt
+                # too, or its size and source would make every later retry ALREADY_EXISTS.
+                await self.state.delete_volume(volume_id)
+                raise
             record = await self.state.put_volume(
                 dataclasses.replace(record, capacity_bytes=actual, phase=Phase.READY))
             log.info("volume created", volume_id=volume_id, name=name, capacity_bytes=actual,

@@ -110,6 +110,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeStageVolumeResponse()
 
     def _stage(self, volume_id: str, staging: Path, cap: Capability, size_hint: int) -> None:
+        # refuse an occupied staging path before opening (or creating) anything, so that a
+        # refused stage leaves no replica mounted behind it
+        present = mounts.mounts_at(staging) if cap.kind is VolumeKind.FILESYSTEM else []
+        if present and not self._owns(present[-1], volume_id):
+            raise AlreadyExists(f"{staging} already holds another mount")
         meta = self.store.meta(volume_id)
         if meta is None or meta.deleted:
             if not size_hint:
@@ -184,7 +189,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         cap = require_capability(request.volume_capability,
                                  request.HasField("volume_capability"))
         check_map(request.volume_context, "volume_context")
-        read_only = request.readonly or cap.mode in READ_ONLY_MODES
+        # a "ro" mount flag makes the bind read-only too: say so, or a repeat of this request
+        # would find "another read-only setting" and the fsGroup chown would hit EROFS
+        read_only = request.readonly or cap.mode in READ_ONLY_MODES or "ro" in cap.mount_flags
         async with self.locks.hold(_known(volume_id)):
             await asyncio.to_thread(self._publish, volume_id, staging, target, cap, read_only)
         return csi_pb2.NodePublishVolumeResponse()
@@ -203,6 +210,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if present[-1].read_only != read_only:
                 raise AlreadyExists(f"{target} is published with another read-only setting")
             return
+        if target.exists() and target.is_dir() != (cap.kind is VolumeKind.FILESYSTEM):
+            raise InvalidArgument(f"target_path {target} exists and is " + (
+                "not a directory" if cap.kind is VolumeKind.FILESYSTEM else "a directory"))
         if cap.mode == AccessMode.SINGLE_NODE_SINGLE_WRITER:
             elsewhere = self._publications(volume_id, exclude={staging, target})
             if elsewhere:
@@ -304,7 +314,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._published_entry(volume_id, path)
         meta = self._require_meta(volume_id)
         if wish.required > meta.size_bytes:
-            meta = self.store.expand(volume_id, resolve_expansion(meta.size_bytes, wish))
+            size = resolve_expansion(meta.size_bytes, wish)
+            available = self.store.available_bytes()
+            if size - meta.size_bytes > available:
+                raise ResourceExhausted(f"{size - meta.size_bytes} more bytes needed, "
+                                        f"{available} free on node {self.node_id}")
+            meta = self.store.expand(volume_id, size)
         else:
             meta = self.store.grow_online(volume_id)
         log.info("volume expanded on node", volume_id=volume_id, capacity_bytes=meta.size_bytes)

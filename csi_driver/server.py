@@ -18,7 +18,7 @@ from .backend import LocalBackend
 from .config import PluginConfig
 from .controller import ControllerService
 from .identity import IdentityService
-from .interceptor import CsiInterceptor
+from .interceptor import csi_interceptor
 from .node import NodeService
 from .proto import csi_pb2_grpc
 from .state import LocalStateStore
@@ -77,7 +77,7 @@ def build_plugin(config: PluginConfig) -> Plugin:
     store = ReplicaStore(config.replica_root)
     backend = LocalBackend(store, config.node_id)
     server = grpc.aio.server(
-        interceptors=[CsiInterceptor(config.driver_name)],
+        interceptors=[csi_interceptor(config.driver_name)],
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes)],
     )

@@ -174,18 +174,29 @@ class HoldingsResponse(_message.Message):
 
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    PARTIAL_OFFSET_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    partial_offset: _builtins.int
     @_builtins.property
     def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotRef]: ...
+    @_builtins.property
+    def partial(self) -> Global___SnapshotRef:
+        """An interrupted full stream this peer kept (verified and on disk): the sender resumes it
+        after `partial_offset` bytes instead of starting over.
+        """
+
     def __init__(
         self,
         *,
         snapshots: _abc.Iterable[Global___SnapshotRef] | None = ...,
         epoch: _builtins.int = ...,
+        partial: Global___SnapshotRef | None = ...,
+        partial_offset: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["partial", b"partial"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "snapshots", b"snapshots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "partial", b"partial", "partial_offset", b"partial_offset", "snapshots", b"snapshots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -346,51 +357,6 @@ class PushResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushResult: _TypeAlias = PushResult  # noqa: Y015
-
-@_typing.final
-class PullRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    VOLUME_ID_FIELD_NUMBER: _builtins.int
-    EPOCH_FIELD_NUMBER: _builtins.int
-    REQUESTER_NODE_FIELD_NUMBER: _builtins.int
-    HAVE_FIELD_NUMBER: _builtins.int
-    RESUME_FIELD_NUMBER: _builtins.int
-    RESUME_OFFSET_FIELD_NUMBER: _builtins.int
-    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
-    volume_id: _builtins.str
-    epoch: _builtins.int
-    """The caller's epoch: the serving peer refuses to feed a replica of a newer lineage."""
-    requester_node: _builtins.str
-    resume_offset: _builtins.int
-    bandwidth_bytes_per_second: _builtins.int
-    """Bandwidth cap for this transfer in bytes/s (0: the volume's rebuild bandwidth)."""
-    @_builtins.property
-    def have(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotRef]:
-        """Snapshots the caller holds completely (candidate parents)."""
-
-    @_builtins.property
-    def resume(self) -> Global___SnapshotRef:
-        """Resume an interrupted transfer of `resume` after `resume_offset` bytes."""
-
-    def __init__(
-        self,
-        *,
-        volume_id: _builtins.str = ...,
-        epoch: _builtins.int = ...,
-        requester_node: _builtins.str = ...,
-        have: _abc.Iterable[Global___SnapshotRef] | None = ...,
-        resume: Global___SnapshotRef | None = ...,
-        resume_offset: _builtins.int = ...,
-        bandwidth_bytes_per_second: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_bytes_per_second", b"bandwidth_bytes_per_second", "epoch", b"epoch", "have", b"have", "requester_node", b"requester_node", "resume", b"resume", "resume_offset", b"resume_offset", "volume_id", b"volume_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PullRequest: _TypeAlias = PullRequest  # noqa: Y015
 
 @_typing.final
 class VolumePolicy(_message.Message):

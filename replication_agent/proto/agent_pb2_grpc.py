@@ -47,11 +47,6 @@ class ReplicationStub:
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.PushMessage.SerializeToString,
                 response_deserializer=replication__agent_dot_proto_dot_agent__pb2.PushResult.FromString,
                 _registered_method=True)
-        self.Pull = channel.unary_stream(
-                '/sharedsync.agent.v1.Replication/Pull',
-                request_serializer=replication__agent_dot_proto_dot_agent__pb2.PullRequest.SerializeToString,
-                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.PushMessage.FromString,
-                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -76,15 +71,6 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Pull(self, request, context):
-        """Ask this peer to stream a snapshot to the caller (rebuilding a replica). The caller says
-        which snapshots it already has so the peer can send an increment, and how many bytes of
-        an interrupted stream it kept, so the transfer resumes instead of starting over.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,11 +83,6 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=replication__agent_dot_proto_dot_agent__pb2.PushMessage.FromString,
                     response_serializer=replication__agent_dot_proto_dot_agent__pb2.PushResult.SerializeToString,
-            ),
-            'Pull': grpc.unary_stream_rpc_method_handler(
-                    servicer.Pull,
-                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.PullRequest.FromString,
-                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.PushMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -161,33 +142,6 @@ class Replication:
             '/sharedsync.agent.v1.Replication/Push',
             replication__agent_dot_proto_dot_agent__pb2.PushMessage.SerializeToString,
             replication__agent_dot_proto_dot_agent__pb2.PushResult.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Pull(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/sharedsync.agent.v1.Replication/Pull',
-            replication__agent_dot_proto_dot_agent__pb2.PullRequest.SerializeToString,
-            replication__agent_dot_proto_dot_agent__pb2.PushMessage.FromString,
             options,
             channel_credentials,
             insecure,

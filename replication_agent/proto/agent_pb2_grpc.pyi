@@ -49,11 +49,6 @@ class ReplicationStub:
     """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
     The peer applies it atomically (all of it or nothing) and answers with what it now holds.
     """
-    Pull: _grpc.UnaryStreamMultiCallable[_agent_pb2.PullRequest, _agent_pb2.PushMessage]
-    """Ask this peer to stream a snapshot to the caller (rebuilding a replica). The caller says
-    which snapshots it already has so the peer can send an increment, and how many bytes of
-    an interrupted stream it kept, so the transfer resumes instead of starting over.
-    """
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -69,11 +64,6 @@ class ReplicationAsyncStub(ReplicationStub):
     Push: _aio.StreamUnaryMultiCallable[_agent_pb2.PushMessage, _agent_pb2.PushResult]  # type: ignore[assignment]
     """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
     The peer applies it atomically (all of it or nothing) and answers with what it now holds.
-    """
-    Pull: _aio.UnaryStreamMultiCallable[_agent_pb2.PullRequest, _agent_pb2.PushMessage]  # type: ignore[assignment]
-    """Ask this peer to stream a snapshot to the caller (rebuilding a replica). The caller says
-    which snapshots it already has so the peer can send an increment, and how many bytes of
-    an interrupted stream it kept, so the transfer resumes instead of starting over.
     """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
@@ -99,17 +89,6 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.PushResult, _abc.Awaitable[_agent_pb2.PushResult]]:
         """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
         The peer applies it atomically (all of it or nothing) and answers with what it now holds.
-        """
-
-    @_abc_1.abstractmethod
-    def Pull(
-        self,
-        request: _agent_pb2.PullRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_agent_pb2.PushMessage], _abc.AsyncIterator[_agent_pb2.PushMessage]]:
-        """Ask this peer to stream a snapshot to the caller (rebuilding a replica). The caller says
-        which snapshots it already has so the peer can send an increment, and how many bytes of
-        an interrupted stream it kept, so the transfer resumes instead of starting over.
         """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,9 +1,9 @@
 """The exception vocabulary shared by every component.
 
 Each class names *what went wrong* from the caller's point of view, not which library failed, so
-that one table (``csi_driver.status``) can turn it into a gRPC status code and one module can turn
-it into a Kubernetes condition. Messages are written for the person reading them: they name the
-field or object at fault and never carry secrets.
+that one table (``sharedsync.rpc_status``) can turn it into a gRPC status code and one module
+can turn it into a Kubernetes condition. Messages are written for the person reading them:
+they name the field or object at fault and never carry secrets.
 
 The class names mirror the gRPC status codes they map to, hence no ``Error`` suffix.
 """

@@ -6,7 +6,11 @@ becomes visible as a finished read-only subvolume, so a half-received stream is 
 data.
 """
 
+import ctypes
+import fcntl
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from sharedsync.core.sizes import MIXED_MODE_BELOW_BYTES
@@ -118,3 +122,71 @@ def persist_error_counters(mount_point: str | os.PathLike[str]) -> None:
 def sync(mount_point: str | os.PathLike[str]) -> None:
     """Commit the current transaction so that everything written so far is on disk."""
     run(["btrfs", "filesystem", "sync", os.fspath(mount_point)])
+
+
+@dataclass(frozen=True, slots=True)
+class SubvolumeInfo:
+    """What BTRFS_IOC_GET_SUBVOL_INFO says about a subvolume (cheap: one ioctl, no fork)."""
+
+    generation: int
+    #: Transaction of the last change to the subvolume's *contents*. Snapshotting does not
+    #: move it, and a snapshot inherits its source's value, so "live.ctransid differs from the
+    #: newest snapshot's" means exactly "something changed since that snapshot".
+    ctransid: int
+    read_only: bool
+    uuid: bytes
+    parent_uuid: bytes
+    received_uuid: bytes
+
+    @property
+    def received(self) -> bool:
+        """Whether this subvolume is the finished result of a ``btrfs receive``."""
+        return self.received_uuid != bytes(16)
+
+
+# struct btrfs_ioctl_get_subvol_info_args (linux/btrfs.h): treeid, name[256], parent_id, dirid,
+# generation, flags, uuid, parent_uuid, received_uuid, c/o/s/rtransid, 4 timespecs, reserved.
+_SUBVOL_INFO = struct.Struct("=Q256sQQQQ16s16s16sQQQQ" + "QI4x" * 4 + "8Q")
+_IOC_GET_SUBVOL_INFO = (2 << 30) | (_SUBVOL_INFO.size << 16) | (0x94 << 8) | 60
+_SUBVOL_RDONLY = 1 << 0  # BTRFS_ROOT_SUBVOL_RDONLY
+
+
+def subvolume_info(path: str | os.PathLike[str]) -> SubvolumeInfo:
+    """Generation, read-only flag and uuids of the subvolume whose root is ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(_SUBVOL_INFO.size)
+        fcntl.ioctl(fd, _IOC_GET_SUBVOL_INFO, buf)
+    finally:
+        os.close(fd)
+    fields = _SUBVOL_INFO.unpack(bytes(buf))
+    return SubvolumeInfo(generation=fields[4], ctransid=fields[9],
+                         read_only=bool(fields[5] & _SUBVOL_RDONLY),
+                         uuid=fields[6], parent_uuid=fields[7], received_uuid=fields[8])
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Write back the filesystem holding ``path`` (syncfs(2)): commits pending changes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exclusive_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of data under ``path`` that no file outside it shares (``btrfs filesystem du``)."""
+    out = run(["btrfs", "filesystem", "du", "-s", "--raw", os.fspath(path)])
+    rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
+    return int(rows[-1][1]) if rows and rows[-1][1].isdigit() else 0
+
+
+def set_read_only(path: str | os.PathLike[str], read_only: bool) -> None:
+    """Flip a subvolume's read-only property (fencing a replica that lost its primacy)."""
+    run(["btrfs", "property", "set", "-ts", os.fspath(path), "ro",
+         "true" if read_only else "false"])

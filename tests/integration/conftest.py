@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +61,12 @@ Mode: TypeAlias = "csi_pb2.VolumeCapability.AccessMode.Mode.ValueType"
 # -- leaks ---------------------------------------------------------------------------------------
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field) >= i + 4:
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    """Undo mountinfo's octal escapes (``\\040``: a space), without the code under test."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -92,23 +90,72 @@ def mount_options(point: Path) -> set[str]:
     return options
 
 
-def loops_under(root: Path) -> list[tuple[str, str]]:
-    """(device, backing file) of every loop device whose backing file is under ``root``."""
-    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"],
+def loops_under(root: Path, *, detaching: bool = True) -> list[tuple[str, str]]:
+    """(device, backing file) of every loop device whose backing file is under ``root``.
+
+    With ``detaching=False``, devices with a detach pending (autoclear set by ``losetup -d``
+    while someone had them open; see :func:`settled_loops_under`) are left out.
+    """
+    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,AUTOCLEAR,BACK-FILE"],
                          capture_output=True, text=True, check=True, timeout=30).stdout
     prefix = str(root).rstrip("/") + "/"
     found = []
     for line in out.splitlines():
-        name, _, back = line.strip().partition(" ")
+        name, autoclear, back = [*line.split(None, 2), "", ""][:3]
         back = back.strip().removesuffix(" (deleted)")
-        if back.startswith(prefix):
+        if back.startswith(prefix) and (detaching or autoclear != "1"):
             found.append((name, back))
     return found
 
 
+#: How long a detached loop device may take to go away (see :func:`settled_loops_under`).
+LOOP_SETTLE_SECONDS = 10.0
+
+
+def settled_loops_under(root: Path, within: float = LOOP_SETTLE_SECONDS) -> list[tuple[str, str]]:
+    """:func:`loops_under`, after waiting (bounded) for pending detaches to finish.
+
+    ``losetup --detach`` of a device that another process holds open at that instant (btrfs-progs
+    scanning every block device during a concurrent mkfs, blkid, udev) only sets autoclear, and
+    the kernel detaches it when that opener closes, a moment later. That is not a leak; a device
+    still attached after ``within`` seconds is.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        found = loops_under(root)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+async def lingering_loops(root: Path) -> list[tuple[str, str]]:
+    """:func:`settled_loops_under` for async tests (does not block the event loop)."""
+    return await asyncio.to_thread(settled_loops_under, root)
+
+
+def _openers(device: str) -> str:
+    """Who holds ``device`` open (processes, and kernel holders), for a leak report."""
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == device:
+                        pid = fd_dir.parent.name
+                        comm = (fd_dir.parent / "comm").read_text().strip()
+                        found.append(f"{comm}[{pid}]")
+    name = Path(device).name
+    with contextlib.suppress(OSError):
+        found += [f"holder {h.name}" for h in Path(f"/sys/block/{name}/holders").iterdir()]
+    with contextlib.suppress(OSError):
+        autoclear = Path(f"/sys/block/{name}/loop/autoclear").read_text().strip()
+        found.append(f"autoclear={autoclear}")
+    return ", ".join(sorted(set(found))) or "no opener found"
+
+
 def leaks(root: Path) -> list[str]:
     return ([f"mount: {m}" for m in mounts_under(root)]
-            + [f"loop device: {d} -> {f}" for d, f in loops_under(root)])
+            + [f"loop device: {d} -> {f} ({_openers(d)})" for d, f in settled_loops_under(root)])
 
 
 def clean_up_host(root: Path) -> None:
@@ -230,11 +277,14 @@ class StartPlugin(Protocol):
                  log_level: str = "INFO") -> Awaitable[Plugin]: ...
 
 
-def _socket_inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
-        return None
+def _accepting(path: Path) -> bool:
+    """Whether something listens on the unix socket ``path`` (a stale socket file refuses)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:  # missing, refused (stale, left by a killed plugin), not yet listening
+            return False
+    return True
 
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -243,8 +293,20 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
+class PortTakenError(RuntimeError):
+    """The metrics port picked was grabbed by someone else before the plugin bound it."""
+
+
 async def _launch(workspace: Workspace, failpoints: str, env: Mapping[str, str] | None,
                   log_level: str, index: int) -> Plugin:
+    for _ in range(5):
+        with contextlib.suppress(PortTakenError):
+            return await _launch_once(workspace, failpoints, env, log_level, index)
+    raise RuntimeError("no free metrics port after 5 attempts")
+
+
+async def _launch_once(workspace: Workspace, failpoints: str, env: Mapping[str, str] | None,
+                       log_level: str, index: int) -> Plugin:
     workspace.kubelet.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workspace.root / f"plugin-{index}.log"
@@ -252,7 +314,6 @@ async def _launch(workspace: Workspace, failpoints: str, env: Mapping[str, str] 
     if failpoints:
         child_env["SHAREDSYNC_FAILPOINTS"] = failpoints
     child_env.update(env or {})
-    stale = _socket_inode(workspace.socket)  # left by a killed predecessor
     argv = [str(PYTHON), "-m", "csi_driver", "--endpoint", workspace.endpoint,
             "--node-id", NODE_ID, "--data-dir", str(workspace.data_dir),
             "--allowed-path-root", str(workspace.kubelet),
@@ -261,17 +322,16 @@ async def _launch(workspace: Workspace, failpoints: str, env: Mapping[str, str] 
     process = _spawn(argv, child_env, log_path)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT
-    while True:
-        inode = _socket_inode(workspace.socket)
-        if inode is not None and inode != stale:
-            break
+    while not _accepting(workspace.socket):
         if process.poll() is not None:
-            raise RuntimeError(f"plugin exited at start ({process.returncode}):\n"
-                               f"{log_path.read_text(errors='replace')[-4000:]}")
+            log = log_path.read_text(errors="replace")
+            if "Address already in use" in log:
+                raise PortTakenError(port)
+            raise RuntimeError(f"plugin exited at start ({process.returncode}):\n{log[-4000:]}")
         if loop.time() > deadline:
             process.kill()
             process.wait(timeout=STOP_TIMEOUT)
-            raise RuntimeError(f"plugin socket {workspace.socket} did not appear")
+            raise RuntimeError(f"plugin did not listen on {workspace.socket} in time")
         await asyncio.sleep(0.05)
     channel = grpc.aio.insecure_channel(workspace.endpoint)
     try:
@@ -519,13 +579,3 @@ async def list_volume_ids(plugin: Plugin) -> list[str]:
     response = await plugin.controller.ListVolumes(csi_pb2.ListVolumesRequest(),
                                                    timeout=RPC_TIMEOUT)
     return sorted(e.volume.volume_id for e in response.entries)
-
-__all__ = [
-    "DRIVER_NAME", "MIN_VOLUME_BYTES", "NODE_ID", "RPC_TIMEOUT", "SMALL", "TOPOLOGY_KEY",
-    "AccessMode", "Attachment", "Mode", "Plugin", "StartPlugin", "Workspace", "attached",
-    "attachment_paths", "block_cap", "clean_up_host", "create_request", "create_volume",
-    "delete_volume", "detach", "expect_code", "files_under", "leaks", "list_volume_ids",
-    "loops_under", "mount_cap", "mount_options", "mounts_under", "publish", "publish_request",
-    "replica_dirs", "rpc_error", "rwx_cap", "stage", "stage_and_publish", "stage_request",
-    "unpublish", "unstage", "write_file",
-]

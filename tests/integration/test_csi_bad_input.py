@@ -7,6 +7,7 @@ after the call as before it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +105,11 @@ async def scene(plugin: Plugin) -> Scene:
     return Scene(plugin, volume, staging, target, outside, link)
 
 
-def _disk_state(scene: Scene) -> tuple[list[str], list[tuple[str, str]], set[str], set[str]]:
+async def _disk_state(scene: Scene,
+                      ) -> tuple[list[str], list[tuple[str, str]], set[str], set[str]]:
     root = scene.plugin.workspace.root
-    return (mounts_under(root), loops_under(root), files_under(scene.plugin.data_dir),
+    loops = loops_under(root, detaching=False)  # a detach still settling is not a change
+    return (mounts_under(root), loops, files_under(scene.plugin.data_dir),
             files_under(root) - files_under(scene.plugin.data_dir))
 
 
@@ -244,13 +247,73 @@ CASES: list[tuple[str, Case, Code]] = [
 @pytest.mark.parametrize(("case", "code"), [pytest.param(c, code, id=name)
                                             for name, c, code in CASES])
 async def test_hostile_request(scene: Scene, case: Case, code: Code) -> None:
-    before = _disk_state(scene)
+    before = await _disk_state(scene)
     error = await expect_code(case(scene), code)
     assert error.details()
-    assert _disk_state(scene) == before
+    assert await _disk_state(scene) == before
     # and the plugin is still fine
     assert scene.plugin.process.poll() is None
     await delete_volume(scene.plugin, scene.volume.volume_id)
+
+
+async def test_stage_over_another_volume(scene: Scene) -> None:
+    """A staging path that holds another volume is refused before anything is opened."""
+    plugin = scene.plugin
+    await scene.stage()
+    (scene.staging / "marker").write_text("the first volume")
+    other = await create_volume(plugin, "pvc-intruder")
+    before = await _disk_state(scene)
+    for attempt in (stage_request(other, scene.staging, mount_cap()),
+                    stage_request(csi_pb2.Volume(volume_id="vol-" + "d" * 24, volume_context={
+                        CAPACITY_KEY: str(SMALL * 4)}), scene.staging, mount_cap())):
+        await expect_code(plugin.node.NodeStageVolume(attempt, timeout=RPC_TIMEOUT),
+                          Code.ALREADY_EXISTS)
+        assert await _disk_state(scene) == before
+    assert (scene.staging / "marker").read_text() == "the first volume"
+    await scene.plugin.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=scene.volume.volume_id, staging_target_path=str(scene.staging)),
+        timeout=RPC_TIMEOUT)
+    for volume in (scene.volume, other):
+        await delete_volume(plugin, volume.volume_id)
+
+
+async def test_publish_target_of_the_wrong_type(scene: Scene) -> None:
+    plugin = scene.plugin
+    await scene.stage()
+    scene.target.write_text("a file where a directory belongs")
+    block = await create_volume(plugin, "pvc-block-target", cap=block_cap())
+    block_staging, block_target = attachment_paths(plugin, block, "block-pod")
+    await plugin.node.NodeStageVolume(stage_request(block, block_staging, block_cap()),
+                                      timeout=RPC_TIMEOUT)
+    block_target.mkdir()
+    before = await _disk_state(scene)
+    await expect_code(scene.publish(), Code.INVALID_ARGUMENT)
+    await expect_code(plugin.node.NodePublishVolume(
+        publish_request(block, block_staging, block_target, block_cap()), timeout=RPC_TIMEOUT),
+        Code.INVALID_ARGUMENT)
+    assert await _disk_state(scene) == before
+    assert scene.target.read_text() == "a file where a directory belongs"
+    for volume, staging in ((scene.volume, scene.staging), (block, block_staging)):
+        await plugin.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume.volume_id, staging_target_path=str(staging)), timeout=RPC_TIMEOUT)
+        await delete_volume(plugin, volume.volume_id)
+
+
+async def test_node_expand_beyond_free_space(scene: Scene) -> None:
+    """NodeExpandVolume cannot grow a replica past the node's free space (nor to absurd sizes)."""
+    plugin = scene.plugin
+    image = plugin.data_dir / "replicas" / "volumes" / scene.volume.volume_id / "image"
+    async with attached(plugin, scene.volume) as where:
+        state = await _disk_state(scene)
+        before = (os.statvfs(where.target).f_blocks, image.stat().st_size, state)
+        for size in (1 << 50, (1 << 63) - 1):
+            await expect_code(plugin.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+                volume_id=scene.volume.volume_id, volume_path=str(where.target),
+                capacity_range=csi_pb2.CapacityRange(required_bytes=size)),
+                timeout=RPC_TIMEOUT), Code.RESOURCE_EXHAUSTED)
+            assert (os.statvfs(where.target).f_blocks, image.stat().st_size,
+                    await _disk_state(scene)) == before
+    await delete_volume(plugin, scene.volume.volume_id)
 
 
 async def test_secrets_never_logged(start_plugin: StartPlugin) -> None:
@@ -270,7 +333,7 @@ async def test_secrets_never_logged(start_plugin: StartPlugin) -> None:
     publish.secrets.update(secrets)
     await plugin.node.NodePublishVolume(publish, timeout=RPC_TIMEOUT)
     bad_stage = stage_request(volume, staging, mount_cap(), secrets)
-    bad_stage.staging_target_path = "/etc/" + SECRET
+    bad_stage.staging_target_path = "/etc/elsewhere"
     await expect_code(plugin.node.NodeStageVolume(bad_stage, timeout=RPC_TIMEOUT),
                       Code.INVALID_ARGUMENT)
     snap = (await plugin.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(

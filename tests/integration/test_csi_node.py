@@ -24,6 +24,7 @@ from .conftest import (
     create_volume,
     delete_volume,
     expect_code,
+    lingering_loops,
     loops_under,
     mount_cap,
     mount_options,
@@ -108,6 +109,22 @@ async def test_mount_flags(plugin: Plugin) -> None:
     await delete_volume(plugin, volume.volume_id)
 
 
+async def test_ro_mount_flag(plugin: Plugin) -> None:
+    """A "ro" mount flag (a PV's mountOptions) publishes read-only, idempotently."""
+    volume = await create_volume(plugin, "pvc-node-ro-flag")
+    cap = mount_cap(flags=("ro",), group="4321")
+    staging, target = attachment_paths(plugin, volume)
+    await stage(plugin, volume, staging, mount_cap())
+    await publish(plugin, volume, staging, target, cap)
+    await publish(plugin, volume, staging, target, cap)
+    assert "ro" in mount_options(target)
+    with pytest.raises(OSError, match="Read-only file system"):
+        (target / "new").write_bytes(b"x")
+    await unpublish(plugin, volume.volume_id, target)
+    await unstage(plugin, volume.volume_id, staging)
+    await delete_volume(plugin, volume.volume_id)
+
+
 async def test_volume_mount_group(plugin: Plugin) -> None:
     gid = 4321
     volume = await create_volume(plugin, "pvc-node-group")
@@ -138,7 +155,7 @@ async def test_every_rpc_is_idempotent(plugin: Plugin) -> None:
     for _ in range(2):
         await unstage(plugin, volume.volume_id, staging)
     assert mounts_under(plugin.workspace.root) == []
-    assert loops_under(plugin.workspace.root) == []
+    assert await lingering_loops(plugin.workspace.root) == []
     await delete_volume(plugin, volume.volume_id)
 
 
@@ -152,7 +169,7 @@ async def test_unstage_leaves_nothing(plugin: Plugin) -> None:
     assert not where.target.exists()
     assert where.staging.is_dir()  # the CO's directory: it is the CO's to remove
     assert mounts_under(plugin.workspace.root) == []
-    assert loops_under(plugin.workspace.root) == []
+    assert await lingering_loops(plugin.workspace.root) == []
     await delete_volume(plugin, volume.volume_id)
 
 
@@ -179,10 +196,29 @@ async def test_block_volume(plugin: Plugin) -> None:
     stats = await plugin.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
         volume_id=volume.volume_id, volume_path=str(target)), timeout=RPC_TIMEOUT)
     assert [u.total for u in stats.usage] == [volume.capacity_bytes]
+    # the loop device is in use: unstage and delete refuse rather than pull it away
+    await expect_code(unstage(plugin, volume.volume_id, staging), Code.FAILED_PRECONDITION)
+    await expect_code(delete_volume(plugin, volume.volume_id), Code.FAILED_PRECONDITION)
+    # online expansion reaches the published device
+    grown = 2 * MIN_VOLUME_BYTES
+    await plugin.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=volume.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=grown),
+        volume_capability=cap), timeout=RPC_TIMEOUT)
+    expanded = await plugin.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+        volume_id=volume.volume_id, volume_path=str(target), staging_target_path=str(staging),
+        capacity_range=csi_pb2.CapacityRange(required_bytes=grown), volume_capability=cap),
+        timeout=RPC_TIMEOUT)
+    assert expanded.capacity_bytes == grown
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_END) == grown
+        assert os.pread(fd, len(payload), offset) == payload
+    finally:
+        os.close(fd)
     await unpublish(plugin, volume.volume_id, target)
     assert not target.exists()
     await unstage(plugin, volume.volume_id, staging)
-    assert loops_under(plugin.workspace.root) == []
+    assert await lingering_loops(plugin.workspace.root) == []
     assert mounts_under(plugin.workspace.root) == []
     # the bytes are on the replica: attach again and read them back
     await stage(plugin, volume, staging, cap)
@@ -287,7 +323,7 @@ async def test_node_refusals(plugin: Plugin) -> None:
         publish_request(volume, staging, target, cap), timeout=RPC_TIMEOUT),
         Code.FAILED_PRECONDITION)
     assert mounts_under(plugin.workspace.root) == []
-    assert loops_under(plugin.workspace.root) == []
+    assert await lingering_loops(plugin.workspace.root) == []
     # unpublish and unstage of what was never there succeed
     await unpublish(plugin, volume.volume_id, target)
     await unstage(plugin, volume.volume_id, staging)

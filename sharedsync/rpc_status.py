@@ -1,7 +1,8 @@
-"""The one table that maps our exceptions to gRPC status codes.
+"""The one table that maps our exceptions to gRPC status codes, for every gRPC service we run.
 
-Services raise ``sharedsync.core.errors`` types and never touch the gRPC context for errors; the
-interceptor looks the exception up here. Anything not in the table is a bug and becomes INTERNAL.
+Services (the CSI plugin's, the agent's) raise ``sharedsync.core.errors`` types and never touch
+the gRPC context for errors; :mod:`sharedsync.rpc_interceptor` looks the exception up here.
+Anything not in the table is a bug and becomes INTERNAL.
 """
 
 import grpc

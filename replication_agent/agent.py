@@ -1,0 +1,230 @@
+"""The agent: every volume replica this node holds, and the two gRPC services over them.
+
+``Replication`` is what peers call (Holdings, Push); ``Agent`` is what the operator, the CSI
+node plugin and the CLI call (apply, remove, promote, sync now, attach, status). Both are thin:
+they validate, find the volume's :class:`VolumeEngine`, and ask it.
+"""
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sharedsync import __version__
+from sharedsync.core.audit_chain import AuditKind
+from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from sharedsync.core.ids import check_id
+from sharedsync.storage.replicas import ReplicaStore
+
+from .audit import AuditLog
+from .config import AgentConfig, VolumeConfig
+from .peers import PeerPool
+from .proto import agent_pb2 as pb
+from .proto import agent_pb2_grpc
+from .volume import PersistedState, Role, VolumeEngine, load_state
+
+log = structlog.get_logger(__name__)
+
+MODES = {"Synchronous": pb.SYNCHRONOUS, "Asynchronous": pb.ASYNCHRONOUS,
+         "Scheduled": pb.SCHEDULED}
+
+
+def spec_from_config(volume: VolumeConfig) -> pb.VolumeSpec:
+    """The Agent API's VolumeSpec for a volume listed in a standalone config file."""
+    p = volume.policy
+    policy = pb.VolumePolicy(
+        mode=MODES[p.mode], replicas=len(volume.replicas), write_quorum=p.write_quorum,
+        max_lag_seconds=p.max_lag, on_lag_exceeded=pb.THROTTLE if p.on_lag_exceeded ==
+        "Throttle" else pb.ALERT, schedule=p.schedule, manual_trigger=p.manual_trigger,
+        paused=p.paused, bandwidth_bytes_per_second=p.bandwidth, priority=p.priority,
+        rebuild_bandwidth_bytes_per_second=p.rebuild_bandwidth,
+        conflict_resolution=pb.KEEP_BOTH if p.conflict_resolution == "KeepBoth"
+        else pb.LAST_WRITER_WINS, scrub_interval_seconds=p.scrub_interval,
+        auto_repair=p.auto_repair)
+    return pb.VolumeSpec(volume_id=volume.volume_id, size_bytes=volume.size, kind=volume.kind,
+                         policy=policy, replica_nodes=volume.replicas,
+                         primary_node=volume.primary, epoch=volume.epoch)
+
+
+def validate_spec(spec: pb.VolumeSpec, node: str) -> None:
+    """Refuse a spec that cannot be served, naming the field."""
+    check_id(spec.volume_id, "volume_id")
+    if spec.size_bytes <= 0:
+        raise InvalidArgument("size_bytes must be positive")
+    if spec.kind not in ("", "filesystem", "block"):
+        raise InvalidArgument(f"kind must be filesystem or block, got {spec.kind!r}")
+    if node not in spec.replica_nodes:
+        raise InvalidArgument(f"replica_nodes does not include this node ({node})")
+    if spec.primary_node not in spec.replica_nodes:
+        raise InvalidArgument(f"primary_node {spec.primary_node!r} is not in replica_nodes")
+    if len(set(spec.replica_nodes)) != len(spec.replica_nodes):
+        raise InvalidArgument("replica_nodes lists a node twice")
+    policy = spec.policy
+    if policy.mode == pb.MODE_UNSPECIFIED:
+        raise InvalidArgument("policy.mode is required")
+    if policy.write_quorum > len(spec.replica_nodes):
+        raise InvalidArgument(f"policy.write_quorum {policy.write_quorum} exceeds the "
+                              f"{len(spec.replica_nodes)} replicas")
+    if policy.mode == pb.SYNCHRONOUS and spec.kind == "block":
+        raise InvalidArgument("Synchronous mode needs a filesystem volume: the agent cannot "
+                              "see fsync on a raw block device")
+    if policy.mode == pb.SCHEDULED and not policy.schedule:
+        raise InvalidArgument("policy.schedule is required in Scheduled mode")
+    if policy.schedule:
+        from sharedsync.core.schedule import parse_cron
+        parse_cron(policy.schedule)
+
+
+class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
+    """All replicas on this node."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.node = config.node
+        data = config.data_dir
+        self.store = ReplicaStore(data / "replicas")
+        self.state_dir = data / "agent" / "volumes"
+        self.spool_dir = data / "agent" / "spool"
+        self.audit_log = AuditLog(data / "agent" / "audit", config.node,
+                                  max_bytes=config.audit_max_bytes, keep=config.audit_keep)
+        self.peers = PeerPool(config.peers, config.tls)
+        self.engines: dict[str, VolumeEngine] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, volume_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(volume_id, asyncio.Lock())
+
+    # -- startup -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume every volume persisted by a previous run, then apply the config's volumes."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.state_dir.glob("*.json")):
+            state = await asyncio.to_thread(load_state, path)
+            await self._start_engine(state.spec, state)
+        for volume in self.config.volumes:
+            await self.apply(spec_from_config(volume))
+
+    async def stop(self) -> None:
+        """Stop syncing and unmount every replica nothing else uses (the host is left clean;
+        the next start opens them again)."""
+        for engine in self.engines.values():
+            await engine.stop()
+            try:
+                await asyncio.to_thread(self.store.close, engine.volume_id)
+            except FailedPrecondition as exc:
+                log.info("replica stays mounted", volume_id=engine.volume_id, reason=str(exc))
+        await self.peers.close()
+
+    async def _start_engine(self, spec: pb.VolumeSpec,
+                            state: PersistedState | None = None) -> VolumeEngine:
+        engine = VolumeEngine(
+            node=self.node, spec=spec, store=self.store, peers=self.peers,
+            state_dir=self.state_dir, spool_dir=self.spool_dir, audit=self.audit_log,
+            epoch=state.epoch if state else None, role=state.role if state else None,
+            fenced=state.fenced if state else False)
+        if state is not None:
+            engine.primary = state.primary
+        await engine.start()
+        self.engines[spec.volume_id] = engine
+        log.info("volume started", volume_id=spec.volume_id, role=str(engine.role),
+                 epoch=engine.epoch)
+        return engine
+
+    def engine(self, volume_id: str) -> VolumeEngine:
+        check_id(volume_id, "volume_id")
+        engine = self.engines.get(volume_id)
+        if engine is None:
+            raise NotFound(f"volume {volume_id} has no replica on {self.node}")
+        return engine
+
+    async def apply(self, spec: pb.VolumeSpec) -> VolumeEngine:
+        validate_spec(spec, self.node)
+        async with self._lock(spec.volume_id):
+            engine = self.engines.get(spec.volume_id)
+            if engine is None:
+                return await self._start_engine(spec)
+            await engine.apply(spec)
+            return engine
+
+    # -- Agent service -----------------------------------------------------------------------
+
+    async def ApplyVolume(self, request: pb.ApplyVolumeRequest, context: Any) -> pb.VolumeStatus:
+        engine = await self.apply(request.spec)
+        return await asyncio.to_thread(engine.status)
+
+    async def RemoveVolume(self, request: pb.RemoveVolumeRequest,
+                           context: Any) -> pb.RemoveVolumeResponse:
+        check_id(request.volume_id, "volume_id")
+        async with self._lock(request.volume_id):
+            engine = self.engines.pop(request.volume_id, None)
+            if engine is not None:
+                await engine.remove()
+        return pb.RemoveVolumeResponse()
+
+    async def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.VolumeStatus:
+        engine = self.engine(request.volume_id)
+        async with self._lock(request.volume_id):
+            await engine.promote(request.epoch)
+        return await asyncio.to_thread(engine.status)
+
+    async def SyncNow(self, request: pb.SyncNowRequest, context: Any) -> pb.VolumeStatus:
+        engine = self.engine(request.volume_id)
+        if engine.role is not Role.PRIMARY:
+            raise FailedPrecondition(f"{self.node} is not the primary of {request.volume_id}")
+        target = await engine.cycle()
+        if target is not None:
+            await asyncio.wait_for(
+                asyncio.gather(*(link.wait_for(target) for link in engine.links.values())),
+                timeout=300)
+        engine.audit(AuditKind.SYNC, trigger="sync-now", snapshot=target.name if target else "")
+        return await asyncio.to_thread(engine.status)
+
+    async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
+        engine = self.engine(request.volume_id)
+        if engine.role is not Role.PRIMARY or engine.fenced:
+            raise FailedPrecondition(
+                f"volume {request.volume_id} is served by {engine.primary}, not {self.node}")
+        return pb.AttachResponse(path=str(await engine.attach()))
+
+    async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:
+        engine = self.engine(request.volume_id)
+        await engine.detach()
+        return pb.DetachResponse()
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.AgentStatus:
+        ids = list(request.volume_ids) or sorted(self.engines)
+        volumes = [await asyncio.to_thread(self.engine(v).status) for v in ids]
+        root = self.store.root
+        root.mkdir(parents=True, exist_ok=True)
+        usage = shutil.disk_usage(root)
+        return pb.AgentStatus(node=self.node, version=__version__, capacity_bytes=usage.total,
+                              available_bytes=usage.free, volumes=volumes)
+
+    # -- Replication service -----------------------------------------------------------------
+
+    async def Holdings(self, request: pb.HoldingsRequest, context: Any) -> pb.HoldingsResponse:
+        engine = self.engine(request.volume_id)
+        return await asyncio.to_thread(engine.holdings)
+
+    async def Push(self, request_iterator: AsyncIterator[pb.PushMessage],
+                   context: Any) -> pb.PushResult:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("body") != "header":
+            raise InvalidArgument("a replication stream starts with its header")
+        header = first.header
+        engine = self.engine(header.volume_id)
+        if header.sender_node not in engine.spec.replica_nodes:
+            raise FailedPrecondition(
+                f"{header.sender_node} is not a replica of {header.volume_id}")
+        return await engine.receive(header, request_iterator)
+
+
+def ensure_dirs(config: AgentConfig) -> None:
+    for path in (config.data_dir, config.control_socket.parent):
+        Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.umask(0o077)

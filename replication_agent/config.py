@@ -1,0 +1,135 @@
+"""The agent's configuration: who it is, where its peers are, and (standalone) what to hold.
+
+In a cluster the operator tells each agent which volumes to hold through the Agent API; without
+Kubernetes the same volume specs come from the config file's ``volumes`` list. Both paths end in
+the same ``ApplyVolume``. The file is YAML (JSON is YAML too); every field is validated with a
+message that names it, so a typo stops the agent at start instead of doing something else.
+"""
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sharedsync.core.errors import InvalidArgument
+from sharedsync.core.quantity import parse_bytes, parse_duration
+
+ModeName = Literal["Synchronous", "Asynchronous", "Scheduled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TlsConfig(_Strict):
+    """Mutual TLS between agents: every peer presents a certificate signed by ``ca``."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class PolicyConfig(_Strict):
+    """A volume's replication policy (the agent-side view of a SyncPolicy)."""
+
+    mode: ModeName = "Asynchronous"
+    write_quorum: int = Field(0, alias="writeQuorum", ge=0, le=5)
+    max_lag: float = Field(5.0, alias="maxLag")
+    on_lag_exceeded: Literal["Alert", "Throttle"] = Field("Alert", alias="onLagExceeded")
+    schedule: str = ""
+    manual_trigger: str = Field("", alias="manualTrigger")
+    paused: bool = False
+    bandwidth: int = 0
+    priority: int = Field(1, ge=1, le=1000)
+    rebuild_bandwidth: int = Field(0, alias="rebuildBandwidth")
+    conflict_resolution: Literal["LastWriterWins", "KeepBoth"] = Field(
+        "LastWriterWins", alias="conflictResolution")
+    scrub_interval: float = Field(0.0, alias="scrubInterval")
+    auto_repair: bool = Field(True, alias="autoRepair")
+
+    @field_validator("max_lag", "scrub_interval", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value) if isinstance(value, str) else float(value)
+
+    @field_validator("bandwidth", "rebuild_bandwidth", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> int:
+        return parse_bytes(value) if isinstance(value, str) else int(value)
+
+
+class VolumeConfig(_Strict):
+    """One volume this node holds a replica of."""
+
+    volume_id: str = Field(alias="id")
+    size: int
+    kind: Literal["filesystem", "block"] = "filesystem"
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    replicas: list[str]
+    primary: str
+    epoch: int = Field(1, ge=1)
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_bytes(value) if isinstance(value, str) else int(value)
+
+
+class AgentConfig(_Strict):
+    """Everything one agent process needs."""
+
+    node: str
+    listen: str
+    control_socket: Path = Field(Path("/run/sharedsync/agent.sock"), alias="controlSocket")
+    data_dir: Path = Field(Path("/var/lib/sharedsync"), alias="dataDir")
+    metrics_address: str = Field("", alias="metricsAddress")
+    tls: TlsConfig | None = None
+    peers: dict[str, str] = {}
+    node_bandwidth: int = Field(0, alias="nodeBandwidth")
+    audit_max_bytes: int = Field(16 << 20, alias="auditMaxBytes")
+    audit_keep: int = Field(8, alias="auditKeep", ge=1)
+    volumes: list[VolumeConfig] = []
+
+    @field_validator("node_bandwidth", "audit_max_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> int:
+        return parse_bytes(value) if isinstance(value, str) else int(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"listen must be host:port, got {value!r}")
+        return value
+
+    @property
+    def listen_is_loopback(self) -> bool:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate a config file; errors name the field at fault."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"cannot read agent config {path}: {exc}") from exc
+    try:
+        config = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise InvalidArgument(f"invalid agent config {path}: {problems}") from exc
+    if config.tls is None and not config.listen_is_loopback:
+        raise InvalidArgument(
+            f"agent config {path}: listen address {config.listen} is not loopback, so tls "
+            "(ca, cert, key) is required; plaintext is only for loopback development")
+    return config

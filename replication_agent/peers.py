@@ -1,0 +1,73 @@
+"""gRPC channels to the other agents: one per peer, mutual TLS, keepalive to notice partitions."""
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from .config import TlsConfig
+from .proto import agent_pb2_grpc
+
+if TYPE_CHECKING:
+    from .proto.agent_pb2_grpc import ReplicationAsyncStub
+from .tls import PEER_SERVER_NAME, channel_credentials
+
+#: Frames are at most 4 MiB raw (sharedsync.core.framing.MAX_CHUNK_SIZE) plus a few fields.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+#: Keepalive pings find a peer behind a partition within about 10 s, even mid-stream.
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+SERVER_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class PeerPool:
+    """Lazily opened channels to peers by node name."""
+
+    def __init__(self, addresses: dict[str, str], tls: TlsConfig | None) -> None:
+        self.addresses = dict(addresses)
+        self.tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, node: str) -> "ReplicationAsyncStub":
+        channel = self._channels.get(node)
+        if channel is None:
+            address = self.addresses.get(node)
+            if address is None:
+                raise KeyError(f"no address known for peer {node}")
+            if self.tls is None:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(
+                    address, channel_credentials(self.tls),
+                    options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override",
+                                                PEER_SERVER_NAME)])
+            self._channels[node] = channel
+        return agent_pb2_grpc.ReplicationStub(channel)
+
+    async def update(self, addresses: dict[str, str]) -> None:
+        """Take a new address book; channels to moved or removed peers are closed."""
+        for node, channel in list(self._channels.items()):
+            if addresses.get(node) != self.addresses.get(node):
+                await channel.close()
+                del self._channels[node]
+        self.addresses = dict(addresses)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

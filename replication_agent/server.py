@@ -1,0 +1,65 @@
+"""Run an agent: the peer/control API on TCP (mutual TLS), the control API on a unix socket."""
+
+import asyncio
+import contextlib
+import signal
+
+import grpc
+import structlog
+from prometheus_client import Histogram
+
+from sharedsync.rpc_interceptor import ErrorMappingInterceptor
+
+from .agent import Agent, ensure_dirs
+from .config import AgentConfig
+from .peers import SERVER_OPTIONS
+from .proto import agent_pb2_grpc
+from .tls import server_credentials
+
+log = structlog.get_logger(__name__)
+SHUTDOWN_GRACE_SECONDS = 5.0
+RPC_SECONDS = Histogram(
+    "sharedsync_agent_rpc_duration_seconds", "Agent API calls by method and status",
+    ["method_name", "grpc_status_code"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600))
+
+
+def build_servers(agent: Agent, config: AgentConfig) -> tuple[grpc.aio.Server, grpc.aio.Server]:
+    """The network server (peers, operator) and the local one (CSI node plugin, CLI)."""
+    interceptor = ErrorMappingInterceptor(RPC_SECONDS)
+    network = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    local = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    for server in (network, local):
+        agent_pb2_grpc.add_AgentServicer_to_server(agent, server)
+    agent_pb2_grpc.add_ReplicationServicer_to_server(agent, network)
+    if config.tls is None:
+        network.add_insecure_port(config.listen)
+    else:
+        network.add_secure_port(config.listen, server_credentials(config.tls))
+    config.control_socket.unlink(missing_ok=True)
+    local.add_insecure_port(f"unix://{config.control_socket}")
+    return network, local
+
+
+async def serve(config: AgentConfig) -> None:
+    """Run until SIGTERM or SIGINT."""
+    ensure_dirs(config)
+    agent = Agent(config)
+    network, local = build_servers(agent, config)
+    await network.start()
+    await local.start()
+    await agent.start()
+    log.info("agent serving", node=config.node, listen=config.listen,
+             control_socket=str(config.control_socket), volumes=len(agent.engines),
+             tls=config.tls is not None)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("agent stopping")
+    await network.stop(SHUTDOWN_GRACE_SECONDS)
+    await local.stop(SHUTDOWN_GRACE_SECONDS)
+    await agent.stop()
+    with contextlib.suppress(FileNotFoundError):
+        config.control_socket.unlink()

@@ -1,0 +1,284 @@
+"""Moving one snapshot between agents: ``btrfs send`` -> frames -> gRPC -> ``btrfs receive``.
+
+The sender reads ``btrfs send`` (incremental from a parent both sides hold, or full) and turns
+it into checksummed frames paced by the volume's bandwidth; the receiver verifies every frame
+before a byte of it reaches ``btrfs receive``, and feeds the final bytes (which carry the
+stream's END command) only after the whole-stream digest matched. ``btrfs receive`` marks the new
+subvolume read-only only when it reads END, so an interrupted or corrupt stream always leaves a
+writable leftover that :meth:`Lineage.discard_partial` removes: a replica is never half-applied.
+
+Full streams (a new or rebuilt replica) are also spooled to disk as they arrive, so a transfer
+that is cut off resumes from the verified bytes it already has instead of starting over.
+"""
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sharedsync.core.errors import Aborted, FailedPrecondition, Internal, InvalidArgument
+from sharedsync.core.framing import (
+    DEFAULT_CHUNK_SIZE,
+    NEVER_COMPRESS,
+    CompressionPolicy,
+    CorruptFrame,
+    Frame,
+    FrameDecoder,
+    FrameEncoder,
+    FrameFault,
+)
+
+from .lineage import Lineage, SnapRef
+from .proto import agent_pb2 as pb
+
+READ_SIZE = DEFAULT_CHUNK_SIZE
+#: Called with the number of bytes about to go on the wire; returns when they may.
+Pacer = Callable[[int], Awaitable[None]]
+#: Called with raw stream bytes as they are produced or applied (progress, metrics).
+Progress = Callable[[int], None]
+
+
+async def _no_pacing(_: int) -> None:
+    return None
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+def snapshot_ref(ref: SnapRef) -> pb.SnapshotRef:
+    return pb.SnapshotRef(epoch=ref.epoch, seq=ref.seq)
+
+
+def ref_message(ref: SnapRef | None) -> pb.SnapshotRef | None:
+    """For optional message fields: None leaves the field unset."""
+    return None if ref is None else snapshot_ref(ref)
+
+
+def ref_of(message: pb.SnapshotRef) -> SnapRef:
+    return SnapRef(message.epoch, message.seq)
+
+
+def frame_message(frame: Frame) -> pb.PushMessage:
+    return pb.PushMessage(frame=pb.Frame(
+        seq=frame.seq, payload=frame.payload, compressed=frame.compressed,
+        raw_length=frame.raw_length, checksum=frame.checksum, last=frame.last,
+        stream_digest=frame.stream_digest))
+
+
+def frame_of(message: pb.Frame) -> Frame:
+    return Frame(seq=message.seq, payload=message.payload, compressed=message.compressed,
+                 raw_length=message.raw_length, checksum=message.checksum, last=message.last,
+                 stream_digest=message.stream_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One snapshot to ship."""
+
+    lineage: Lineage
+    snapshot: SnapRef
+    parent: SnapRef | None
+    header: pb.StreamHeader
+    skip: int = 0  # bytes the receiver already holds (a resumed full stream)
+
+
+async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
+                          progress: Progress = _no_progress,
+                          compress: CompressionPolicy = NEVER_COMPRESS,
+                          ) -> AsyncIterator[pb.PushMessage]:
+    """Yield the header and frames of ``out`` (the request stream of a ``Push`` call)."""
+    argv = ["btrfs", "send", "--quiet"]
+    if out.parent is not None:
+        argv += ["-p", str(out.lineage.path(out.parent))]
+    argv.append(str(out.lineage.path(out.snapshot)))
+    yield pb.PushMessage(header=out.header)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    stderr_task = asyncio.ensure_future(proc.stderr.read())
+    encoder = FrameEncoder(compress=compress)
+    to_skip = out.skip
+    try:
+        while chunk := await proc.stdout.read(READ_SIZE):
+            if to_skip:
+                dropped = min(to_skip, len(chunk))
+                to_skip -= dropped
+                chunk = chunk[dropped:]
+                if not chunk:
+                    continue
+            for frame in encoder.feed(chunk):
+                await pace(len(frame.payload))
+                progress(frame.raw_length)
+                yield frame_message(frame)
+        code = await proc.wait()
+        if code != 0:
+            raise Internal(f"btrfs send failed (exit {code}): "
+                           f"{(await stderr_task).decode(errors='replace').strip()}")
+        if to_skip:
+            raise FailedPrecondition("the receiver holds more of this stream than it is long")
+        last = encoder.finish()
+        await pace(len(last.payload))
+        progress(last.raw_length)
+        yield frame_message(last)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        stderr_task.cancel()
+
+
+class Spool:
+    """The verified prefix of a full stream being received, kept across interruptions."""
+
+    def __init__(self, directory: Path, volume_id: str) -> None:
+        self.directory = directory
+        self.volume_id = volume_id
+
+    def path(self, ref: SnapRef) -> Path:
+        return self.directory / f"{self.volume_id}.{ref.name}.stream"
+
+    def partial(self) -> tuple[SnapRef, int] | None:
+        """The snapshot and byte count of an interrupted full stream, if any."""
+        if not self.directory.is_dir():
+            return None
+        for entry in self.directory.glob(f"{self.volume_id}.*.stream"):
+            ref = SnapRef.parse(entry.name.split(".")[1])
+            if ref is not None:
+                return ref, entry.stat().st_size
+        return None
+
+    def clear(self) -> None:
+        for entry in self.directory.glob(f"{self.volume_id}.*.stream"):
+            entry.unlink(missing_ok=True)
+
+
+async def _pump_frames(messages: AsyncIterator[pb.PushMessage],
+                       sink: Callable[[bytes], Awaitable[None]], decoder: FrameDecoder,
+                       progress: Progress) -> None:
+    """Verify frames and hand their bytes to ``sink``; the last frame only once it verified."""
+    async for message in messages:
+        if message.WhichOneof("body") != "frame":
+            raise InvalidArgument("a replication stream carries one header, then frames only")
+        raw = decoder.accept(frame_of(message.frame))
+        await sink(raw)
+        progress(len(raw))
+        if decoder.finished:
+            return
+    raise CorruptFrame(FrameFault.TRUNCATED, decoder.next_seq,
+                       "the stream ended without its last frame")
+
+
+async def _run_receive(target: Path, source: AsyncIterator[bytes] | Path) -> None:
+    """Run ``btrfs receive`` into ``target`` from a byte source (or a spool file)."""
+    # opening a local spool file does not block in any way that matters
+    stdin_file = open(source, "rb") if isinstance(source, Path) else None  # noqa: SIM115, ASYNC230
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "btrfs", "receive", "-e", str(target),
+            stdin=stdin_file if stdin_file is not None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    finally:
+        if stdin_file is not None:
+            stdin_file.close()
+    assert proc.stderr is not None
+    stderr_task = asyncio.ensure_future(proc.stderr.read())
+    try:
+        if not isinstance(source, Path):
+            assert proc.stdin is not None
+            async for raw in source:
+                proc.stdin.write(raw)
+                await proc.stdin.drain()
+            proc.stdin.close()
+        code = await proc.wait()
+        stderr = await stderr_task
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()  # never let a partial stream reach END: the leftover stays writable
+            await proc.wait()
+        stderr_task.cancel()
+        raise
+    if code != 0:
+        raise Internal(f"btrfs receive failed (exit {code}): "
+                       f"{stderr.decode(errors='replace').strip()}")
+
+
+async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
+                           messages: AsyncIterator[pb.PushMessage], spool: Spool,
+                           progress: Progress = _no_progress) -> SnapRef:
+    """Apply one incoming stream to ``lineage``; all of it, or nothing."""
+    ref = ref_of(header.snapshot)
+    decoder = FrameDecoder()
+    lineage.ensure()
+    lineage.discard_partial()
+    if header.HasField("parent"):
+        parent = ref_of(header.parent)
+        if parent not in lineage.complete():
+            raise FailedPrecondition(f"missing parent snapshot {parent.name}")
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
+
+        async def produce() -> AsyncIterator[bytes]:
+            while (item := await queue.get()) is not None:
+                yield item
+
+        receiver = asyncio.ensure_future(_run_receive(lineage.directory, produce()))
+
+        async def sink(raw: bytes) -> None:
+            if receiver.done():
+                receiver.result()  # surfaces btrfs receive's failure
+                raise Internal("btrfs receive stopped early")
+            await queue.put(raw)
+
+        try:
+            await _pump_frames(messages, sink, decoder, progress)
+            await queue.put(None)
+            await receiver
+        except BaseException:
+            receiver.cancel()
+            with contextlib.suppress(BaseException):
+                await receiver
+            lineage.discard_partial()
+            raise
+    else:
+        await _receive_full(lineage, header, messages, spool, decoder, progress)
+    if ref not in lineage.complete():
+        raise Internal(f"btrfs receive finished but {ref.name} is not complete")
+    return ref
+
+
+async def _receive_full(lineage: Lineage, header: pb.StreamHeader,
+                        messages: AsyncIterator[pb.PushMessage], spool: Spool,
+                        decoder: FrameDecoder, progress: Progress) -> None:
+    """A full stream: spooled (fsynced) as it arrives, applied once complete."""
+    ref = ref_of(header.snapshot)
+    path = spool.path(ref)
+    held = path.stat().st_size if path.exists() else 0
+    if header.resume_offset != held:
+        spool.clear()
+        if header.resume_offset:
+            raise Aborted(f"resume offset {header.resume_offset} does not match the "
+                          f"{held} bytes held; restart the transfer")
+        held = 0
+    spool.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        async def sink(raw: bytes) -> None:
+            os.write(fd, raw)
+
+        try:
+            await _pump_frames(messages, sink, decoder, progress)
+        finally:
+            os.fsync(fd)  # what verified so far survives for a resume
+    finally:
+        os.close(fd)
+    try:
+        await _run_receive(lineage.directory, path)
+    except BaseException:
+        lineage.discard_partial()
+        spool.clear()  # a stream btrfs refused is not worth resuming
+        raise
+    spool.clear()

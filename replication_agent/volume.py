@@ -1,0 +1,776 @@
+"""One volume's replica on this node: the primary's sync loop, or a replica's receiving end.
+
+The primary takes a read-only snapshot of ``live`` whenever it changed and the mode says it is
+time (continuously for Asynchronous, on the cron schedule for Scheduled, on every fsync group
+for Synchronous) and tells each :class:`PeerLink` that this snapshot is now *wanted*. A link ships
+the newest wanted snapshot to its peer as an increment from the newest snapshot both hold (full
+only when there is none), one push at a time, retrying with backoff; what a peer acknowledged is
+what lag, quorum and retention are computed from.
+
+A replica only receives: it refuses a stream from an older epoch (fencing), adopts a newer
+epoch (a failover happened elsewhere, so it is no longer primary), and applies each stream
+atomically. Promotion turns the newest complete snapshot into ``live`` at a new epoch.
+"""
+
+import asyncio
+import contextlib
+import datetime
+import enum
+import errno
+import json
+import math
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from google.protobuf import json_format
+
+from sharedsync.core.audit_chain import AuditKind
+from sharedsync.core.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from sharedsync.core.framing import NEVER_COMPRESS, CompressionPolicy
+from sharedsync.core.schedule import next_after
+from sharedsync.core.token_bucket import TokenBucket
+from sharedsync.storage import btrfs
+from sharedsync.storage.files import atomic_write
+from sharedsync.storage.replicas import ReplicaStore, VolumeKind
+
+from . import metrics
+from .audit import AuditLog
+from .fuse import FuseServer
+from .fuse.mount import cleanup_stale
+from .lineage import Lineage, SnapRef
+from .peers import PeerPool
+from .proto import agent_pb2 as pb
+from .transfer import (
+    Outgoing,
+    Spool,
+    receive_snapshot,
+    ref_message,
+    ref_of,
+    snapshot_ref,
+    stream_snapshot,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Longest wait between retries of a failing peer.
+MAX_BACKOFF_SECONDS = 5.0
+#: A peer unreachable this long is reported Stale (the operator may replace it).
+STALE_AFTER_SECONDS = 30.0
+#: How long an fsync waits for its quorum before it fails with EIO.
+COMMIT_TIMEOUT_SECONDS = 30.0
+#: Sync latencies kept for the P50/P90/P99 in status.
+LATENCY_WINDOW = 1024
+#: Complete snapshots a replica keeps (the newest is the next parent; one more covers a lost ack).
+REPLICA_KEEP = 2
+
+
+def _rate(spec: pb.VolumeSpec) -> float:
+    return float(spec.policy.bandwidth_bytes_per_second) or math.inf
+
+
+def _burst(spec: pb.VolumeSpec) -> float:
+    """A tenth of a second of traffic, within [1 MiB, 4 MiB]: frames fit, the cap holds."""
+    rate = spec.policy.bandwidth_bytes_per_second
+    return float(min(4 << 20, max(1 << 20, rate // 10))) if rate else float(4 << 20)
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+@dataclass
+class PersistedState:
+    """What survives a restart: the spec as last applied, the epoch and the role."""
+
+    spec: pb.VolumeSpec
+    epoch: int
+    role: Role
+    primary: str
+    fenced: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "spec": json_format.MessageToDict(self.spec), "epoch": self.epoch,
+            "role": str(self.role), "primary": self.primary, "fenced": self.fenced,
+        }, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "PersistedState":
+        raw = json.loads(data)
+        spec = json_format.ParseDict(raw["spec"], pb.VolumeSpec())
+        return cls(spec=spec, epoch=int(raw["epoch"]), role=Role(raw["role"]),
+                   primary=str(raw["primary"]), fenced=bool(raw.get("fenced", False)))
+
+
+class PeerLink:
+    """Ships snapshots of one volume to one peer, newest wanted first, one push at a time."""
+
+    def __init__(self, engine: "VolumeEngine", node: str) -> None:
+        self.engine = engine
+        self.node = node
+        self.acked: SnapRef | None = None
+        self.known = False  # whether `acked` reflects the peer's holdings
+        self.partial: tuple[SnapRef, int] | None = None
+        self.wanted: SnapRef | None = None
+        self.in_flight: SnapRef | None = None
+        self.state = pb.IN_SYNC
+        self.message = ""
+        self.failures = 0
+        self.unreachable_since: float | None = None
+        self.last_sync_ns = 0
+        self.rebuild_progress = 0.0
+        self._wake = asyncio.Event()
+        self._acked_changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"peer-{self.node}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def want(self, ref: SnapRef | None) -> None:
+        if ref is not None and (self.wanted is None or ref > self.wanted):
+            self.wanted = ref
+        self._wake.set()
+
+    def has(self, ref: SnapRef) -> bool:
+        return self.acked is not None and self.acked >= ref
+
+    async def wait_for(self, ref: SnapRef) -> None:
+        async with self._acked_changed:
+            await self._acked_changed.wait_for(lambda: self.has(ref))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.wanted is not None and not self.has(self.wanted):
+                try:
+                    await self._ship()
+                    self.failures = 0
+                    self.unreachable_since = None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
+                    await self._failed(exc)
+                    await asyncio.sleep(min(MAX_BACKOFF_SECONDS, 0.1 * 2 ** self.failures))
+            self.engine.refresh_state(self)
+
+    async def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.in_flight = None
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        self.message = f"{type(exc).__name__}: {detail}"[:500]
+        reason = code.name.lower() if code is not None else type(exc).__name__
+        metrics.SYNC_ERRORS.labels(self.engine.volume_id, reason).inc()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                and self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+        if code is grpc.StatusCode.FAILED_PRECONDITION and "epoch" in (detail or ""):
+            await self.engine.fence(f"peer {self.node} refused our epoch: {detail}")
+        self.known = False  # re-read what the peer holds before the next attempt
+        self.engine.refresh_state(self)
+        log.warning("push failed", volume_id=self.engine.volume_id, peer=self.node,
+                    error=self.message, failures=self.failures)
+
+    async def _learn_holdings(self) -> None:
+        stub = self.engine.peers.stub(self.node)
+        reply = await stub.Holdings(pb.HoldingsRequest(volume_id=self.engine.volume_id),
+                                    timeout=10)
+        theirs = {ref_of(r) for r in reply.snapshots}
+        ours = set(self.engine.lineage.complete())
+        common = sorted(theirs & ours)
+        self.acked = common[-1] if common else None
+        self.partial = (ref_of(reply.partial), reply.partial_offset) \
+            if reply.HasField("partial") else None
+        self.known = True
+
+    async def _ship(self) -> None:
+        engine = self.engine
+        if not self.known:
+            await self._learn_holdings()
+        if self.wanted is None or self.has(self.wanted):
+            return
+        complete = engine.lineage.complete()
+        target = self.wanted if self.wanted in complete else (complete[-1] if complete else None)
+        if target is None or self.has(target):
+            return
+        parent = self.acked if self.acked in complete else None
+        skip = 0
+        if parent is None:
+            # A full stream (a new or rebuilt replica): resume an interrupted one if we can.
+            if self.partial is not None and self.partial[0] in complete:
+                target, skip = self.partial
+            self.state = pb.REBUILDING
+            engine.audit(AuditKind.REBUILD, phase="start", peer=self.node,
+                         snapshot=target.name, resume_offset=skip)
+        self.in_flight = target
+        taken = engine.snapshot_times.get(target, (time.time_ns(), time.time()))[0]
+        header = pb.StreamHeader(
+            volume_id=engine.volume_id, epoch=engine.epoch, sender_node=engine.node,
+            snapshot=ref_message(target), parent=ref_message(parent),
+            kind=pb.BTRFS_SEND, resume_offset=skip, volume_size_bytes=engine.spec.size_bytes,
+            snapshot_unix_ns=taken, volume_kind=engine.spec.kind,
+            total_bytes=engine.used_bytes() if parent is None else 0)
+        sent = 0
+        total = max(1, header.total_bytes)
+
+        def progress(n: int) -> None:
+            nonlocal sent
+            sent += n
+            metrics.BYTES.labels(engine.volume_id, "sent").inc(n)
+            engine.bytes_shipped += n
+            if parent is None:
+                self.rebuild_progress = min(0.99, (skip + sent) / total)
+                metrics.REBUILD_PROGRESS.labels(engine.volume_id, self.node).set(
+                    self.rebuild_progress)
+
+        outgoing = Outgoing(engine.lineage, target, parent, header, skip)
+        stub = engine.peers.stub(self.node)
+        started = time.monotonic()
+        result = await stub.Push(stream_snapshot(
+            outgoing, pace=engine.pace, progress=progress, compress=engine.compression()))
+        received = ref_of(result.received)
+        async with self._acked_changed:
+            self.acked = received
+            self.in_flight = None
+            self._acked_changed.notify_all()
+        self.last_sync_ns = time.time_ns()
+        self.message = ""
+        self.partial = None
+        engine.observe_sync(target, time.monotonic() - started)
+        if parent is None:
+            self.rebuild_progress = 1.0
+            metrics.REBUILD_PROGRESS.labels(engine.volume_id, self.node).set(1.0)
+            engine.audit(AuditKind.REBUILD, phase="finished", peer=self.node,
+                         snapshot=received.name, bytes=sent)
+        engine.refresh_state(self)
+        engine.prune()
+
+
+class VolumeEngine:
+    """This node's replica of one volume, as primary or replica."""
+
+    def __init__(self, *, node: str, spec: pb.VolumeSpec, store: ReplicaStore,
+                 peers: PeerPool, state_dir: Path, spool_dir: Path, audit: AuditLog,
+                 epoch: int | None = None, role: Role | None = None,
+                 fenced: bool = False) -> None:
+        self.node = node
+        self.spec = spec
+        self.volume_id = spec.volume_id
+        self.store = store
+        self.peers = peers
+        self.state_path = state_dir / f"{self.volume_id}.json"
+        self.spool = Spool(spool_dir, self.volume_id)
+        self.audit_log = audit
+        self.epoch = epoch if epoch is not None else max(1, spec.epoch)
+        self.role = role if role is not None else (
+            Role.PRIMARY if spec.primary_node == node else Role.REPLICA)
+        self.primary = spec.primary_node
+        self.fenced = fenced
+        self.lineage = Lineage(store, self.volume_id)
+        self.links: dict[str, PeerLink] = {}
+        self.snapshot_times: dict[SnapRef, tuple[int, float]] = {}
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.bytes_shipped = 0
+        self.bytes_received = 0
+        self.last_received_ns = 0
+        self.conflicts = 0
+        self.last_clean_check = time.time()
+        self._cycle_lock = asyncio.Lock()
+        self._receive_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._bucket = TokenBucket(_rate(spec), _burst(spec), now=time.monotonic())
+        self._manual_trigger = spec.policy.manual_trigger
+        self._snapshot_bytes_cache: tuple[float, int] = (0.0, 0)
+        self._fuse: FuseServer | None = None
+        self._retired: set[asyncio.Future[None]] = set()
+        self.fuse_root = state_dir.parent / "fuse"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create or open the replica and start the loops its role calls for."""
+        kind = VolumeKind(self.spec.kind or "filesystem")
+        await asyncio.to_thread(self.store.ensure_layout)
+        meta = await asyncio.to_thread(self.store.meta, self.volume_id)
+        if meta is None:
+            await asyncio.to_thread(self.store.create, self.volume_id, self.spec.size_bytes, kind)
+        await asyncio.to_thread(self.store.open, self.volume_id)
+        await asyncio.to_thread(self.lineage.ensure)
+        await asyncio.to_thread(self.lineage.discard_partial)
+        self.persist()
+        metrics.EPOCH.labels(self.volume_id).set(self.epoch)
+        self._sync_links()
+        if self.role is Role.PRIMARY and not self.fenced:
+            self._start_primary_loop()
+
+    async def stop(self) -> None:
+        await self.detach()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        for link in self.links.values():
+            await link.stop()
+
+    async def remove(self) -> None:
+        await self.stop()
+        self.spool.clear()
+        await asyncio.to_thread(self._remove_replica)
+        self.state_path.unlink(missing_ok=True)
+        self.audit(AuditKind.VOLUME, action="removed")
+
+    def _remove_replica(self) -> None:
+        if self.store.meta(self.volume_id) is not None:
+            for ref in self.lineage.complete():
+                self.lineage.delete(ref)
+            self.store.close(self.volume_id)
+            self.store.delete(self.volume_id)
+
+    def persist(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.state_path, PersistedState(
+            self.spec, self.epoch, self.role, self.primary, self.fenced).to_json())
+
+    def audit(self, kind: AuditKind, **details: str | int | float | bool) -> None:
+        self.audit_log.append(kind, self.volume_id, details)
+
+    async def apply(self, spec: pb.VolumeSpec) -> None:
+        """Take a new spec (policy, peers, size) live, without touching the data path."""
+        old = self.spec
+        if spec.epoch > self.epoch:
+            await self.adopt_epoch(spec.epoch, spec.primary_node)
+        self.spec = spec
+        if spec.size_bytes > old.size_bytes:
+            await asyncio.to_thread(self.store.expand, self.volume_id, spec.size_bytes)
+        self._bucket.set_burst(_burst(spec), time.monotonic())
+        self._bucket.set_rate(_rate(spec), time.monotonic())
+        if spec.policy.manual_trigger != self._manual_trigger:
+            self._manual_trigger = spec.policy.manual_trigger
+            self._wake.set()
+        if json_format.MessageToDict(old.policy) != json_format.MessageToDict(spec.policy):
+            self.audit(AuditKind.POLICY, mode=pb.Mode.Name(spec.policy.mode),
+                       bandwidth=spec.policy.bandwidth_bytes_per_second,
+                       write_quorum=spec.policy.write_quorum)
+        self._sync_links()
+        self.persist()
+        self._wake.set()
+
+    def _sync_links(self) -> None:
+        wanted = {n for n in self.spec.replica_nodes if n != self.node} \
+            if self.role is Role.PRIMARY else set()
+        for node in set(self.links) - wanted:
+            link = self.links.pop(node)
+            self._retired.add(asyncio.ensure_future(link.stop()))
+            self._retired = {t for t in self._retired if not t.done()}
+        for node in wanted - set(self.links):
+            link = PeerLink(self, node)
+            self.links[node] = link
+            link.start()
+            link.want(self.lineage.newest())
+
+    # -- epochs ------------------------------------------------------------------------------
+
+    async def adopt_epoch(self, epoch: int, primary: str) -> None:
+        """A newer epoch exists: someone else is primary now; this replica follows it."""
+        if epoch <= self.epoch:
+            return
+        was_primary = self.role is Role.PRIMARY
+        self.epoch, self.primary = epoch, primary
+        if primary != self.node:
+            self.role = Role.REPLICA
+            await self.stop()
+            self.links.clear()
+        self.fenced = False
+        self.persist()
+        metrics.EPOCH.labels(self.volume_id).set(epoch)
+        self.audit(AuditKind.EPOCH, epoch=epoch, primary=primary, was_primary=was_primary)
+        log.info("adopted newer epoch", volume_id=self.volume_id, epoch=epoch, primary=primary)
+
+    async def fence(self, why: str) -> None:
+        """Stop acting as primary: a newer epoch exists, so our writes may no longer count."""
+        if self.fenced:
+            return
+        self.fenced = True
+        self.persist()
+        self.audit(AuditKind.FENCE, reason=why[:200])
+        log.warning("fenced", volume_id=self.volume_id, reason=why)
+        try:
+            await asyncio.to_thread(btrfs.set_read_only, self.lineage.live, True)
+        except Exception:
+            log.exception("could not make the fenced replica read-only", volume_id=self.volume_id)
+        if self._loop_task is not None and self._loop_task is not asyncio.current_task():
+            self._loop_task.cancel()
+
+    async def promote(self, epoch: int) -> None:
+        """Become primary at ``epoch``: the newest complete snapshot becomes ``live``."""
+        if epoch <= self.epoch and not (self.role is Role.PRIMARY and epoch == self.epoch):
+            raise FailedPrecondition(
+                f"promotion needs an epoch newer than {self.epoch}, got {epoch}")
+        if self.role is Role.PRIMARY and epoch == self.epoch and not self.fenced:
+            return
+        async with self._receive_lock:
+            newest = await asyncio.to_thread(self.lineage.newest)
+            if newest is not None:
+                kept = await asyncio.to_thread(self.lineage.restore_live, newest)
+                if kept:
+                    self.audit(AuditKind.PROMOTION, diverged_kept_as=kept)
+            self.epoch, self.role, self.primary, self.fenced = epoch, Role.PRIMARY, self.node, False
+            self.persist()
+        metrics.EPOCH.labels(self.volume_id).set(epoch)
+        self.audit(AuditKind.PROMOTION, epoch=epoch, snapshot=newest.name if newest else "")
+        log.info("promoted", volume_id=self.volume_id, epoch=epoch)
+        self._sync_links()
+        for link in self.links.values():
+            link.known = False
+            link.want(newest)
+        self._start_primary_loop()
+
+    # -- the primary's loop ------------------------------------------------------------------
+
+    def _start_primary_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._primary_loop(), name=self.volume_id)
+
+    def tick_seconds(self) -> float:
+        policy = self.spec.policy
+        if policy.mode == pb.ASYNCHRONOUS:
+            return min(1.0, max(0.05, (policy.max_lag_seconds or 5.0) / 10))
+        return 1.0
+
+    async def _primary_loop(self) -> None:
+        while True:
+            policy = self.spec.policy
+            timeout = self.tick_seconds()
+            if policy.mode == pb.SCHEDULED and policy.schedule:
+                now = datetime.datetime.now(datetime.UTC)
+                timeout = (next_after(policy.schedule, now) - now).total_seconds()
+            woken = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+                woken = True
+            self._wake.clear()
+            if policy.paused and not woken:
+                continue
+            try:
+                await self.cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sync cycle failed", volume_id=self.volume_id)
+                await asyncio.sleep(1)
+
+    def sync_now(self) -> None:
+        self._wake.set()
+
+    async def cycle(self) -> SnapRef | None:
+        """Snapshot ``live`` if it changed and make that the snapshot every peer wants."""
+        if self.role is not Role.PRIMARY or self.fenced:
+            raise FailedPrecondition(f"volume {self.volume_id} is not primary on {self.node}")
+        async with self._cycle_lock:
+            newest = await asyncio.to_thread(self.lineage.newest)
+            checked_at = time.time()
+            changed = await asyncio.to_thread(self.lineage.changed_since, newest)
+            target = newest
+            if changed:
+                seq = (newest.seq if newest else 0) + 1
+                target = SnapRef(self.epoch, seq)
+                await asyncio.to_thread(self.lineage.take, target)
+                self.snapshot_times[target] = (time.time_ns(), self.last_clean_check)
+            self.last_clean_check = checked_at
+            for link in self.links.values():
+                link.want(target)
+            if changed:
+                self.prune()
+            return target
+
+    async def commit(self) -> None:
+        """Synchronous mode: return once ``writeQuorum`` replicas hold everything written."""
+        target = await self.cycle()
+        need = max(0, (self.spec.policy.write_quorum or self.default_quorum()) - 1)
+        if target is None or need == 0:
+            return
+        waits = [asyncio.ensure_future(link.wait_for(target)) for link in self.links.values()]
+        if len(waits) < need:
+            for w in waits:
+                w.cancel()
+            raise Unavailable(f"write quorum {need + 1} needs more peers than "
+                              f"{len(waits)} configured")
+        started = time.monotonic()
+        try:
+            done = 0
+            for finished in asyncio.as_completed(waits, timeout=COMMIT_TIMEOUT_SECONDS):
+                await finished
+                done += 1
+                if done >= need:
+                    break
+        except TimeoutError as exc:
+            raise Unavailable(f"only {done} of {need} peers acknowledged within "
+                              f"{COMMIT_TIMEOUT_SECONDS:.0f} s") from exc
+        finally:
+            for w in waits:
+                w.cancel()
+        metrics.SYNC_SECONDS.labels(self.volume_id, "Synchronous").observe(
+            time.monotonic() - started)
+
+    def default_quorum(self) -> int:
+        return len(self.spec.replica_nodes) // 2 + 1
+
+    def observe_sync(self, ref: SnapRef, seconds: float) -> None:
+        self.latencies.append(seconds)
+        metrics.SYNC_SECONDS.labels(self.volume_id, pb.Mode.Name(self.spec.policy.mode)).observe(
+            seconds)
+        self.audit(AuditKind.SYNC, snapshot=ref.name, seconds=round(seconds, 6))
+
+    async def pace(self, nbytes: int) -> None:
+        """Hold a frame back until the volume's bandwidth cap allows it on the wire."""
+        delay = self._bucket.take(nbytes, time.monotonic())
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def compression(self) -> CompressionPolicy:
+        cap = self.spec.policy.bandwidth_bytes_per_second
+        return CompressionPolicy(link_bytes_per_second=float(cap)) if cap else NEVER_COMPRESS
+
+    def used_bytes(self) -> int:
+        st = os.statvfs(self.lineage.live)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def prune(self) -> None:
+        """Delete snapshots no peer needs: keep the newest, and every peer's newest common."""
+        complete = self.lineage.complete()
+        if not complete:
+            return
+        keep = {complete[-1]}
+        for link in self.links.values():
+            if link.acked is not None:
+                keep.add(link.acked)
+            if link.in_flight is not None:
+                keep.add(link.in_flight)
+            if link.partial is not None:
+                keep.add(link.partial[0])
+            if not link.known:
+                keep.update(complete)  # until we know what the peer holds, keep everything
+        for ref in complete:
+            if ref not in keep:
+                self.lineage.delete(ref)
+                self.snapshot_times.pop(ref, None)
+
+    # -- the data path ---------------------------------------------------------------------
+
+    async def attach(self) -> Path:
+        """Serve the volume on this node and return the directory to bind into pods.
+
+        Filesystem volumes are served through the FUSE daemon with kernel passthrough: reads
+        and writes go straight to the replica (native speed), while fsync, fdatasync and the
+        close of a written file reach the daemon, which in Synchronous mode answers only once
+        the write quorum holds the change. Because the daemon is always in the path, a policy
+        change between modes applies live, without remounting anything in the pod.
+        """
+        if self.spec.kind == "block":
+            return self.store.block_file(self.volume_id)
+        if self._fuse is None:
+            mountpoint = self.fuse_root / self.volume_id
+            await asyncio.to_thread(cleanup_stale, mountpoint)
+            mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
+            server = FuseServer(self.lineage.live, mountpoint,
+                                _CommitHooks(self, asyncio.get_running_loop()))
+            await asyncio.to_thread(server.start)
+            self._fuse = server
+            self.audit(AuditKind.VOLUME, action="attach", passthrough=server.passthrough_active)
+        return self._fuse.mountpoint
+
+    async def detach(self) -> None:
+        if self._fuse is not None:
+            server, self._fuse = self._fuse, None
+            await asyncio.to_thread(server.stop)
+            self.audit(AuditKind.VOLUME, action="detach")
+
+    # -- the replica's side ------------------------------------------------------------------
+
+    def check_epoch(self, epoch: int, sender: str) -> None:
+        if epoch < self.epoch:
+            raise FailedPrecondition(
+                f"stale epoch {epoch} from {sender}: volume {self.volume_id} is at epoch "
+                f"{self.epoch} (primary {self.primary})")
+        if epoch == self.epoch and self.role is Role.PRIMARY and sender != self.node:
+            raise FailedPrecondition(
+                f"{sender} claims epoch {epoch}, at which {self.node} is primary")
+
+    async def receive(self, header: pb.StreamHeader,
+                      messages: AsyncIterator[pb.PushMessage]) -> pb.PushResult:
+        self.check_epoch(header.epoch, header.sender_node)
+        if header.epoch > self.epoch:
+            await self.adopt_epoch(header.epoch, header.sender_node)
+        if self._receive_lock.locked():
+            raise Aborted(f"volume {self.volume_id} is already receiving a stream")
+        async with self._receive_lock:
+            ref = ref_of(header.snapshot)
+            complete = await asyncio.to_thread(self.lineage.complete)
+            if ref not in complete:
+                if header.volume_size_bytes > self.spec.size_bytes:
+                    await asyncio.to_thread(self.store.expand, self.volume_id,
+                                            header.volume_size_bytes)
+
+                def progress(n: int) -> None:
+                    self.bytes_received += n
+                    metrics.BYTES.labels(self.volume_id, "received").inc(n)
+
+                await receive_snapshot(self.lineage, header, messages, self.spool, progress)
+                self.last_received_ns = time.time_ns()
+                self.snapshot_times[ref] = (header.snapshot_unix_ns, 0.0)
+                await asyncio.to_thread(self._prune_replica)
+            return pb.PushResult(received=ref_message(ref), epoch=self.epoch,
+                                 bytes_received=self.bytes_received)
+
+    def _prune_replica(self) -> None:
+        complete = self.lineage.complete()
+        for ref in complete[:-REPLICA_KEEP]:
+            self.lineage.delete(ref)
+
+    def holdings(self) -> pb.HoldingsResponse:
+        reply = pb.HoldingsResponse(
+            snapshots=[snapshot_ref(r) for r in self.lineage.complete()], epoch=self.epoch)
+        partial = self.spool.partial()
+        if partial is not None:
+            reply.partial.CopyFrom(snapshot_ref(partial[0]))
+            reply.partial_offset = partial[1]
+        return reply
+
+    # -- status ------------------------------------------------------------------------------
+
+    def lag_of(self, link: PeerLink) -> float:
+        """Upper bound on the age of the oldest change the peer does not hold."""
+        newest = max(self.snapshot_times, default=None)
+        if link.acked is not None and newest is not None and link.acked >= newest:
+            return 0.0
+        pending = [since for ref, (_, since) in self.snapshot_times.items()
+                   if link.acked is None or ref > link.acked]
+        return max(0.0, time.time() - min(pending)) if pending else 0.0
+
+    def _lagging(self, link: PeerLink, lag: float, max_lag: float) -> bool:
+        """Asynchronous replicas lag when over maxLag; the others whenever they are behind."""
+        if self.spec.policy.mode == pb.ASYNCHRONOUS:
+            return lag > max_lag
+        return link.acked is not None and link.wanted is not None and link.acked < link.wanted
+
+    def refresh_state(self, link: PeerLink) -> None:
+        lag = self.lag_of(link)
+        max_lag = self.spec.policy.max_lag_seconds or 5.0
+        previous = link.state
+        if link.unreachable_since is not None and \
+                time.monotonic() - link.unreachable_since > STALE_AFTER_SECONDS:
+            link.state = pb.STALE
+        elif link.failures >= 5 and link.unreachable_since is None:
+            link.state = pb.FAILED
+        elif link.state == pb.REBUILDING and link.rebuild_progress < 1.0:
+            pass
+        elif self._lagging(link, lag, max_lag):
+            link.state = pb.LAGGING
+        else:
+            link.state = pb.IN_SYNC
+        if link.state == pb.LAGGING and previous != pb.LAGGING:
+            metrics.LAG_EXCEEDED.labels(self.volume_id, link.node).inc()
+            self.audit(AuditKind.LAG, peer=link.node, lag_seconds=round(lag, 3),
+                       action=pb.LagAction.Name(self.spec.policy.on_lag_exceeded or pb.ALERT))
+        metrics.LAG.labels(self.volume_id, link.node).set(lag)
+        for state in (pb.IN_SYNC, pb.LAGGING, pb.REBUILDING, pb.STALE, pb.FAILED):
+            metrics.REPLICA_STATE.labels(self.volume_id, link.node,
+                                         pb.ReplicaState.Name(state)).set(
+                1 if state == link.state else 0)
+
+    def snapshot_bytes(self) -> int:
+        at, value = self._snapshot_bytes_cache
+        if time.monotonic() - at > 60:
+            try:
+                value = self.lineage.exclusive_bytes()
+            except Exception:  # noqa: BLE001 - a status field must not break status
+                value = 0
+            self._snapshot_bytes_cache = (time.monotonic(), value)
+            metrics.SNAPSHOT_BYTES.labels(self.volume_id).set(value)
+        return value
+
+    def status(self) -> pb.VolumeStatus:
+        newest = self.lineage.newest()
+        lat = list(self.latencies)
+        replicas = [pb.ReplicaStatus(
+            node=self.node, role=str(self.role), state=pb.IN_SYNC,
+            last_sync_unix_ns=self.last_received_ns,
+            last_received=ref_message(newest),
+            message="fenced: a newer epoch exists" if self.fenced else "")]
+        for link in self.links.values():
+            self.refresh_state(link)
+            replicas.append(pb.ReplicaStatus(
+                node=link.node, role=str(Role.REPLICA), state=link.state,
+                lag_seconds=self.lag_of(link), last_sync_unix_ns=link.last_sync_ns,
+                rebuild_progress=link.rebuild_progress, last_received=ref_message(link.acked),
+                message=link.message))
+        return pb.VolumeStatus(
+            volume_id=self.volume_id, epoch=self.epoch, primary_node=self.primary,
+            role=str(self.role), mode=self.spec.policy.mode, replicas=replicas,
+            sync_latency_p50_seconds=percentile(lat, 0.5),
+            sync_latency_p90_seconds=percentile(lat, 0.9),
+            sync_latency_p99_seconds=percentile(lat, 0.99),
+            bytes_shipped=self.bytes_shipped, bytes_received=self.bytes_received,
+            conflicts=self.conflicts, snapshot_bytes=self.snapshot_bytes(),
+            last_snapshot=ref_message(newest), fenced=self.fenced,
+            size_bytes=self.spec.size_bytes)
+
+
+class _CommitHooks:
+    """What the FUSE daemon's threads call: fsync groups become quorum commits."""
+
+    def __init__(self, engine: VolumeEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+
+    def commit(self, paths: list[str], datasync: bool) -> None:
+        engine = self.engine
+        if engine.fenced:
+            raise OSError(errno.EROFS, "this replica was fenced: a newer primary exists")
+        if engine.spec.policy.mode != pb.SYNCHRONOUS or engine.role is not Role.PRIMARY:
+            return  # Asynchronous/Scheduled: the daemon already made it durable locally
+        future = asyncio.run_coroutine_threadsafe(engine.commit(), self.loop)
+        try:
+            future.result(timeout=COMMIT_TIMEOUT_SECONDS + 10)
+        except Exception as exc:
+            future.cancel()
+            raise OSError(errno.EIO, f"replication did not reach the write quorum: {exc}") from exc
+
+    def on_write(self, path: str, offset: int, length: int) -> None:
+        return None  # passthrough: changes are found through the btrfs increment
+
+
+StateLoader = Callable[[Path], PersistedState]
+
+
+def load_state(path: Path) -> PersistedState:
+    try:
+        return PersistedState.from_json(path.read_bytes())
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidArgument(f"unreadable volume state {path}: {exc}") from exc
