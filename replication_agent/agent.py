@@ -29,6 +29,8 @@ from .volume import PersistedState, Role, VolumeEngine, load_state
 
 log = structlog.get_logger(__name__)
 
+#: How long one volume may take to stop its loops before the agent moves on.
+STOP_TIMEOUT_SECONDS = 5.0
 MODES = {"Synchronous": pb.SYNCHRONOUS, "Asynchronous": pb.ASYNCHRONOUS,
          "Scheduled": pb.SCHEDULED}
 
@@ -113,12 +115,16 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         """Stop syncing and unmount every replica nothing else uses (the host is left clean;
         the next start opens them again)."""
         for engine in self.engines.values():
-            await engine.stop()
+            try:
+                await asyncio.wait_for(engine.stop(), STOP_TIMEOUT_SECONDS)
+            except TimeoutError:
+                log.warning("volume did not stop in time", volume_id=engine.volume_id)
             try:
                 await asyncio.to_thread(self.store.close, engine.volume_id)
             except FailedPrecondition as exc:
                 log.info("replica stays mounted", volume_id=engine.volume_id, reason=str(exc))
         await self.peers.close()
+        log.info("agent stopped", volumes=len(self.engines))
 
     async def _start_engine(self, spec: pb.VolumeSpec,
                             state: PersistedState | None = None) -> VolumeEngine:

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sharedsync.core.errors import InvalidArgument
-from sharedsync.core.quantity import parse_bytes, parse_duration
+from sharedsync.core.quantity import parse_bytes
+from sharedsync.core.schedule import parse_duration
 
 ModeName = Literal["Synchronous", "Asynchronous", "Scheduled"]
 

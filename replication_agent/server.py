@@ -58,8 +58,8 @@ async def serve(config: AgentConfig) -> None:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("agent stopping")
-    await network.stop(SHUTDOWN_GRACE_SECONDS)
-    await local.stop(SHUTDOWN_GRACE_SECONDS)
+    await asyncio.gather(network.stop(SHUTDOWN_GRACE_SECONDS),
+                         local.stop(SHUTDOWN_GRACE_SECONDS))
     await agent.stop()
     with contextlib.suppress(FileNotFoundError):
         config.control_socket.unlink()

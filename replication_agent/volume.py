@@ -33,7 +33,23 @@ from google.protobuf import json_format
 from sharedsync.core.audit_chain import AuditKind
 from sharedsync.core.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from sharedsync.core.framing import NEVER_COMPRESS, CompressionPolicy
+from sharedsync.core.replica_state import (
+    AckReceived,
+    Event,
+    IllegalTransition,
+    LagExceeded,
+    PeerUnreachable,
+    RebuildFinished,
+    RebuildProgress,
+    RebuildStarted,
+    ReplicaError,
+    ReplicaState,
+    StaleTimeout,
+    classify_lag,
+    transition,
+)
 from sharedsync.core.schedule import next_after
+from sharedsync.core.snapshot_plan import InFlight, Snapshot, SnapshotPlan
 from sharedsync.core.token_bucket import TokenBucket
 from sharedsync.storage import btrfs
 from sharedsync.storage.files import atomic_write
@@ -66,6 +82,8 @@ STALE_AFTER_SECONDS = 30.0
 COMMIT_TIMEOUT_SECONDS = 30.0
 #: Sync latencies kept for the P50/P90/P99 in status.
 LATENCY_WINDOW = 1024
+#: Consecutive non-network push failures after which a replica is Failed (and rebuilt).
+ERRORS_BEFORE_FAILED = 5
 #: Complete snapshots a replica keeps (the newest is the next parent; one more covers a lost ack).
 REPLICA_KEEP = 2
 
@@ -78,6 +96,18 @@ def _burst(spec: pb.VolumeSpec) -> float:
     """A tenth of a second of traffic, within [1 MiB, 4 MiB]: frames fit, the cap holds."""
     rate = spec.policy.bandwidth_bytes_per_second
     return float(min(4 << 20, max(1 << 20, rate // 10))) if rate else float(4 << 20)
+
+
+def _order(ref: SnapRef) -> int:
+    """A single sortable number for (epoch, seq), as the snapshot plan wants."""
+    return (ref.epoch << 40) | ref.seq
+
+
+STATE_TO_PROTO = {
+    ReplicaState.IN_SYNC: pb.IN_SYNC, ReplicaState.LAGGING: pb.LAGGING,
+    ReplicaState.REBUILDING: pb.REBUILDING, ReplicaState.STALE: pb.STALE,
+    ReplicaState.FAILED: pb.FAILED,
+}
 
 
 class Role(enum.StrEnum):
@@ -128,7 +158,8 @@ class PeerLink:
         self.partial: tuple[SnapRef, int] | None = None
         self.wanted: SnapRef | None = None
         self.in_flight: SnapRef | None = None
-        self.state = pb.IN_SYNC
+        self.state = ReplicaState.LAGGING  # not confirmed until the first acknowledgement
+        self.errors = 0  # consecutive failures that were not the network
         self.message = ""
         self.failures = 0
         self.unreachable_since: float | None = None
@@ -148,6 +179,14 @@ class PeerLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def event(self, event: Event) -> None:
+        """Feed the replica state machine (sharedsync.core.replica_state)."""
+        try:
+            self.state = transition(self.state, event)
+        except IllegalTransition:
+            log.debug("ignored replica event", volume_id=self.engine.volume_id, peer=self.node,
+                      state=str(self.state), replica_event=str(event.kind))
 
     def want(self, ref: SnapRef | None) -> None:
         if ref is not None and (self.wanted is None or ref > self.wanted):
@@ -185,12 +224,20 @@ class PeerLink:
         self.message = f"{type(exc).__name__}: {detail}"[:500]
         reason = code.name.lower() if code is not None else type(exc).__name__
         metrics.SYNC_ERRORS.labels(self.engine.volume_id, reason).inc()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                and self.unreachable_since is None:
-            self.unreachable_since = time.monotonic()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.CANCELLED):
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+            self.event(PeerUnreachable(since=self.unreachable_since))
+        else:
+            self.errors += 1
+            if self.errors >= ERRORS_BEFORE_FAILED:
+                self.event(ReplicaError(reason=self.message))
         if code is grpc.StatusCode.FAILED_PRECONDITION and "epoch" in (detail or ""):
             await self.engine.fence(f"peer {self.node} refused our epoch: {detail}")
         self.known = False  # re-read what the peer holds before the next attempt
+        if self.state is ReplicaState.FAILED:
+            self.acked = None  # only a full rebuild brings a failed replica back
         self.engine.refresh_state(self)
         log.warning("push failed", volume_id=self.engine.volume_id, peer=self.node,
                     error=self.message, failures=self.failures)
@@ -202,7 +249,7 @@ class PeerLink:
         theirs = {ref_of(r) for r in reply.snapshots}
         ours = set(self.engine.lineage.complete())
         common = sorted(theirs & ours)
-        self.acked = common[-1] if common else None
+        self.acked = common[-1] if common and self.state is not ReplicaState.FAILED else None
         self.partial = (ref_of(reply.partial), reply.partial_offset) \
             if reply.HasField("partial") else None
         self.known = True
@@ -223,7 +270,7 @@ class PeerLink:
             # A full stream (a new or rebuilt replica): resume an interrupted one if we can.
             if self.partial is not None and self.partial[0] in complete:
                 target, skip = self.partial
-            self.state = pb.REBUILDING
+            self.event(RebuildStarted())
             engine.audit(AuditKind.REBUILD, phase="start", peer=self.node,
                          snapshot=target.name, resume_offset=skip)
         self.in_flight = target
@@ -244,6 +291,7 @@ class PeerLink:
             engine.bytes_shipped += n
             if parent is None:
                 self.rebuild_progress = min(0.99, (skip + sent) / total)
+                self.event(RebuildProgress(done_bytes=skip + sent, total_bytes=total))
                 metrics.REBUILD_PROGRESS.labels(engine.volume_id, self.node).set(
                     self.rebuild_progress)
 
@@ -261,6 +309,11 @@ class PeerLink:
         self.message = ""
         self.partial = None
         engine.observe_sync(target, time.monotonic() - started)
+        self.errors = 0
+        if parent is None:
+            self.event(RebuildFinished())
+        self.event(AckReceived(lag_seconds=engine.lag_of(self),
+                               max_lag_seconds=engine.max_lag()))
         if parent is None:
             self.rebuild_progress = 1.0
             metrics.REBUILD_PROGRESS.labels(engine.volume_id, self.node).set(1.0)
@@ -562,22 +615,21 @@ class VolumeEngine:
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def prune(self) -> None:
-        """Delete snapshots no peer needs: keep the newest, and every peer's newest common."""
+        """Delete snapshots no peer needs (see sharedsync.core.snapshot_plan)."""
+        links = list(self.links.values())
+        if any(not link.known for link in links):
+            return  # until we know what every peer holds, any snapshot may be its parent
         complete = self.lineage.complete()
-        if not complete:
-            return
-        keep = {complete[-1]}
-        for link in self.links.values():
-            if link.acked is not None:
-                keep.add(link.acked)
-            if link.in_flight is not None:
-                keep.add(link.in_flight)
-            if link.partial is not None:
-                keep.add(link.partial[0])
-            if not link.known:
-                keep.update(complete)  # until we know what the peer holds, keep everything
-        for ref in complete:
-            if ref not in keep:
+        plan = SnapshotPlan.build(
+            [Snapshot(seq=_order(ref), name=ref.name) for ref in complete],
+            {link.node: link.acked.name if link.acked else None for link in links},
+            pinned=[link.partial[0].name for link in links if link.partial],
+            in_flight=[InFlight(peer=link.node, snapshot=link.in_flight.name,
+                                parent=link.acked.name if link.acked else None)
+                       for link in links if link.in_flight is not None])
+        for snapshot in plan.deletable():
+            ref = SnapRef.parse(snapshot.name)
+            if ref is not None:
                 self.lineage.delete(ref)
                 self.snapshot_times.pop(ref, None)
 
@@ -673,36 +725,39 @@ class VolumeEngine:
                    if link.acked is None or ref > link.acked]
         return max(0.0, time.time() - min(pending)) if pending else 0.0
 
-    def _lagging(self, link: PeerLink, lag: float, max_lag: float) -> bool:
-        """Asynchronous replicas lag when over maxLag; the others whenever they are behind."""
-        if self.spec.policy.mode == pb.ASYNCHRONOUS:
-            return lag > max_lag
-        return link.acked is not None and link.wanted is not None and link.acked < link.wanted
+    def max_lag(self) -> float:
+        """The lag a replica may have and still count as in sync.
+
+        Asynchronous and Scheduled volumes use the policy's maxLag; for Synchronous volumes a
+        replica is in sync only when it holds everything (lag 0).
+        """
+        if self.spec.policy.mode == pb.SYNCHRONOUS:
+            return 0.0
+        if self.spec.policy.mode == pb.SCHEDULED:
+            return 0.0  # in sync means: holds the newest scheduled snapshot
+        return self.spec.policy.max_lag_seconds or 5.0
 
     def refresh_state(self, link: PeerLink) -> None:
+        """Re-evaluate a peer between acknowledgements: lag grows, silence turns stale."""
         lag = self.lag_of(link)
-        max_lag = self.spec.policy.max_lag_seconds or 5.0
         previous = link.state
         if link.unreachable_since is not None and \
                 time.monotonic() - link.unreachable_since > STALE_AFTER_SECONDS:
-            link.state = pb.STALE
-        elif link.failures >= 5 and link.unreachable_since is None:
-            link.state = pb.FAILED
-        elif link.state == pb.REBUILDING and link.rebuild_progress < 1.0:
-            pass
-        elif self._lagging(link, lag, max_lag):
-            link.state = pb.LAGGING
-        else:
-            link.state = pb.IN_SYNC
-        if link.state == pb.LAGGING and previous != pb.LAGGING:
+            link.event(StaleTimeout())
+        elif lag > self.max_lag() and link.state is ReplicaState.IN_SYNC:
+            link.event(LagExceeded(lag_seconds=lag))
+        elif link.state in (ReplicaState.LAGGING, ReplicaState.IN_SYNC) and \
+                link.unreachable_since is None and link.acked is not None and \
+                classify_lag(lag, self.max_lag()) is ReplicaState.IN_SYNC:
+            link.event(AckReceived(lag_seconds=lag, max_lag_seconds=self.max_lag()))
+        if link.state is ReplicaState.LAGGING and previous is ReplicaState.IN_SYNC:
             metrics.LAG_EXCEEDED.labels(self.volume_id, link.node).inc()
             self.audit(AuditKind.LAG, peer=link.node, lag_seconds=round(lag, 3),
                        action=pb.LagAction.Name(self.spec.policy.on_lag_exceeded or pb.ALERT))
         metrics.LAG.labels(self.volume_id, link.node).set(lag)
-        for state in (pb.IN_SYNC, pb.LAGGING, pb.REBUILDING, pb.STALE, pb.FAILED):
-            metrics.REPLICA_STATE.labels(self.volume_id, link.node,
-                                         pb.ReplicaState.Name(state)).set(
-                1 if state == link.state else 0)
+        for state in ReplicaState:
+            metrics.REPLICA_STATE.labels(self.volume_id, link.node, str(state)).set(
+                1 if state is link.state else 0)
 
     def snapshot_bytes(self) -> int:
         at, value = self._snapshot_bytes_cache
@@ -726,7 +781,7 @@ class VolumeEngine:
         for link in self.links.values():
             self.refresh_state(link)
             replicas.append(pb.ReplicaStatus(
-                node=link.node, role=str(Role.REPLICA), state=link.state,
+                node=link.node, role=str(Role.REPLICA), state=STATE_TO_PROTO[link.state],
                 lag_seconds=self.lag_of(link), last_sync_unix_ns=link.last_sync_ns,
                 rebuild_progress=link.rebuild_progress, last_received=ref_message(link.acked),
                 message=link.message))

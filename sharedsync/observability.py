@@ -44,6 +44,8 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # gRPC's Cython layer logs every event-loop lookup at debug level: keep it out.
+    logging.getLogger("grpc._cython.cygrpc").setLevel(max(logging.INFO, root.level))
 
 
 def serve_metrics(address: str) -> None:

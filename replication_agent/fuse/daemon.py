@@ -1148,10 +1148,20 @@ class FuseServer:
         parent = self._node(header.nodeid)
         args = CreateIn.parse(body)
         name, path = self._child(parent, split_names(body, 1, CreateIn.STRUCT.size)[0])
-        fd = os.open(path, self._backing_flags(args.flags) | os.O_CREAT
-                     | (args.flags & os.O_EXCL), args.mode & 0o7777)
+        flags = self._backing_flags(args.flags)
+        created = True
         try:
-            st = self._settle_new(header, os.path.dirname(path), path, fd, args.mode)
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, args.mode & 0o7777)
+        except FileExistsError:
+            # It appeared since the kernel's lookup (e.g. in the backing directory): open it
+            # like a local filesystem would, and leave its owner and mode alone.
+            if args.flags & os.O_EXCL:
+                raise
+            fd = os.open(path, flags)
+            created = False
+        try:
+            st = (self._settle_new(header, os.path.dirname(path), path, fd, args.mode)
+                  if created else os.fstat(fd))
             node, entry = self._entry(parent, name, st)
         except BaseException:
             os.close(fd)

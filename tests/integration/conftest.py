@@ -208,10 +208,6 @@ class Workspace:
     def endpoint(self) -> str:
         return f"unix://{self.socket}"
 
-    def path(self, *parts: str) -> Path:
-        """A path under the kubelet dir (not created)."""
-        return self.kubelet.joinpath(*parts)
-
 
 @dataclass
 class Plugin:
@@ -314,8 +310,10 @@ async def _launch_once(workspace: Workspace, failpoints: str, env: Mapping[str, 
     if failpoints:
         child_env["SHAREDSYNC_FAILPOINTS"] = failpoints
     child_env.update(env or {})
+    # --kubelet-dir too: the default (/var/lib/kubelet) would be an allowed root on the host
     argv = [str(PYTHON), "-m", "csi_driver", "--endpoint", workspace.endpoint,
             "--node-id", NODE_ID, "--data-dir", str(workspace.data_dir),
+            "--kubelet-dir", str(workspace.kubelet),
             "--allowed-path-root", str(workspace.kubelet),
             "--metrics-address", f"127.0.0.1:{port}", "--log-format", "json",
             "--log-level", log_level]

@@ -96,9 +96,11 @@ def test_partitioned_replica_catches_up_after_heal(cluster: AgentCluster) -> Non
     live = cluster.agents["a"].live(VOLUME)
     write_files(live, 4, 32 << 10, seed=3)
     wait_until(lambda: in_sync(cluster, "a", ["b", "c"]), timeout=60, what="initial sync")
+    before = cluster.agents["a"].volume(VOLUME).last_snapshot.seq
     cluster.partition("c")
     write_files(live, 8, 32 << 10, seed=4)
-    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="b in sync")
+    wait_until(lambda: cluster.agents["a"].volume(VOLUME).last_snapshot.seq > before and
+               in_sync(cluster, "a", ["b"]), timeout=60, what="b in sync with the new writes")
     assert not in_sync(cluster, "a", ["c"])
     cluster.heal("c")
     wait_until(lambda: in_sync(cluster, "a", ["b", "c"]), timeout=90, what="c caught up")

@@ -127,6 +127,8 @@ CASES: list[tuple[str, Case, Code]] = [
     ("stage-relative", lambda s: s.stage(staging="kubelet/plugins/staging"),
      Code.INVALID_ARGUMENT),
     ("stage-outside-root", lambda s: s.stage(staging="/etc/x"), Code.INVALID_ARGUMENT),
+    ("stage-outside-root-prefix", lambda s: s.stage(staging=f"{s.kubelet}-evil/staging"),
+     Code.INVALID_ARGUMENT),
     ("stage-the-root-itself", lambda s: s.stage(staging=str(s.kubelet)),
      Code.INVALID_ARGUMENT),
     ("stage-double-slash", lambda s: s.stage(staging=str(s.staging).replace("/", "//", 2)),

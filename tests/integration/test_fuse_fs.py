@@ -21,7 +21,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -213,9 +212,10 @@ def _sha(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _as_nobody(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], user=65534,
-                          group=65534, capture_output=True, text=True, timeout=60, check=False)
+def _as_nobody(script: str) -> subprocess.CompletedProcess[str]:
+    """Run a shell script as nobody (65534) (/bin/sh: the venv's python lives under /root)."""
+    return subprocess.run(["/bin/sh", "-c", script], user=65534, group=65534,
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 # -- plain filesystem behaviour ------------------------------------------------------------------
@@ -386,6 +386,10 @@ def test_mkdir_rmdir_readdir_2000_entries(fs: Mounted) -> None:
     assert os.listdir(d) == []
     os.rmdir(d)
     assert not (fs.backing / "many").exists()
+    # every inode is gone: the kernel forgot them (FORGET / BATCH_FORGET) and so did we
+    _wait_until(lambda: fs.server.known_nodes() == 1, "the inode table back to the root")
+    counters = fs.server.counters()
+    assert counters.get("FORGET", 0) + counters.get("BATCH_FORGET", 0) > 0
     (fs.mnt / "again").mkdir()
     with pytest.raises(FileExistsError):
         (fs.mnt / "again").mkdir()
@@ -531,10 +535,12 @@ def test_concurrent_writers(fs: Mounted) -> None:
 
 
 def test_mknod_fifo_and_regular(fs: Mounted) -> None:
-    os.mkfifo(fs.mnt / "fifo", 0o620)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.mkfifo(fs.mnt / "fifo", 0o664)
     assert stat.S_ISFIFO(os.stat(fs.backing / "fifo").st_mode)
     assert stat.S_ISFIFO(os.lstat(fs.mnt / "fifo").st_mode)
-    assert stat.S_IMODE(os.stat(fs.backing / "fifo").st_mode) == 0o620
+    assert stat.S_IMODE(os.stat(fs.backing / "fifo").st_mode) == 0o664 & ~umask
     os.mknod(fs.mnt / "plain", stat.S_IFREG | 0o600)
     assert stat.S_ISREG(os.stat(fs.backing / "plain").st_mode)
 
@@ -560,22 +566,18 @@ def test_permissions_are_checked_by_the_kernel(fs: Mounted) -> None:
     secret.chmod(0o600)
     (fs.mnt / "shared").mkdir(0o777)
     (fs.mnt / "shared").chmod(0o777)
+    shared = fs.mnt / "shared"
     result = _as_nobody(f"""
-        import os, sys
-        try:
-            open({str(secret)!r}).read()
-            sys.exit("read a 0600 root file")
-        except PermissionError:
-            pass
-        with open({str(fs.mnt / "shared" / "mine")!r}, "w") as f:
-            f.write("by nobody")
-        os.mkdir({str(fs.mnt / "shared" / "dir")!r})
+        set -e
+        if cat '{secret}' 2>/dev/null; then echo "read a 0600 root file" >&2; exit 1; fi
+        echo 'by nobody' > '{shared}/mine'
+        mkdir '{shared}/dir'
         """)
     assert result.returncode == 0, result.stderr
     created = os.stat(fs.backing / "shared" / "mine")
     assert (created.st_uid, created.st_gid) == (65534, 65534)
     assert os.stat(fs.backing / "shared" / "dir").st_uid == 65534
-    assert (fs.backing / "shared" / "mine").read_text() == "by nobody"
+    assert (fs.backing / "shared" / "mine").read_text() == "by nobody\n"
 
 
 # -- durability: fsync / close gated on hooks.commit -------------------------------------------
@@ -704,24 +706,34 @@ def test_group_commit_batches_concurrent_fsyncs(fs: Mounted) -> None:
 
 def test_other_requests_do_not_wait_behind_a_commit(fs: Mounted) -> None:
     hooks = fs.hooks
+    (fs.backing / "existing").write_bytes(b"e")
     fd = os.open(fs.mnt / "slow", os.O_CREAT | os.O_WRONLY, 0o644)
+    other = -1
     try:
         os.write(fd, b"s")
         gate = hooks.hold()
         thread, errors = _run_thread(lambda: os.fsync(fd))
         assert hooks.entered.wait(WAIT)
-        # while the commit is held: metadata and data operations on other files proceed
-        (fs.mnt / "meanwhile").write_bytes(b"m")
-        assert (fs.mnt / "meanwhile").read_bytes() == b"m"
-        assert "meanwhile" in os.listdir(fs.mnt)
+        # While the commit is held, everything that does not itself wait for a commit
+        # proceeds: lookups, reads, directory changes, creating and writing another file.
+        assert (fs.mnt / "existing").read_bytes() == b"e"
+        assert "existing" in os.listdir(fs.mnt)
         (fs.mnt / "dir-meanwhile").mkdir()
+        os.rename(fs.mnt / "dir-meanwhile", fs.mnt / "dir-renamed")
+        os.symlink("existing", fs.mnt / "link-meanwhile")
+        other = os.open(fs.mnt / "meanwhile", os.O_CREAT | os.O_RDWR, 0o644)
+        os.write(other, b"m")
+        assert os.pread(other, 1, 0) == b"m"
         assert thread.is_alive()
+        assert hooks.commits == [(["slow"], False)]
         gate.set()
         thread.join(WAIT)
         assert not errors, errors
     finally:
         hooks.release()
         os.close(fd)
+        if other >= 0:
+            os.close(other)  # its close-after-write commit ran after the held one
 
 
 def test_fsyncdir_commits_the_directory(fs: Mounted) -> None:
@@ -747,6 +759,29 @@ def test_o_dsync_writes_are_committed_one_by_one(fs: Mounted) -> None:
     finally:
         os.close(fd)
     assert (fs.backing / "sync").read_bytes() == b"firstsecond"
+    # an O_DSYNC handle and an ordinary (passthrough) one on the same inode at once
+    sync_fd = os.open(fs.mnt / "sync", os.O_WRONLY | os.O_DSYNC)
+    plain_fd = os.open(fs.mnt / "sync", os.O_RDWR)
+    try:
+        fs.hooks.reset()
+        os.pwrite(plain_fd, b"F", 0)
+        os.pwrite(sync_fd, b"S", 1)
+        assert fs.hooks.commits == [(["sync"], True)]  # only the O_DSYNC write
+        assert os.pread(plain_fd, 11, 0) == b"FSrstsecond"
+    finally:
+        os.close(sync_fd)
+        os.close(plain_fd)
+    assert (fs.backing / "sync").read_bytes() == b"FSrstsecond"
+
+
+def test_a_file_created_behind_our_back_keeps_its_owner(fs: Mounted) -> None:
+    m, b = fs.both("race")
+    assert not m.exists()
+    b.write_bytes(b"from the backing side")
+    os.chown(b, 777, 777)
+    os.close(os.open(m, os.O_CREAT | os.O_WRONLY, 0o600))  # opens it, creates nothing
+    assert (os.stat(b).st_uid, b.read_bytes()) == (777, b"from the backing side")
+    assert _errno(lambda: os.open(m, os.O_CREAT | os.O_EXCL | os.O_WRONLY)) == errno.EEXIST
 
 
 # -- the two write paths -----------------------------------------------------------------------
