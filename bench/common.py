@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -442,6 +443,17 @@ def agent_log_errors(cluster: Any, limit: int = 5) -> list[str]:
     return out
 
 
+def mounts_under(root: Path) -> list[str]:
+    prefix = f"{root}/"
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            target = line.split()[4]
+            if target.startswith(prefix):
+                found.append(target)
+    return found
+
+
 # -- running one benchmark ---------------------------------------------------------------------
 
 
@@ -461,6 +473,11 @@ def main(name: str, title: str, body: Callable[[bool, Path, Result], None],
     started = time.monotonic()
     log(f"{name}: {title} ({'quick' if args.quick else 'full'}), workdir {base}")
     code = 0
+
+    def _terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         body(args.quick, base, result)
     except NotAvailable as exc:
@@ -476,7 +493,85 @@ def main(name: str, title: str, body: Callable[[bool, Path, Result], None],
     finally:
         result.duration_seconds = round(time.monotonic() - started, 1)
         out.write_text(json.dumps(result.to_dict(), indent=2, default=str))
-        if args.workdir is None:
+        if args.workdir is None and not mounts_under(base):
             shutil.rmtree(base, ignore_errors=True)
+        elif mounts_under(base):
+            log(f"{name}: mounts left under {base}, not removing it: {mounts_under(base)}")
     log(f"{name}: {result.status} in {result.duration_seconds} s -> {out}")
     return code
+
+
+# -- raw TCP between the cluster's namespaces ----------------------------------------------------
+
+
+def _probe_server(cluster: Any, node: str, mode: str) -> tuple[subprocess.Popen[str], int]:
+    from tests.cluster.netns import read_line
+
+    address = cluster.nodes[node].address
+    proc = cluster.net.python(node, ["-m", "bench.netprobe", mode, "--listen", f"{address}:0"],
+                              stdout=subprocess.PIPE, text=True)
+    port = int(json.loads(read_line(proc.stdout, 30))["port"])
+    return proc, port
+
+
+def _link_proxy(cluster: Any, src: str, target: tuple[str, int]) -> Any:
+    """A fault proxy in ``src``'s namespace, started exactly like the agents' link proxies
+    (AgentCluster: listen on the node's address, no fault configured)."""
+    from tests.cluster.faultproxy import start_proxy_process
+
+    node = cluster.nodes[src]
+    return start_proxy_process(cluster.net, node, listen=(node.address, 0), target=target,
+                               control=(node.address, 0))
+
+
+def measure_rtt(cluster: Any, src: str, dst: str, *, count: int = 500, size: int = 64,
+                via_proxy: bool = False) -> list[float]:
+    """Round trips of ``size``-byte messages from ``src`` to an echo server in ``dst``."""
+    from tests.cluster import PYTHON
+
+    echo, port = _probe_server(cluster, dst, "echo")
+    proxy = None
+    try:
+        target = (cluster.nodes[dst].address, port)
+        if via_proxy:
+            proxy = _link_proxy(cluster, src, target)
+            target = proxy.listen
+        out = cluster.net.exec(src, [PYTHON, "-m", "bench.netprobe", "ping", "--target",
+                                     f"{target[0]}:{target[1]}", "--count", str(count),
+                                     "--size", str(size)], timeout=120)
+        rtts: list[float] = json.loads(out.stdout.strip().splitlines()[-1])["rtt"]
+        return rtts[min(20, len(rtts) // 10):]  # drop warm-up round trips
+    finally:
+        if proxy is not None:
+            proxy.process.terminate()
+            proxy.process.wait(10)
+        echo.wait(30)
+
+
+def tcp_copy(cluster: Any, src: str, dst: str, nbytes: int, *, via_proxy: bool = True
+             ) -> dict[str, float]:
+    """Send ``nbytes`` from ``src`` to a sink in ``dst`` over raw TCP, through a link proxy
+    like the agents' (by default). Returns bytes, seconds (sink: accept to EOF), MiB/s."""
+    from tests.cluster import PYTHON
+    from tests.cluster.netns import read_line
+
+    sink, port = _probe_server(cluster, dst, "sink")
+    proxy = None
+    try:
+        target = (cluster.nodes[dst].address, port)
+        if via_proxy:
+            proxy = _link_proxy(cluster, src, target)
+            target = proxy.listen
+        wall = time.perf_counter()
+        cluster.net.exec(src, [PYTHON, "-m", "bench.netprobe", "source", "--target",
+                               f"{target[0]}:{target[1]}", "--bytes", str(nbytes)],
+                         timeout=600)
+        done = json.loads(read_line(sink.stdout, 600))
+        wall = time.perf_counter() - wall
+        return {"bytes": done["bytes"], "seconds": done["seconds"], "wall_seconds": wall,
+                "mib_per_s": done["bytes"] / MiB / done["seconds"]}
+    finally:
+        if proxy is not None:
+            proxy.process.terminate()
+            proxy.process.wait(10)
+        sink.wait(30)

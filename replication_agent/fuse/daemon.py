@@ -31,12 +31,14 @@ backing file for us) and (2) ``hooks.commit(paths, datasync)`` has returned, i.e
 durable on enough replicas. If the backing fsync fails its errno is returned; if ``commit``
 raises, the caller gets EIO: the application learns that its data is not safe.
 
-Group commit: one reader thread reads requests; fsyncs go through a worker pool (the backing
-fsync runs there) to a single commit thread. Requests that arrive while a commit is in progress
+Group commit: one reader thread reads requests and hands FSYNC/FLUSH straight to a single
+commit worker, which fsyncs the backing descriptors (in parallel on the worker pool when several
+are waiting) and then calls ``hooks.commit``. Requests that arrive while a commit is in progress
 are batched into the next ``hooks.commit`` call, which answers all of them (``datasync`` is True
-only if every request in the batch asked for it). Everything else is served by the pool and
-never waits behind a slow commit. The kernel serialises fsyncs of one inode (it holds the inode
-lock), so batching happens across files.
+only if every request in the batch asked for it). Everything else is served by a small worker
+pool and never waits behind a slow commit; an uncontended fsync costs one thread handoff. The
+kernel serialises fsyncs of one inode (it holds the inode lock), so batching happens across
+files.
 
 What ``mmap`` users get
 -----------------------
@@ -56,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -161,6 +164,9 @@ _SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
 #: pwrite ignore its offset (the kernel computes append offsets); O_DIRECT needs aligned buffers.
 _STRIP_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_ASYNC
                 | os.O_NONBLOCK)
+#: Served by the reader thread itself (no I/O; see _dispatch).
+_READER_OPS = frozenset({Opcode.INIT, Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT,
+                         Opcode.FSYNC, Opcode.FLUSH})
 _CONTENT_FALLOCATE = _syscalls.FALLOC_FL_PUNCH_HOLE | _syscalls.FALLOC_FL_ZERO_RANGE
 #: Reply write errors that only mean the request is gone (interrupted, connection closed).
 _GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.EBADF, errno.ECONNABORTED, errno.ENOTCONN})
@@ -239,6 +245,7 @@ class _Pending:
     datasync: bool
     handle: _FileHandle | None
     payload: bytes = b""
+    fd: int = -1  # a backing descriptor the commit worker fsyncs first (-1: none)
 
 
 Handler = Callable[[InHeader, memoryview], None]
@@ -313,8 +320,8 @@ class FuseServer:
         self._passthrough_active = False
         self._minor = 0
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        self._work: queue.SimpleQueue[tuple[InHeader, memoryview, bytearray] | None] = (
-            queue.SimpleQueue())
+        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._op_counts: Counter[int] = Counter()  # written by the reader thread only
         self._threads: list[threading.Thread] = []
         self._reader: threading.Thread | None = None
         self._committer: threading.Thread | None = None
@@ -336,8 +343,9 @@ class FuseServer:
         """A snapshot of the counters: requests per opcode name (``"WRITE"``, ``"FSYNC"``, ...),
         ``commit_calls``, ``commit_requests`` (requests answered by them), ``commit_errors``,
         ``passthrough_opens``, ``backing_ids_opened``, ``backing_ids_closed``."""
+        ops = {opcode_name(op): n for op, n in list(self._op_counts.items())}
         with self._stats_lock:
-            return dict(self._counters)
+            return {**ops, **self._counters}
 
     def pending_commits(self) -> int:
         """Requests waiting for the next group commit (not counting one in progress)."""
@@ -534,26 +542,33 @@ class FuseServer:
         header = InHeader.parse(view)
         end = min(size, header.len) - header.total_extlen * 8
         body = view[IN_HEADER_SIZE:max(IN_HEADER_SIZE, end)]
-        self._count(opcode_name(header.opcode))
         op = header.opcode
-        if op in (Opcode.INIT, Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT):
+        self._op_counts[op] += 1
+        if op in _READER_OPS:
+            # No I/O in these: INIT, forgets, and FSYNC/FLUSH, which only pick the backing
+            # descriptor and queue for the commit worker (one thread handoff per fsync).
             try:
                 self._serve(header, body)
             finally:
                 self._buffers.put(buf)
             return
-        self._work.put((header, body, buf))
+        self._work.put(functools.partial(self._serve_and_release, header, body, buf))
+
+    def _serve_and_release(self, header: InHeader, body: memoryview, buf: bytearray) -> None:
+        try:
+            self._serve(header, body)
+        finally:
+            self._buffers.put(buf)
 
     def _worker_loop(self) -> None:
         while True:
-            item = self._work.get()
-            if item is None:
+            job = self._work.get()
+            if job is None:
                 return
-            header, body, buf = item
             try:
-                self._serve(header, body)
-            finally:
-                self._buffers.put(buf)
+                job()
+            except Exception:  # _serve answers every error itself; this is a last resort
+                log.exception("fuse: worker job failed")
 
     def _serve(self, header: InHeader, body: memoryview) -> None:
         handler = self._handlers.get(header.opcode)
@@ -1209,23 +1224,18 @@ class FuseServer:
         if handle is None or not handle.writable or not (handle.passthrough or handle.dirty):
             self._reply(header.unique)
             return
-        self._sync_and_commit(header.unique, handle, datasync=False)
+        self._queue_sync(header.unique, handle, datasync=False)
 
     def _op_fsync(self, header: InHeader, body: memoryview) -> None:
         args = FsyncIn.parse(body)
-        self._sync_and_commit(header.unique, self._handle(args.fh), datasync=args.datasync)
+        self._queue_sync(header.unique, self._handle(args.fh), datasync=args.datasync)
 
-    def _sync_and_commit(self, unique: int, handle: _FileHandle, *, datasync: bool) -> None:
+    def _queue_sync(self, unique: int, handle: _FileHandle, *, datasync: bool) -> None:
+        """fsync the backing file, then commit: both in the commit worker. The kernel holds a
+        reference to the file until we answer, so the descriptor stays valid until then."""
         handle.dirty = False  # writes from now on make it dirty again
-        try:
-            if datasync:
-                os.fdatasync(handle.fd)
-            else:
-                os.fsync(handle.fd)
-        except OSError:
-            handle.dirty = True
-            raise
-        self._enqueue_commit(_Pending(unique, self._hook_path(handle.node), datasync, handle))
+        self._enqueue_commit(_Pending(unique, self._hook_path(handle.node), datasync, handle,
+                                      fd=handle.fd))
 
     def _op_release(self, header: InHeader, body: memoryview) -> None:
         self._release_handle(ReleaseIn.parse(body).fh)
@@ -1431,7 +1441,59 @@ class FuseServer:
                 with self._commit_cv:
                     self._commit_busy = False
 
+    def _fsync_all(self, syncs: list[_Pending]) -> dict[int, int]:
+        """fsync (or fdatasync) every pending descriptor; {index: errno} of the failures.
+
+        One runs here; several run in parallel on the worker pool, so that the filesystem can
+        fold them into one journal commit.
+        """
+        failures: dict[int, int] = {}
+
+        def one(index: int) -> None:
+            pending = syncs[index]
+            try:
+                if pending.datasync:
+                    os.fdatasync(pending.fd)
+                else:
+                    os.fsync(pending.fd)
+            except OSError as exc:
+                failures[index] = _errno_of(exc)
+
+        if len(syncs) == 1:
+            one(0)
+            return failures
+        remaining = [len(syncs)]
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def job(index: int) -> None:
+            try:
+                one(index)
+            finally:
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+        for index in range(len(syncs)):
+            self._work.put(functools.partial(job, index))
+        done.wait()
+        return failures
+
     def _commit_batch(self, batch: list[_Pending]) -> None:
+        syncs = [p for p in batch if p.fd >= 0]
+        if syncs:
+            failed = self._fsync_all(syncs)
+            for index, error in failed.items():
+                pending = syncs[index]
+                if pending.handle is not None:
+                    pending.handle.dirty = True
+                self._reply_error(pending.unique, error)
+            if failed:
+                dropped = {id(syncs[i]) for i in failed}
+                batch = [p for p in batch if id(p) not in dropped]
+                if not batch:
+                    return
         paths = list(dict.fromkeys(p.path for p in batch))
         datasync = all(p.datasync for p in batch)
         error = 0

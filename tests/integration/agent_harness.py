@@ -144,6 +144,7 @@ def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1,
 
 
 AGENT_PORT = 7400
+METRICS_PORT = 9810
 
 
 class AgentCluster:
@@ -183,10 +184,19 @@ class AgentCluster:
             config = {"node": src, "listen": node.endpoint(AGENT_PORT),
                       "controlSocket": str(home / "agent.sock"), "dataDir": str(home / "data"),
                       "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
-                      "peers": peers}
+                      "metricsAddress": node.endpoint(METRICS_PORT), "peers": peers}
             self.agents[src] = AgentProcess(
                 node=src, listen=node.endpoint(AGENT_PORT), workdir=home, config=config,
                 argv_prefix=("nsenter", f"--net=/run/netns/{node.namespace}", "--"))
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://{self.nodes[name].endpoint(METRICS_PORT)}/metrics"
+
+    def audit_files(self, name: str) -> list[Path]:
+        """The node's audit log files, oldest first."""
+        directory = self.agents[name].data_dir / "agent" / "audit"
+        rotated = sorted(directory.glob("audit.log.*"), key=lambda p: -int(p.suffix[1:]))
+        return [*rotated, directory / "audit.log"]
 
     def start(self) -> AgentCluster:
         for agent in self.agents.values():

@@ -158,3 +158,114 @@ def test_failover_promotes_a_replica_and_fences_the_old_primary(cluster: AgentCl
     assert status_a.epoch == 2
     assert status_a.role == "replica"
     assert_replicas_match(cluster, "b", ["a", "c"])
+
+
+def test_incremental_receive_killed_midway_leaves_previous_snapshot(
+        cluster: AgentCluster) -> None:
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    live = cluster.agents["a"].live(VOLUME)
+    write_files(live, 4, 64 << 10, seed=9)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="initial sync")
+    before = newest_snapshot(cluster, "b")
+    assert before is not None
+    expected_before = tree_digest(before)
+    # a large increment at a capped rate, so that the receiver can be killed in the middle
+    cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                              bandwidth=4 << 20))
+    received = cluster.agents["b"].volume(VOLUME).bytes_received
+    write_files(live, 20, 1 << 20, seed=10)
+    wait_until(lambda: cluster.agents["b"].volume(VOLUME).bytes_received > received + (4 << 20),
+               timeout=60, what="the increment under way")
+    cluster.agents["b"].kill()
+    # the previous snapshot is intact and is still the newest complete one
+    assert tree_digest(before) == expected_before
+    cluster.agents["b"].start()
+    assert newest_snapshot(cluster, "b") == before
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="the increment redone")
+    assert_replicas_match(cluster, "a", ["b"])
+
+
+def test_full_stream_resumes_from_the_spooled_prefix(cluster: AgentCluster) -> None:
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                       bandwidth=4 << 20)
+    write_files_later = cluster.agents["a"]
+    cluster.apply(spec, nodes=["a"])
+    write_files(write_files_later.live(VOLUME), 24, 1 << 20, seed=11)
+    cluster.apply(spec, nodes=["b"])  # b joins: it needs the whole volume (a rebuild)
+    wait_until(lambda: cluster.agents["b"].volume(VOLUME).bytes_received > (6 << 20),
+               timeout=60, what="the rebuild under way")
+    cluster.agents["b"].kill()
+    cluster.agents["b"].start()
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="rebuild finished")
+    assert_replicas_match(cluster, "a", ["b"])
+    from replication_agent.audit import read_records
+    rebuilds = [r.detail_map for r in read_records(cluster.audit_files("a"))
+                if r.kind == "rebuild" and r.detail_map.get("phase") == "start"]
+    assert any(int(d.get("resume_offset", 0)) > 0 for d in rebuilds), (
+        f"the second attempt did not resume: {rebuilds}")
+
+
+def test_policy_change_applies_live(cluster: AgentCluster) -> None:
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    live = cluster.agents["a"].live(VOLUME)
+    write_files(live, 2, 16 << 10, seed=12)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="initial sync")
+    pid = cluster.agents["a"].process.pid if cluster.agents["a"].process else 0
+    cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.SCHEDULED,
+                              schedule="0 0 1 1 *", bandwidth=8 << 20))
+    status = cluster.agents["a"].volume(VOLUME)
+    assert status.mode == pb.SCHEDULED
+    assert cluster.agents["a"].process is not None
+    assert cluster.agents["a"].process.pid == pid  # no restart
+    # Scheduled now: a change waits for the schedule (or sync-now), not for maxLag
+    seq = status.last_snapshot.seq
+    write_files(live, 2, 16 << 10, seed=13)
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME))
+    assert cluster.agents["a"].volume(VOLUME).last_snapshot.seq > seq
+    assert_replicas_match(cluster, "a", ["b"])
+
+
+def test_audit_log_is_an_unbroken_chain_and_detects_edits(cluster: AgentCluster,
+                                                          tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    write_files(cluster.agents["a"].live(VOLUME), 3, 16 << 10, seed=14)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="sync")
+    files = [p for p in cluster.audit_files("a") if p.exists()]
+
+    def verify(paths: list[Path]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "replication_agent", "audit", "verify",
+                               *map(str, paths)], capture_output=True, text=True, check=False)
+
+    done = verify(files)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok" in done.stdout
+    text = files[-1].read_text()
+    assert "sync" in text
+    tampered = tmp_path / "tampered.log"
+    lines = text.splitlines()
+    lines[0] = lines[0].replace('"volume"', '"volume" ', 1).replace(VOLUME, "vol-" + "f" * 24)
+    tampered.write_text("\n".join(lines) + "\n")
+    bad = verify([tampered])
+    assert bad.returncode == 1
+    assert "FAILED" in bad.stdout
+
+
+def test_metrics_endpoint_reports_replication(cluster: AgentCluster) -> None:
+    import urllib.request
+
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    write_files(cluster.agents["a"].live(VOLUME), 2, 64 << 10, seed=15)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="sync")
+    with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    assert f'sharedsync_replication_bytes_total{{direction="sent",volume="{VOLUME}"}}' in text
+    assert f'sharedsync_replica_state{{node="b",state="InSync",volume="{VOLUME}"}} 1.0' in text
+    assert "sharedsync_sync_duration_seconds_bucket" in text
+    assert f'sharedsync_replication_lag_seconds{{peer="b",volume="{VOLUME}"}}' in text
