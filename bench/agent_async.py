@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import (
@@ -61,18 +62,36 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
         with StatusClient(cluster.agents["a"].socket) as status, \
                 LocalBtrfs(workdir / "local", size) as local:
             wait_in_sync(status, VOLUME, PEERS, timeout=60)
-            _throughput(result, status, live, local.live, pool, write_bytes, rounds)
+            paused = pb.VolumeSpec()
+            paused.CopyFrom(spec)
+            paused.policy.paused = True
+
+            def pause(on: bool) -> None:
+                cluster.agents["a"].call("ApplyVolume", pb.ApplyVolumeRequest(
+                    spec=paused if on else spec))
+
+            _throughput(result, status, live, local.live, pool, write_bytes, rounds, pause)
             _lag(result, status, live, pool, lag_seconds)
 
 
 def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
-                pool: BufferPool, write_bytes: int, rounds: int) -> None:
-    local_rates, replica_rates = [], []
+                pool: BufferPool, write_bytes: int, rounds: int,
+                pause: Callable[[bool], None]) -> None:
+    local_rates, replica_rates, paused_rates = [], [], []
     for i in range(rounds):
         log(f"round {i + 1}/{rounds}: local sequential write {write_bytes // MiB} MiB")
         w = sequential_write(local / f"seq-{i}.bin", write_bytes, pool)
         local_rates.append(w.mib_per_s)
         log(f"  local {w.mib_per_s:.0f} MiB/s")
+        # Diagnostic: the same replica with the agent's sync loop paused (no snapshots, no
+        # syncfs, no shipping while writing): separates the filesystem from the replication.
+        pause(True)
+        w = sequential_write(live / f"paused-{i}.bin", write_bytes, pool)
+        paused_rates.append(w.mib_per_s)
+        log(f"  live replica, replication paused {w.mib_per_s:.0f} MiB/s")
+        (live / f"paused-{i}.bin").unlink()
+        pause(False)
+        wait_in_sync(status, VOLUME, PEERS, timeout=600)
         before = status.volume(VOLUME)
         w = sequential_write(live / f"seq-{i}.bin", write_bytes, pool)
         after = status.volume(VOLUME)
@@ -86,13 +105,17 @@ def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
         (local / f"seq-{i}.bin").unlink()
         (live / f"seq-{i}.bin").unlink()
     wait_in_sync(status, VOLUME, PEERS, timeout=300)
-    result.details.update(local_write_mib_s=local_rates, replica_write_mib_s=replica_rates)
-    lr, rr = median(local_rates), median(replica_rates)
+    result.details.update(local_write_mib_s=local_rates, replica_write_mib_s=replica_rates,
+                          replica_paused_write_mib_s=paused_rates)
+    lr, rr, pr = median(local_rates), median(replica_rates), median(paused_rates)
     r = ratio(rr, lr)
     result.add(Figure("seq write into live replica", rr, "MiB/s", baseline="local btrfs",
                       baseline_value=lr, ratio=r, goal=">= 1.0x",
                       met=r is not None and r >= 1.0,
                       note="goal 1.0x: within noise counts; see ratio"))
+    result.add(Figure("(diag) seq write, live replica, sync loop paused", pr, "MiB/s",
+                      baseline="local btrfs", baseline_value=lr, ratio=ratio(pr, lr),
+                      note="diagnostic, no goal: the replica's filesystem without replication"))
 
 
 def _lag(result: Result, status: StatusClient, live: Path, pool: BufferPool,

@@ -324,11 +324,30 @@ def agent_cluster(workdir: Path, result: Result) -> Iterator[Any]:
     from tests.cluster.netns import netns_unavailable
     from tests.integration.agent_harness import AgentCluster
 
+    from tests.cluster import netns
+
     reason = netns_unavailable()
     if reason:
         raise NotAvailable(reason)
+    # Only one test network may exist on the host: colleagues' test runs hold the host lock
+    # for their duration. Record how long we waited for it (it is not part of any figure).
+    original = netns._acquire_host_lock
+
+    def timed_lock(timeout: float) -> int:
+        t = time.monotonic()
+        try:
+            return original(timeout)
+        finally:
+            result.details["netns_lock_wait_seconds"] = round(time.monotonic() - t, 2)
+            if time.monotonic() - t > 1:
+                log(f"waited {time.monotonic() - t:.0f} s for the test-network host lock")
+
+    netns._acquire_host_lock = timed_lock
     started = time.monotonic()
-    cluster = AgentCluster(workdir / "cluster")
+    try:
+        cluster = AgentCluster(workdir / "cluster")
+    finally:
+        netns._acquire_host_lock = original
     try:
         cluster.start()
         result.details["cluster_start_seconds"] = round(time.monotonic() - started, 2)

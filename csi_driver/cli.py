@@ -54,7 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           driver_name=args.driver_name, data_dir=args.data_dir.absolute(),
                           allowed_path_roots=roots, metrics_address=args.metrics_address)
     if config.metrics_address:
-        serve_metrics(config.metrics_address)
+        try:
+            serve_metrics(config.metrics_address)
+        except (OSError, ValueError) as exc:
+            print(f"sharedsync-csi: cannot serve metrics on {config.metrics_address}: {exc}",
+                  file=sys.stderr)
+            return 2
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:

@@ -82,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(args.log_level, args.log_format)
             config = load_config(args.config)
             if config.metrics_address:
-                serve_metrics(config.metrics_address)
+                try:
+                    serve_metrics(config.metrics_address)
+                except (OSError, ValueError) as exc:
+                    print(f"sharedsync-agent: cannot serve metrics on "
+                          f"{config.metrics_address}: {exc}", file=sys.stderr)
+                    return 2
             asyncio.run(serve(config))
             return 0
         if args.command == "certs":

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument("--no-passthrough", action="store_true",
                         help="serve READ/WRITE in Python (the Python write path)")
+    parser.add_argument("--no-xattrs", action="store_true",
+                        help="answer ENOSYS to xattr requests (the kernel stops asking)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--cleanup-stale", action="store_true")
     parser.add_argument("--log-level", default="WARNING")
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     with FuseServer(args.backing, args.mountpoint, NullHooks(),
-                    passthrough=not args.no_passthrough, workers=args.workers) as server:
+                    passthrough=not args.no_passthrough, workers=args.workers,
+                    xattrs=not args.no_xattrs) as server:
         print(f"READY passthrough={int(server.passthrough_active)} "
               f"minor={server.protocol_minor}", flush=True)
         while not done.wait(1.0):

@@ -81,6 +81,7 @@ from .protocol import (
     FATTR_ATIME_NOW,
     FATTR_FH,
     FATTR_GID,
+    FATTR_KILL_SUIDGID,
     FATTR_MODE,
     FATTR_MTIME,
     FATTR_MTIME_NOW,
@@ -96,9 +97,11 @@ from .protocol import (
     FUSE_DO_READDIRPLUS,
     FUSE_GETATTR_FH,
     FUSE_MAX_PAGES,
+    FUSE_OPEN_KILL_SUIDGID,
     FUSE_PARALLEL_DIROPS,
     FUSE_PASSTHROUGH,
     FUSE_READDIRPLUS_AUTO,
+    FUSE_WRITE_KILL_SUIDGID,
     IN_HEADER_SIZE,
     KERNEL_MINOR_VERSION,
     KERNEL_VERSION,
@@ -167,6 +170,10 @@ _STRIP_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT
 #: Served by the reader thread itself (no I/O; see _dispatch).
 _READER_OPS = frozenset({Opcode.INIT, Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT,
                          Opcode.FSYNC, Opcode.FLUSH})
+_CAPS_NAME = "security.capability"
+_CAPS_NAME_Z = _CAPS_NAME.encode() + b"\0"
+_XATTR_OPS = frozenset({Opcode.GETXATTR, Opcode.SETXATTR, Opcode.LISTXATTR,
+                        Opcode.REMOVEXATTR})
 _CONTENT_FALLOCATE = _syscalls.FALLOC_FL_PUNCH_HOLE | _syscalls.FALLOC_FL_ZERO_RANGE
 #: Reply write errors that only mean the request is gone (interrupted, connection closed).
 _GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.EBADF, errno.ECONNABORTED, errno.ENOTCONN})
@@ -215,6 +222,9 @@ class _Node:
     handles: set[int] = field(default_factory=set)  # open file handles
     backing_id: int = 0  # passthrough registration shared by all opens
     passthrough_opens: int = 0
+    #: We saw that the backing file has no security.capability (the kernel asks before every
+    #: write); cleared when we set or remove that attribute.
+    no_caps: bool = False
 
 
 @dataclass(eq=False)
@@ -276,7 +286,7 @@ class FuseServer:
     def __init__(self, backing: Path, mountpoint: Path, hooks: SyncHooks, *,
                  passthrough: bool = True, workers: int = 4, entry_timeout: float = 1.0,
                  attr_timeout: float = 1.0, max_write: int = DEFAULT_MAX_WRITE,
-                 readdirplus: bool = True) -> None:
+                 readdirplus: bool = True, xattrs: bool = True) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.backing = Path(backing)
@@ -288,6 +298,7 @@ class FuseServer:
         self._attr_valid = split_timeout(attr_timeout)
         self._max_write = max(4096, min(max_write, 256 * 4096))
         self._readdirplus = readdirplus
+        self._xattrs = xattrs
         self._root = ""
         self._umask = 0o022
 
@@ -304,10 +315,8 @@ class FuseServer:
         self._stats_lock = threading.Lock()
         self._counters: Counter[str] = Counter()
 
-        self._commit_cv = threading.Condition()
-        self._commit_queue: list[_Pending] = []
+        self._commit_q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._commit_busy = False
-        self._commit_stop = False
 
         self._fd = -1
         self._wake_r = -1
@@ -349,12 +358,10 @@ class FuseServer:
 
     def pending_commits(self) -> int:
         """Requests waiting for the next group commit (not counting one in progress)."""
-        with self._commit_cv:
-            return len(self._commit_queue)
+        return self._commit_q.qsize()
 
     def commit_in_progress(self) -> bool:
-        with self._commit_cv:
-            return self._commit_busy
+        return self._commit_busy
 
     def open_handles(self) -> int:
         with self._lock:
@@ -426,9 +433,7 @@ class FuseServer:
             self._reader.join(JOIN_TIMEOUT)
         for _ in range(self._workers_wanted):
             self._work.put(None)
-        with self._commit_cv:
-            self._commit_stop = True
-            self._commit_cv.notify_all()
+        self._commit_q.put(None)
         stuck = False
         for thread in self._threads:
             thread.join(JOIN_TIMEOUT)
@@ -544,6 +549,9 @@ class FuseServer:
         body = view[IN_HEADER_SIZE:max(IN_HEADER_SIZE, end)]
         op = header.opcode
         self._op_counts[op] += 1
+        if op == Opcode.GETXATTR and self._cached_no_caps(header, body):
+            self._buffers.put(buf)
+            return
         if op in _READER_OPS:
             # No I/O in these: INIT, forgets, and FSYNC/FLUSH, which only pick the backing
             # descriptor and queue for the commit worker (one thread handoff per fsync).
@@ -553,6 +561,22 @@ class FuseServer:
                 self._buffers.put(buf)
             return
         self._work.put(functools.partial(self._serve_and_release, header, body, buf))
+
+    def _cached_no_caps(self, header: InHeader, body: memoryview) -> bool:
+        """Answer GETXATTR("security.capability") from the cache when we know it is absent.
+
+        The kernel asks before every write to the file (to drop capabilities), passthrough or
+        not, so this is on the write path; answering from the reader saves a thread handoff.
+        """
+        if bytes(body[GetxattrIn.STRUCT.size:]) != _CAPS_NAME_Z:
+            return False
+        with self._lock:
+            node = self._nodes.get(header.nodeid)
+            cached = node is not None and node.no_caps
+        if cached:
+            self._reply_error(header.unique, errno.ENODATA)
+            self._count("xattr_cache_hits")
+        return cached
 
     def _serve_and_release(self, header: InHeader, body: memoryview, buf: bytearray) -> None:
         try:
@@ -572,7 +596,7 @@ class FuseServer:
 
     def _serve(self, header: InHeader, body: memoryview) -> None:
         handler = self._handlers.get(header.opcode)
-        if handler is None:
+        if handler is None or (not self._xattrs and header.opcode in _XATTR_OPS):
             self._reply_error(header.unique, errno.ENOSYS)
             return
         try:
@@ -855,6 +879,9 @@ class FuseServer:
                 self._reply_error(header.unique, errno.EPROTO)
                 return
             offered = init.capabilities
+            # Not HANDLE_KILLPRIV_V2: with it the kernel leaves clearing setuid/setgid on write to
+            # us, and passthrough writes never reach us. Without it the kernel clears them itself
+            # (a SETATTR of the mode) with the writer's credentials, as a local filesystem does.
             want = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA
                     | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES)
             if self._readdirplus:
@@ -940,8 +967,27 @@ class FuseServer:
                      if valid & FATTR_MTIME and not mtime_now else None)
             _syscalls.utimens(path, fd, atime=atime, mtime=mtime, atime_now=atime_now,
                               mtime_now=mtime_now)
+        if valid & FATTR_KILL_SUIDGID:
+            self._kill_suidgid(path, fd)
         st = os.fstat(fd) if fd is not None else self._stat(node)
         self._reply(header.unique, self._attr_out(st))
+
+    @staticmethod
+    def _kill_suidgid(path: str | None, fd: int | None) -> None:
+        """Drop setuid, and setgid if group-executable, as a write by an unprivileged caller
+        does on a local filesystem (we write as root, so the backing filesystem would not)."""
+        st = os.fstat(fd) if fd is not None else os.lstat(path or "")
+        if not stat.S_ISREG(st.st_mode):
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        new = mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            new &= ~stat.S_ISGID
+        if new != mode:
+            if fd is not None:
+                os.fchmod(fd, new)
+            else:
+                os.chmod(path or "", new)
 
     def _truncate(self, node: _Node, path: str | None, fd: int | None,
                   handle: _FileHandle | None, size: int) -> None:
@@ -1152,6 +1198,7 @@ class FuseServer:
         args = OpenIn.parse(body)
         fd = os.open(self._path(node), self._backing_flags(args.flags))
         try:
+            self._truncating_open(header, args.flags, args.open_flags, fd)
             handle, out = self._open_handle(node, args.flags, fd)
         except BaseException:
             os.close(fd)
@@ -1175,6 +1222,8 @@ class FuseServer:
             fd = os.open(path, flags)
             created = False
         try:
+            if not created:
+                self._truncating_open(header, args.flags, args.open_flags, fd)
             st = (self._settle_new(header, os.path.dirname(path), path, fd, args.mode)
                   if created else os.fstat(fd))
             node, entry = self._entry(parent, name, st)
@@ -1184,6 +1233,12 @@ class FuseServer:
         handle, out = self._open_handle(node, args.flags, fd)
         if not self._reply_entry(header.unique, node, entry, out.pack()):
             self._release_handle(handle.fh)
+
+    def _truncating_open(self, header: InHeader, flags: int, open_flags: int, fd: int) -> None:
+        """An O_TRUNC open by an unprivileged caller drops setuid/setgid, as on a local
+        filesystem (with atomic O_TRUNC the truncation is ours, and we run as root)."""
+        if flags & os.O_TRUNC and (header.uid != 0 or open_flags & FUSE_OPEN_KILL_SUIDGID):
+            self._kill_suidgid(None, fd)
 
     def _handle(self, fh: int) -> _FileHandle:
         with self._lock:
@@ -1203,6 +1258,8 @@ class FuseServer:
         data = body[WriteIn.STRUCT.size:WriteIn.STRUCT.size + args.size]
         written = os.pwrite(handle.fd, data, args.offset)
         handle.dirty = True
+        if args.write_flags & FUSE_WRITE_KILL_SUIDGID:
+            self._kill_suidgid(None, handle.fd)
         path = self._hook_path(handle.node)
         try:
             self.hooks.on_write(path, args.offset, written)
@@ -1387,8 +1444,19 @@ class FuseServer:
     def _op_getxattr(self, header: InHeader, body: memoryview) -> None:
         args = GetxattrIn.parse(body)
         name = os.fsdecode(split_names(body, 1, GetxattrIn.STRUCT.size)[0])
-        value = os.getxattr(self._xattr_target(header), name, follow_symlinks=False)
+        try:
+            value = os.getxattr(self._xattr_target(header), name, follow_symlinks=False)
+        except OSError as exc:
+            if name == _CAPS_NAME and exc.errno == errno.ENODATA:
+                self._set_no_caps(header.nodeid, True)
+            raise
         self._reply_sized(header.unique, args.size, value)
+
+    def _set_no_caps(self, nodeid: int, absent: bool) -> None:
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is not None:
+                node.no_caps = absent
 
     def _op_listxattr(self, header: InHeader, body: memoryview) -> None:
         args = GetxattrIn.parse(body)
@@ -1410,36 +1478,48 @@ class FuseServer:
         raw_name = split_names(body, 1, start)[0]
         value_start = start + len(raw_name) + 1
         value = bytes(body[value_start:value_start + args.size])
+        self._set_no_caps(header.nodeid, False)
         os.setxattr(self._xattr_target(header), os.fsdecode(raw_name), value, args.flags,
                     follow_symlinks=False)
         self._reply(header.unique)
 
     def _op_removexattr(self, header: InHeader, body: memoryview) -> None:
         name = os.fsdecode(split_names(body, 1)[0])
+        self._set_no_caps(header.nodeid, False)
         os.removexattr(self._xattr_target(header), name, follow_symlinks=False)
         self._reply(header.unique)
 
     # -- group commit ----------------------------------------------------------------------
 
     def _enqueue_commit(self, pending: _Pending) -> None:
-        with self._commit_cv:
-            self._commit_queue.append(pending)
-            self._commit_cv.notify()
+        self._commit_q.put(pending)
 
     def _commit_loop(self) -> None:
-        while True:
-            with self._commit_cv:
-                while not self._commit_queue and not self._commit_stop:
-                    self._commit_cv.wait()
-                if not self._commit_queue:
-                    return
-                batch, self._commit_queue = self._commit_queue, []
-                self._commit_busy = True
+        stopping = False
+        while not stopping:
+            first = self._commit_q.get()
+            if first is None:
+                return
+            # Everything that queued up while the previous commit ran is one batch.
+            batch = [first]
+            while True:
+                try:
+                    item = self._commit_q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True  # finish (answer) what is queued, then stop
+                    break
+                batch.append(item)
+            self._commit_busy = True
             try:
                 self._commit_batch(batch)
+            except Exception:
+                log.exception("fuse: commit batch failed")
+                for pending in batch:
+                    self._reply_error(pending.unique, errno.EIO)
             finally:
-                with self._commit_cv:
-                    self._commit_busy = False
+                self._commit_busy = False
 
     def _fsync_all(self, syncs: list[_Pending]) -> dict[int, int]:
         """fsync (or fdatasync) every pending descriptor; {index: errno} of the failures.

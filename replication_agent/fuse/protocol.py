@@ -185,6 +185,7 @@ FUSE_WRITE_LOCKOWNER = 1 << 1
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
 FUSE_READ_LOCKOWNER = 1 << 1
 FUSE_FSYNC_FDATASYNC = 1 << 0
+FUSE_OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in/fuse_create_in.open_flags
 
 # renameat2(2) flags as FUSE_RENAME2 carries them
 RENAME_NOREPLACE = 1 << 0

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sharedsync import failpoints
-from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from sharedsync.core.ids import is_snapshot_id, is_volume_id
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 
@@ -273,8 +273,11 @@ class ReplicaStore:
         if src_meta.kind is not kind:
             raise InvalidArgument(
                 f"cannot create a {kind} volume from a {src_meta.kind} source")
-        if src_meta.size_bytes > size_bytes:
-            raise InvalidArgument(
+        # A clone must hold the whole live volume. A restore needs only the snapshot's size,
+        # which the caller (the CSI controller keeps it in the snapshot's record) checks: the
+        # volume may have grown since the snapshot was taken.
+        if source.snapshot_id is None and src_meta.size_bytes > size_bytes:
+            raise OutOfRange(
                 f"the source holds {src_meta.size_bytes} bytes, more than the "
                 f"{size_bytes} bytes requested")
         return src_meta

@@ -263,7 +263,7 @@ def test_metrics_endpoint_reports_replication(cluster: AgentCluster) -> None:
     cluster.apply(spec)
     write_files(cluster.agents["a"].live(VOLUME), 2, 64 << 10, seed=15)
     wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="sync")
-    with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:  # noqa: S310
+    with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:
         text = response.read().decode()
     assert f'sharedsync_replication_bytes_total{{direction="sent",volume="{VOLUME}"}}' in text
     assert f'sharedsync_replica_state{{node="b",state="InSync",volume="{VOLUME}"}} 1.0' in text

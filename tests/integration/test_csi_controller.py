@@ -270,10 +270,6 @@ async def test_failed_create_does_not_poison_the_name(plugin: Plugin) -> None:
     assert replica_dirs(plugin) == []
 
 
-@pytest.mark.xfail(reason="sharedsync/storage/replicas.py ReplicaStore._check_source compares "
-                          "the size asked for with the source volume's *current* size, not the "
-                          "snapshot's: a snapshot cannot be restored at its own size once its "
-                          "volume has grown", strict=True)
 async def test_restore_snapshot_taken_before_expansion(plugin: Plugin) -> None:
     source = await create_volume(plugin, "pvc-grew")
     await _write_payload(plugin, source, b"before growth")

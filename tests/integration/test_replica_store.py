@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from sharedsync.core.ids import snapshot_id_for, volume_id_for
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 from sharedsync.storage import btrfs, loop, mounts
 from sharedsync.storage.replicas import (
     BLOCK_FILE,
+    LIVE,
     ReplicaMeta,
     ReplicaStore,
     Source,
@@ -516,16 +517,28 @@ def test_create_from_missing_snapshot_not_found(store: ReplicaStore) -> None:
     assert not volume_dir(store, dst).exists()
 
 
-def test_clone_into_smaller_size_invalid(store: ReplicaStore) -> None:
+def test_clone_into_smaller_size_out_of_range(store: ReplicaStore) -> None:
     src, dst = vid("big-src"), vid("small-dst")
     store.create(src, 2 * SIZE, VolumeKind.FILESYSTEM)
-    store.snapshot(src, sid("s"))
-    with pytest.raises(InvalidArgument, match="more than"):
+    with pytest.raises(OutOfRange, match="more than"):
         store.create(dst, SIZE, VolumeKind.FILESYSTEM, Source(src))
-    with pytest.raises(InvalidArgument, match="more than"):
-        store.create(dst, SIZE, VolumeKind.FILESYSTEM, Source(src, sid("s")))
     assert store.meta(dst) is None
     assert not volume_dir(store, dst).exists()
+
+
+def test_restore_needs_only_room_for_the_snapshot(store: ReplicaStore) -> None:
+    """The volume grew after the snapshot: the snapshot still restores at its own size
+    (the CSI controller holds the snapshot's size and refuses anything smaller)."""
+    src, dst = vid("grown-src"), vid("restored-dst")
+    store.create(src, SIZE, VolumeKind.FILESYSTEM)
+    live = store.open(src) / LIVE
+    (live / "payload").write_bytes(b"before growth")
+    store.snapshot(src, sid("s"))
+    store.close(src)
+    store.expand(src, 2 * SIZE)
+    store.create(dst, SIZE, VolumeKind.FILESYSTEM, Source(src, sid("s")))
+    assert (store.open(dst) / LIVE / "payload").read_bytes() == b"before growth"
+    store.close(dst)
 
 
 def test_kind_mismatch_invalid(store: ReplicaStore) -> None:
