@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import (
-    GiB,
-    MiB,
     BufferPool,
     Figure,
+    GiB,
     LocalBtrfs,
+    MiB,
     Result,
     Sampler,
     StatusClient,

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    Figure,
     GiB,
     KiB,
     MiB,
-    Figure,
     Result,
     StatusClient,
     agent_cluster,

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    Figure,
     GiB,
     MiB,
-    Figure,
     Result,
     Sampler,
     StatusClient,

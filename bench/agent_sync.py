@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 
 from bench.common import (
-    GiB,
-    MiB,
     BufferPool,
     Figure,
+    GiB,
     LocalBtrfs,
+    MiB,
     NotAvailable,
     Result,
     StatusClient,
@@ -141,7 +141,8 @@ def _measure(result: Result, status: StatusClient, mount: Path, local: Path, poo
         agent_sync_latency_p99_s=status.volume(VOLUME).sync_latency_p99_seconds)
     for q, label in ((0.5, "P50"), (0.99, "P99")):
         lf, ll = percentile(fuse_lat, q), percentile(local_lat, q)
-        assert lf is not None and ll is not None
+        assert lf is not None
+        assert ll is not None
         budget = ll + 2 * rtt + 1e-3
         result.add(Figure(f"fsync latency {label} (4 KiB write)", lf * 1e3, "ms",
                           baseline="local fsync", baseline_value=ll * 1e3, ratio=ratio(lf, ll),

@@ -321,10 +321,9 @@ class LocalBtrfs:
 @contextlib.contextmanager
 def agent_cluster(workdir: Path, result: Result) -> Iterator[Any]:
     """A started 3-agent AgentCluster (tests/integration/agent_harness.py), closed after."""
+    from tests.cluster import netns
     from tests.cluster.netns import netns_unavailable
     from tests.integration.agent_harness import AgentCluster
-
-    from tests.cluster import netns
 
     reason = netns_unavailable()
     if reason:

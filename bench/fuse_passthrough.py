@@ -13,10 +13,13 @@ For each target, side by side in one run and interleaved round by round (the dis
   fsync p50 / p99 latency;
 - the daemon's CPU time (user + system) for each phase.
 
-Targets: ``direct`` is the backing directory itself; ``passthrough`` and ``python-path`` are
+Targets: ``direct`` is the backing directory itself; the others are
 ``python -m replication_agent.fuse`` daemons (each in its own process, NullHooks: commit
-returns at once) serving that directory. Figures are medians over the rounds; ratios are
-against ``direct``. Nothing here is asserted: this prints numbers.
+returns at once) serving that directory: ``passthrough`` (the default configuration),
+``pt-no-xattrs`` (passthrough with ``xattrs=False``: the kernel stops asking
+GETXATTR("security.capability") before every write) and ``python-path`` (no passthrough:
+READ/WRITE served in Python, ``on_write`` for every write). Figures are medians over the
+rounds; ratios are against ``direct``. Nothing here is asserted: this prints numbers.
 """
 
 from __future__ import annotations
@@ -64,10 +67,13 @@ class Target:
         return (int(fields_[11]) + int(fields_[12])) / CLK_TCK
 
 
-def start_daemon(backing: Path, mountpoint: Path, passthrough: bool) -> subprocess.Popen[str]:
+def start_daemon(backing: Path, mountpoint: Path, passthrough: bool,
+                 xattrs: bool) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "replication_agent.fuse", str(backing), str(mountpoint)]
     if not passthrough:
         argv.append("--no-passthrough")
+    if not xattrs:
+        argv.append("--no-xattrs")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -122,7 +128,7 @@ def iops_4k(directory: Path, count: int, seed: int) -> tuple[float, float, float
         for _ in range(IOPS_FILE // MiB):
             os.write(fd, chunk)
         os.fsync(fd)
-        rng = random.Random(seed)  # noqa: S311 - offsets, not secrets
+        rng = random.Random(seed)
         block = os.urandom(4096)
         latencies: list[float] = []
         start = time.perf_counter()
@@ -185,11 +191,13 @@ def main() -> int:
     backing.mkdir()
     targets = [Target("direct", backing)]
     try:
-        for name, passthrough in (("passthrough", True), ("python-path", False)):
+        for name, passthrough, xattrs in (("passthrough", True, True),
+                                          ("pt-no-xattrs", True, False),
+                                          ("python-path", False, True)):
             mountpoint = work / name
             mountpoint.mkdir()
             target = Target(name, mountpoint)
-            target.process = start_daemon(backing, mountpoint, passthrough)
+            target.process = start_daemon(backing, mountpoint, passthrough, xattrs)
             targets.append(target)
         for round_ in range(args.rounds):
             for t in targets:

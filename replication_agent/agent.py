@@ -22,6 +22,7 @@ from sharedsync.storage.replicas import ReplicaStore
 
 from .audit import AuditLog
 from .config import AgentConfig, VolumeConfig
+from .fuse.mount import abort_connection, fuse_mounts, unmount
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
@@ -105,6 +106,9 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     async def start(self) -> None:
         """Resume every volume persisted by a previous run, then apply the config's volumes."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        fuse_root = self.state_dir.parent / "fuse"
+        for stale in await asyncio.to_thread(reclaim_fuse_mounts, fuse_root):
+            log.warning("removed a FUSE mount left by a previous run", mountpoint=stale)
         for path in sorted(self.state_dir.glob("*.json")):
             state = await asyncio.to_thread(load_state, path)
             await self._start_engine(state.spec, state)
@@ -228,6 +232,21 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             raise FailedPrecondition(
                 f"{header.sender_node} is not a replica of {header.volume_id}")
         return await engine.receive(header, request_iterator)
+
+
+def reclaim_fuse_mounts(root: Path) -> list[str]:
+    """Abort and unmount every FUSE mount under ``root``: only this agent serves them.
+
+    A daemon killed with passthrough files open leaves its connection hanging (a ``stat`` of
+    the mount blocks rather than failing), so nothing is probed: the connection is aborted
+    through fusectl first, which fails every waiting request, then the mount is removed.
+    """
+    removed = []
+    for entry in reversed(fuse_mounts(root)):
+        abort_connection(entry.mount_point)
+        unmount(entry.mount_point)
+        removed.append(entry.mount_point)
+    return removed
 
 
 def ensure_dirs(config: AgentConfig) -> None:

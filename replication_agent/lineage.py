@@ -76,9 +76,12 @@ class Lineage:
         found = []
         for entry in self.directory.iterdir():
             ref = SnapRef.parse(entry.name)
-            if ref is not None and btrfs.is_subvolume(entry) and \
-                    btrfs.subvolume_info(entry).read_only:
-                found.append(ref)
+            try:
+                if ref is not None and btrfs.is_subvolume(entry) and \
+                        btrfs.subvolume_info(entry).read_only:
+                    found.append(ref)
+            except FileNotFoundError:
+                continue  # pruned while we looked
         return sorted(found)
 
     def newest(self) -> SnapRef | None:
@@ -109,7 +112,7 @@ class Lineage:
         return dest
 
     def delete(self, ref: SnapRef) -> None:
-        btrfs.delete_subvolume(self.path(ref))
+        btrfs.delete_subvolume(self.path(ref), commit=False)
 
     def changed_since(self, ref: SnapRef | None) -> bool:
         """Whether ``live`` differs from snapshot ``ref`` (always True without one)."""

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +58,6 @@ from sharedsync.storage.replicas import ReplicaStore, VolumeKind
 from . import metrics
 from .audit import AuditLog
 from .fuse import FuseServer
-from .fuse.mount import cleanup_stale
 from .lineage import Lineage, SnapRef
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
@@ -246,6 +245,12 @@ class PeerLink:
         stub = self.engine.peers.stub(self.node)
         reply = await stub.Holdings(pb.HoldingsRequest(volume_id=self.engine.volume_id),
                                     timeout=10)
+        if reply.epoch > self.engine.epoch:
+            # the peer follows a newer primary: whatever we write now can no longer count
+            await self.engine.fence(f"peer {self.node} is at epoch {reply.epoch}, "
+                                    f"we are at {self.engine.epoch}")
+            raise FailedPrecondition(f"stale epoch {self.engine.epoch}: {self.node} is at "
+                                     f"epoch {reply.epoch}")
         theirs = {ref_of(r) for r in reply.snapshots}
         ours = set(self.engine.lineage.complete())
         common = sorted(theirs & ours)
@@ -320,7 +325,7 @@ class PeerLink:
             engine.audit(AuditKind.REBUILD, phase="finished", peer=self.node,
                          snapshot=received.name, bytes=sent)
         engine.refresh_state(self)
-        engine.prune()
+        engine.prune_soon()
 
 
 class VolumeEngine:
@@ -361,6 +366,7 @@ class VolumeEngine:
         self._snapshot_bytes_cache: tuple[float, int] = (0.0, 0)
         self._fuse: FuseServer | None = None
         self._retired: set[asyncio.Future[None]] = set()
+        self._pruning = False
         self.fuse_root = state_dir.parent / "fuse"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -439,8 +445,7 @@ class VolumeEngine:
             if self.role is Role.PRIMARY else set()
         for node in set(self.links) - wanted:
             link = self.links.pop(node)
-            self._retired.add(asyncio.ensure_future(link.stop()))
-            self._retired = {t for t in self._retired if not t.done()}
+            self._background(link.stop())
         for node in wanted - set(self.links):
             link = PeerLink(self, node)
             self.links[node] = link
@@ -499,9 +504,15 @@ class VolumeEngine:
         self.audit(AuditKind.PROMOTION, epoch=epoch, snapshot=newest.name if newest else "")
         log.info("promoted", volume_id=self.volume_id, epoch=epoch)
         self._sync_links()
+        # The first snapshot of the new epoch: shipping it tells every peer (including an old
+        # primary that comes back) that this epoch exists, even when no data changed.
+        async with self._cycle_lock:
+            marker = SnapRef(epoch, (newest.seq if newest else 0) + 1)
+            await asyncio.to_thread(self.lineage.take, marker)
+            self.snapshot_times[marker] = (time.time_ns(), time.time())
         for link in self.links.values():
             link.known = False
-            link.want(newest)
+            link.want(marker)
         self._start_primary_loop()
 
     # -- the primary's loop ------------------------------------------------------------------
@@ -559,7 +570,7 @@ class VolumeEngine:
             for link in self.links.values():
                 link.want(target)
             if changed:
-                self.prune()
+                self.prune_soon()
             return target
 
     async def commit(self) -> None:
@@ -614,6 +625,31 @@ class VolumeEngine:
         st = os.statvfs(self.lineage.live)
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
+    def _background(self, work: Awaitable[None]) -> None:
+        """Run housekeeping off the sync path; failures are logged, never raised."""
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("background housekeeping failed", volume_id=self.volume_id)
+
+        task = asyncio.ensure_future(run())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    def prune_soon(self) -> None:
+        """Prune in a worker thread, once at a time, without delaying acknowledgements."""
+        if not self._pruning:
+            self._pruning = True
+
+            async def prune() -> None:
+                try:
+                    await asyncio.to_thread(self.prune)
+                finally:
+                    self._pruning = False
+
+            self._background(prune())
+
     def prune(self) -> None:
         """Delete snapshots no peer needs (see sharedsync.core.snapshot_plan)."""
         links = list(self.links.values())
@@ -648,7 +684,6 @@ class VolumeEngine:
             return self.store.block_file(self.volume_id)
         if self._fuse is None:
             mountpoint = self.fuse_root / self.volume_id
-            await asyncio.to_thread(cleanup_stale, mountpoint)
             mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
             server = FuseServer(self.lineage.live, mountpoint,
                                 _CommitHooks(self, asyncio.get_running_loop()))
@@ -696,7 +731,7 @@ class VolumeEngine:
                 await receive_snapshot(self.lineage, header, messages, self.spool, progress)
                 self.last_received_ns = time.time_ns()
                 self.snapshot_times[ref] = (header.snapshot_unix_ns, 0.0)
-                await asyncio.to_thread(self._prune_replica)
+                self._background(asyncio.to_thread(self._prune_replica))
             return pb.PushResult(received=ref_message(ref), epoch=self.epoch,
                                  bytes_received=self.bytes_received)
 

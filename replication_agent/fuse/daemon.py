@@ -49,8 +49,22 @@ layer's next periodic commit. Without passthrough, the kernel writes dirty pages
 requests (reported to ``on_write``) and ``msync(MS_SYNC)`` does send FSYNC. Likewise
 ``pwritev2(..., RWF_DSYNC)`` on a passthrough file syncs only the local disk.
 
+Extended attributes
+-------------------
+GETXATTR/SETXATTR/LISTXATTR/REMOVEXATTR pass through to the backing file. The kernel asks
+GETXATTR("security.capability") before every write to a file, passthrough or not (to drop file
+capabilities); the daemon remembers per inode that the attribute is absent and answers that
+from the reader thread, so a write costs one short round trip. ``xattrs=False`` answers ENOSYS
+to all four instead: the kernel then stops asking and passthrough writes cost nothing, but
+applications get EOPNOTSUPP for extended attributes. A capability set on the backing file
+behind the daemon's back is not seen until the inode is forgotten.
+
+Setuid and setgid bits are cleared by the kernel (with the writer's credentials) on write and
+truncate, and by the daemon on an O_TRUNC open by a non-root caller, as on a local filesystem.
+
 Never touch the mountpoint from ``hooks``: the kernel holds the inode lock of a file while its
-fsync is in ``commit``.
+fsync is in ``commit``. Never page-fault on the mount (mmap) from the daemon's own process: a
+fault is taken with the GIL held, and the daemon's threads need it to answer.
 """
 
 from __future__ import annotations
@@ -265,16 +279,6 @@ def _errno_of(exc: OSError) -> int:
     return exc.errno if exc.errno else errno.EIO
 
 
-def _read_umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 class FuseServer:
     """Serve ``backing`` at ``mountpoint`` until :meth:`stop`.
 
@@ -300,7 +304,6 @@ class FuseServer:
         self._readdirplus = readdirplus
         self._xattrs = xattrs
         self._root = ""
-        self._umask = 0o022
 
         self._lock = threading.Lock()  # the inode and handle tables
         self._nodes: dict[int, _Node] = {}
@@ -324,6 +327,7 @@ class FuseServer:
         self._mounted = False
         self._started = False
         self._stopped = False
+        self._reader_failed = False
         self._initialized = threading.Event()
         self._init_error: str | None = None
         self._passthrough_active = False
@@ -377,18 +381,10 @@ class FuseServer:
         if self._started:
             raise RuntimeError("a FuseServer starts once")
         self._started = True
-        root_st = os.stat(self.backing)
-        if not stat.S_ISDIR(root_st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "backing is not a directory",
-                                     str(self.backing))
         if not self.mountpoint.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "mountpoint is not a directory",
                                      str(self.mountpoint))
-        self._root = os.fsdecode(os.path.realpath(self.backing))
-        self._umask = _read_umask()
-        root = _Node(ROOT_ID, 0, (root_st.st_dev, root_st.st_ino), stat.S_IFDIR, nlookup=1)
-        self._nodes[ROOT_ID] = root
-        self._by_key[root.key] = root
+        root_st = self._prepare()
         try:
             self._fd = fmount.open_device()
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -431,9 +427,12 @@ class FuseServer:
                 os.write(self._wake_w, b"x")
         if self._reader is not None:
             self._reader.join(JOIN_TIMEOUT)
+        # The commit worker first: its last batch may still hand fsyncs to the pool.
+        self._commit_q.put(None)
+        if self._committer is not None:
+            self._committer.join(JOIN_TIMEOUT)
         for _ in range(self._workers_wanted):
             self._work.put(None)
-        self._commit_q.put(None)
         stuck = False
         for thread in self._threads:
             thread.join(JOIN_TIMEOUT)
@@ -465,6 +464,18 @@ class FuseServer:
         self.stop()
 
     # -- lifecycle helpers -----------------------------------------------------------------
+
+    def _prepare(self) -> os.stat_result:
+        """Resolve the backing root and seed the inode table with it (no mount, no threads)."""
+        root_st = os.stat(self.backing)
+        if not stat.S_ISDIR(root_st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "backing is not a directory",
+                                     str(self.backing))
+        self._root = os.fsdecode(os.path.realpath(self.backing))
+        root = _Node(ROOT_ID, 0, (root_st.st_dev, root_st.st_ino), stat.S_IFDIR, nlookup=1)
+        self._nodes[ROOT_ID] = root
+        self._by_key[root.key] = root
+        return root_st
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -514,10 +525,18 @@ class FuseServer:
                 size = self._read_request(poller, buf)
             except Exception:
                 log.exception("fuse: reader failed")
+                self._reader_failed = True
                 size = None
             if size is None:
                 self._buffers.put(buf)
                 self._initialized.set()
+                if not self._stopped and self._reader_failed:
+                    # Nobody will answer requests any more: make them fail (ENOTCONN) rather
+                    # than hang every process that touches the mount.
+                    try:
+                        fmount.abort_connection(self.mountpoint)
+                    except OSError as exc:
+                        log.error("fuse: abort after reader failure: %s", exc)
                 return
             try:
                 self._dispatch(buf, size)
@@ -540,6 +559,7 @@ class FuseServer:
                     continue
                 if exc.errno != errno.ENODEV:  # ENODEV: unmounted or aborted
                     log.error("fuse: read from /dev/fuse: %s", exc)
+                    self._reader_failed = True
                 return None
 
     def _dispatch(self, buf: bytearray, size: int) -> None:
@@ -994,10 +1014,10 @@ class FuseServer:
         if fd is not None:
             try:
                 os.ftruncate(fd, size)
-            except OSError as exc:  # a read-only descriptor: fall back to the name
-                if exc.errno not in (errno.EBADF, errno.EINVAL) or path is None:
-                    path = self._path(node)
-                os.truncate(path, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EBADF, errno.EINVAL):
+                    raise
+                os.truncate(path or self._path(node), size)  # a read-only descriptor
         else:
             assert path is not None
             os.truncate(path, size)

@@ -39,12 +39,20 @@ def snapshot(source: str | os.PathLike[str], dest: str | os.PathLike[str], *,
     run([*argv, os.fspath(source), os.fspath(dest)])
 
 
-def delete_subvolume(path: str | os.PathLike[str]) -> None:
-    """Delete a subvolume; a no-op when it is already gone."""
+def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> None:
+    """Delete a subvolume; a no-op when it is already gone.
+
+    ``commit`` waits for the transaction that makes the deletion durable (what CSI expects of
+    DeleteSnapshot); replication's own snapshot pruning skips the wait, since a deletion lost
+    in a crash is simply done again.
+    """
     if not Path(path).exists():
         return
+    argv = ["btrfs", "subvolume", "delete"]
+    if commit:
+        argv.append("--commit-after")
     try:
-        run(["btrfs", "subvolume", "delete", "--commit-after", os.fspath(path)])
+        run([*argv, os.fspath(path)])
     except CommandFailed:
         if Path(path).exists():
             raise

@@ -580,6 +580,49 @@ def test_permissions_are_checked_by_the_kernel(fs: Mounted) -> None:
     assert (fs.backing / "shared" / "mine").read_text() == "by nobody\n"
 
 
+def test_unprivileged_writes_drop_setuid_and_setgid(fs: Mounted) -> None:
+    cases = {"write": "printf x >> '{f}'", "o_trunc": ": > '{f}'",
+             "truncate": "truncate -s 1 '{f}'"}
+    for case, script in cases.items():
+        b = fs.backing / f"suid-{case}"
+        b.write_bytes(b"abc")
+        b.chmod(0o6777)
+        result = _as_nobody(script.format(f=fs.mnt / b.name))
+        assert result.returncode == 0, (case, result.stderr)
+        assert stat.S_IMODE(os.stat(b).st_mode) == 0o777, case  # as on a local filesystem
+    kept = fs.backing / "suid-root"
+    kept.write_bytes(b"")
+    kept.chmod(0o6777)
+    with open(fs.mnt / "suid-root", "ab") as handle:  # root has CAP_FSETID: bits stay
+        handle.write(b"x")
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o6777
+
+
+@pytest.mark.parametrize("xattrs", [True, False], ids=["xattrs", "no-xattrs"])
+def test_writes_and_the_capability_check(workdir: Path, xattrs: bool) -> None:
+    """The kernel asks GETXATTR("security.capability") before every write, even with
+    passthrough: answered from a per-inode cache, or never asked when xattrs are off."""
+    backing, mnt = workdir / "backing", workdir / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    with FuseServer(backing, mnt, RecordingHooks(), xattrs=xattrs) as server:
+        fd = os.open(mnt / "w", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            for i in range(100):
+                os.pwrite(fd, b"w" * 4096, i * 4096)
+        finally:
+            os.close(fd)
+        counters = server.counters()
+        if xattrs:
+            assert counters.get("xattr_cache_hits", 0) >= 99
+            os.setxattr(mnt / "w", "user.ok", b"1")
+            assert os.getxattr(backing / "w", "user.ok") == b"1"
+        else:
+            assert counters.get("GETXATTR", 0) <= 1  # ENOSYS once, then the kernel stops
+            assert _errno(lambda: os.setxattr(mnt / "w", "user.no", b"1")) == errno.EOPNOTSUPP
+        assert counters.get("WRITE", 0) == 0  # passthrough all along
+
+
 # -- durability: fsync / close gated on hooks.commit -------------------------------------------
 
 
@@ -827,6 +870,8 @@ def test_passthrough_is_really_active(workdir: Path) -> None:
         finally:
             os.close(fd)
         assert (mounted.backing / "pt").read_bytes()[12345:12345 + 4096] == b"z" * 4096
+        # RELEASE is asynchronous: wait until the kernel has released every handle
+        _wait_until(lambda: mounted.server.open_handles() == 0, "all releases")
         counters = mounted.server.counters()
         assert counters.get("READ", 0) == 0
         assert counters.get("WRITE", 0) == 0
@@ -843,6 +888,7 @@ def test_passthrough_shares_one_backing_id_per_inode(workdir: Path) -> None:
     mounted = _start(workdir, True, RecordingHooks())
     try:
         (mounted.mnt / "shared").write_bytes(b"0123456789")
+        _wait_until(lambda: mounted.server.open_handles() == 0, "the writer's release")
         before = mounted.server.counters()["backing_ids_opened"]
         fds = [os.open(mounted.mnt / "shared", os.O_RDWR) for _ in range(5)]
         try:

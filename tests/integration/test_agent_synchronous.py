@@ -1,0 +1,136 @@
+"""Synchronous mode: an fsync returns only once the write quorum holds the data.
+
+The volume is attached through the agent's FUSE data path (kernel passthrough); a writer
+appends checksummed records, fsyncs each, and remembers what was acknowledged. Agents are
+SIGKILLed and partitioned along the way; afterwards every acknowledged record must be on every
+replica that the quorum rule says holds it, intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replication_agent.proto import agent_pb2 as pb
+from tests.cluster.netns import netns_unavailable
+from tests.integration.agent_harness import AgentCluster, volume_spec, wait_until
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
+
+VOLUME = "vol-" + "5c" * 12
+RECORDS = 1000
+PER_FILE = 100
+
+
+@pytest.fixture
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = AgentCluster(Path(tmp_path_factory.mktemp("sync")))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+def record(i: int) -> bytes:
+    body = f"record {i:06d} ".encode() * 4
+    return f"{i:06d} {hashlib.sha256(body).hexdigest()} ".encode() + body + b"\n"
+
+
+def write_record(mount: Path, i: int) -> None:
+    """Append record ``i`` and fsync: returns only when the write quorum holds it."""
+    with open(mount / f"records-{i // PER_FILE:03d}.log", "ab") as out:
+        out.write(record(i))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def records_in(root: Path) -> dict[int, bool]:
+    """Record number -> whether its checksum verifies, for every record under ``root``."""
+    found: dict[int, bool] = {}
+    for path in sorted(root.glob("records-*.log")):
+        for line in path.read_bytes().splitlines():
+            number, digest, body = line.split(b" ", 2)
+            found[int(number)] = hashlib.sha256(body + b"").hexdigest() == digest.decode() \
+                or hashlib.sha256(body).hexdigest() == digest.decode()
+    return found
+
+
+def newest_snapshot(cluster: AgentCluster, node: str) -> Path:
+    sync_dir = cluster.agents[node].sync_dir(VOLUME)
+    names = sorted(p.name for p in sync_dir.iterdir() if p.name.startswith("e"))
+    assert names, f"{node} holds no snapshot"
+    return sync_dir / names[-1]
+
+
+def check_all(acked: list[int], root: Path, where: str) -> None:
+    found = records_in(root)
+    missing = [i for i in acked if i not in found]
+    corrupt = [i for i in acked if i in found and not found[i]]
+    assert not missing, f"{where}: {len(missing)} acknowledged records lost, e.g. {missing[:5]}"
+    assert not corrupt, f"{where}: corrupt records {corrupt[:5]}"
+
+
+def attach(cluster: AgentCluster, node: str) -> Path:
+    reply = cluster.agents[node].call("Attach", pb.AttachRequest(volume_id=VOLUME))
+    return Path(reply.path)
+
+
+def test_acknowledged_writes_survive_replica_kill_and_partition(cluster: AgentCluster) -> None:
+    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
+                              write_quorum=2))
+    mount = attach(cluster, "a")
+    acked: list[int] = []
+    for i in range(RECORDS):
+        if i == 250:
+            cluster.agents["c"].kill()  # a replica dies: quorum is a + b
+        elif i == 400:
+            cluster.agents["c"].start()  # ... and comes back
+        elif i == 550:
+            cluster.partition("b")  # b is cut off: quorum is a + c (c catches up first)
+        elif i == 700:
+            cluster.heal("b")
+        write_record(mount, i)
+        acked.append(i)
+    check_all(acked, mount, "the primary")
+    # every acknowledged record reached a quorum: after the last write, at least one of b and
+    # c held it; once everything settles, both do
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    for node in ("b", "c"):
+        check_all(acked, newest_snapshot(cluster, node), f"replica {node}")
+    cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+
+
+def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) -> None:
+    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
+                              write_quorum=2))
+    mount = attach(cluster, "a")
+    acked: list[int] = []
+    for i in range(300):
+        if i == 200:
+            cluster.agents["a"].kill()  # the primary's agent and its FUSE daemon die
+        try:
+            write_record(mount, i)
+        except OSError:
+            break  # the mount is gone: this write was never acknowledged
+        acked.append(i)
+    assert 150 <= len(acked) <= 200
+    # promote whichever replica holds the newest snapshot, as the operator would
+    held = {n: cluster.agents[n].volume(VOLUME).last_snapshot for n in ("b", "c")}
+    new_primary = max(held, key=lambda n: (held[n].epoch, held[n].seq))
+    cluster.agents[new_primary].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
+    check_all(acked, cluster.agents[new_primary].live(VOLUME), f"promoted {new_primary}")
+    # the old primary restarts fenced, rejoins as a replica of the new primary
+    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], new_primary, mode=pb.SYNCHRONOUS,
+                              write_quorum=2, epoch=2), nodes=[new_primary, *(
+                                  n for n in ("b", "c") if n != new_primary)])
+    cluster.agents["a"].start()
+    wait_until(lambda: cluster.agents["a"].volume(VOLUME).epoch == 2, timeout=120,
+               what="the old primary follows epoch 2")
+    assert cluster.agents["a"].volume(VOLUME).role == "replica"
