@@ -46,9 +46,10 @@ async def serve(config: AgentConfig) -> None:
     ensure_dirs(config)
     agent = Agent(config)
     network, local = build_servers(agent, config)
+    # volumes are reopened (and interrupted receives discarded) before anyone can call us
+    await agent.start()
     await network.start()
     await local.start()
-    await agent.start()
     log.info("agent serving", node=config.node, listen=config.listen,
              control_socket=str(config.control_socket), volumes=len(agent.engines),
              tls=config.tls is not None)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
+from sharedsync.storage import btrfs
 from tests.cluster.netns import netns_unavailable
 from tests.integration.agent_harness import AgentCluster, tree_digest, volume_spec, wait_until
 
@@ -172,16 +173,20 @@ def test_incremental_receive_killed_midway_leaves_previous_snapshot(
     expected_before = tree_digest(before)
     # a large increment at a capped rate, so that the receiver can be killed in the middle
     cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
-                              bandwidth=4 << 20))
+                              bandwidth=2 << 20))
     received = cluster.agents["b"].volume(VOLUME).bytes_received
-    write_files(live, 20, 1 << 20, seed=10)
+    write_files(live, 20, 1 << 20, seed=10)  # 20 MiB at 2 MiB/s: about ten seconds
     wait_until(lambda: cluster.agents["b"].volume(VOLUME).bytes_received > received + (4 << 20),
                timeout=60, what="the increment under way")
     cluster.agents["b"].kill()
-    # the previous snapshot is intact and is still the newest complete one
+    # killed midway: the receive left a partial (writable) subvolume beside the previous
+    # snapshot, which is intact
+    partial = [p for p in before.parent.iterdir()
+               if btrfs.is_subvolume(p) and not btrfs.subvolume_info(p).read_only]
+    assert partial, "the receive was not interrupted midway"
     assert tree_digest(before) == expected_before
     cluster.agents["b"].start()
-    assert newest_snapshot(cluster, "b") == before
+    assert all(not p.exists() for p in partial)  # discarded on restart
     wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="the increment redone")
     assert_replicas_match(cluster, "a", ["b"])
 
