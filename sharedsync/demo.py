@@ -1,11 +1,13 @@
-"""The standalone demo: a real plugin process driven through a volume's whole life.
+"""The standalone demo: the real components, driven through a volume's whole life.
 
-It plays the part kubelet and the external-provisioner play in a cluster: it starts
-``sharedsync-csi`` on a unix socket and calls it over gRPC, so every step below is the real
-code path with real loop devices, btrfs and mounts. Nothing is left behind at the end.
+First it plays the part kubelet and the external-provisioner play in a cluster: it starts
+``sharedsync-csi`` on a unix socket and calls it over gRPC. Then three agents replicate a volume
+between "nodes" on this machine (see :mod:`sharedsync.demo_cluster`). Every step is the real code
+path with real loop devices, btrfs, FUSE and mounts; nothing is left behind at the end.
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -22,6 +24,7 @@ import grpc
 
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from sharedsync.core.sizes import MiB
+from sharedsync.demo_cluster import run_cluster_demo
 
 T = TypeVar("T")
 NODE = "demo-node"
@@ -91,11 +94,14 @@ class Demo:
 
     def run(self) -> None:
         print(f"sharedsync standalone demo in {self.workdir}\n")
+        print("the CSI plugin, driven as kubelet and the external-provisioner would:\n")
         with self.plugin() as channel:
             identity = csi_pb2_grpc.IdentityStub(channel)
             controller = csi_pb2_grpc.ControllerStub(channel)
             node = csi_pb2_grpc.NodeStub(channel)
             self._lifecycle(identity, controller, node)
+        print("\nthree agents, one replicated volume, a failover:\n")
+        run_cluster_demo(self.workdir / "cluster", self.step)
         left = self.leftovers()
         print("\nleft behind:", ", ".join(left) if left else "nothing (no mount, no loop device)")
         if left:
@@ -154,8 +160,8 @@ class Demo:
         self.step("DeleteSnapshot", lambda: controller.DeleteSnapshot(
             csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id)))
         for vol in (restored.volume_id, volume.volume_id):
-            self.step(f"DeleteVolume {vol}", lambda v=vol: controller.DeleteVolume(  # type: ignore[misc]
-                csi_pb2.DeleteVolumeRequest(volume_id=v)))
+            self.step(f"DeleteVolume {vol}", functools.partial(
+                controller.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id=vol)))
 
     @staticmethod
     def _wait_ready(identity: csi_pb2_grpc.IdentityStub) -> None:
@@ -222,5 +228,6 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
         return 1
     if not keep:
         shutil.rmtree(scratch, ignore_errors=True)
-    print("\ndone: a volume was created, written, snapshotted, restored, expanded and removed")
+    print("\ndone: a volume was created, written, snapshotted, restored, expanded and removed;"
+          "\nthree agents replicated another through a live policy change and a failover")
     return 0
