@@ -26,6 +26,7 @@ from .fuse.mount import abort_connection, fuse_mounts, unmount
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
+from .qos import NodeBandwidth
 from .volume import PersistedState, Role, VolumeEngine, load_state
 
 log = structlog.get_logger(__name__)
@@ -95,6 +96,7 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         self.audit_log = AuditLog(data / "agent" / "audit", config.node,
                                   max_bytes=config.audit_max_bytes, keep=config.audit_keep)
         self.peers = PeerPool(config.peers, config.tls)
+        self.node_bandwidth = NodeBandwidth(config.node_bandwidth)
         self.engines: dict[str, VolumeEngine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -135,6 +137,7 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         engine = VolumeEngine(
             node=self.node, spec=spec, store=self.store, peers=self.peers,
             state_dir=self.state_dir, spool_dir=self.spool_dir, audit=self.audit_log,
+            node_bandwidth=self.node_bandwidth,
             epoch=state.epoch if state else None, role=state.role if state else None,
             fenced=state.fenced if state else False)
         if state is not None:

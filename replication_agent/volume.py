@@ -61,6 +61,7 @@ from .fuse import FuseServer
 from .lineage import Lineage, SnapRef
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
+from .qos import NodeBandwidth
 from .transfer import (
     Outgoing,
     Spool,
@@ -303,8 +304,14 @@ class PeerLink:
         outgoing = Outgoing(engine.lineage, target, parent, header, skip)
         stub = engine.peers.stub(self.node)
         started = time.monotonic()
-        result = await stub.Push(stream_snapshot(
-            outgoing, pace=engine.pace, progress=progress, compress=engine.compression()))
+        policy = engine.spec.policy
+        engine.node_bandwidth.begin(engine.volume_id, policy.priority,
+                                    float(policy.bandwidth_bytes_per_second))
+        try:
+            result = await stub.Push(stream_snapshot(
+                outgoing, pace=engine.pace, progress=progress, compress=engine.compression()))
+        finally:
+            engine.node_bandwidth.end(engine.volume_id)
         received = ref_of(result.received)
         async with self._acked_changed:
             self.acked = received
@@ -333,8 +340,8 @@ class VolumeEngine:
 
     def __init__(self, *, node: str, spec: pb.VolumeSpec, store: ReplicaStore,
                  peers: PeerPool, state_dir: Path, spool_dir: Path, audit: AuditLog,
-                 epoch: int | None = None, role: Role | None = None,
-                 fenced: bool = False) -> None:
+                 node_bandwidth: NodeBandwidth | None = None, epoch: int | None = None,
+                 role: Role | None = None, fenced: bool = False) -> None:
         self.node = node
         self.spec = spec
         self.volume_id = spec.volume_id
@@ -343,6 +350,7 @@ class VolumeEngine:
         self.state_path = state_dir / f"{self.volume_id}.json"
         self.spool = Spool(spool_dir, self.volume_id)
         self.audit_log = audit
+        self.node_bandwidth = node_bandwidth or NodeBandwidth(0)
         self.epoch = epoch if epoch is not None else max(1, spec.epoch)
         self.role = role if role is not None else (
             Role.PRIMARY if spec.primary_node == node else Role.REPLICA)
@@ -612,8 +620,9 @@ class VolumeEngine:
         self.audit(AuditKind.SYNC, snapshot=ref.name, seconds=round(seconds, 6))
 
     async def pace(self, nbytes: int) -> None:
-        """Hold a frame back until the volume's bandwidth cap allows it on the wire."""
-        delay = self._bucket.take(nbytes, time.monotonic())
+        """Hold a frame back until the volume's cap and its share of the node allow it."""
+        delay = max(self._bucket.take(nbytes, time.monotonic()),
+                    self.node_bandwidth.delay(self.volume_id, nbytes))
         if delay > 0:
             await asyncio.sleep(delay)
 
