@@ -4,6 +4,10 @@
   the primary's replica (agent a, Asynchronous, maxLag 1 s, 3 replicas: the agent snapshots
   and ships while we write) vs the same on a plain local btrfs-on-loop image of the same size
   made by the benchmark. Rounds alternate local / replica; medians. Goal 1.0x.
+  Diagnostics in the same rounds: the replica with the agent's sync loop paused, and with
+  the loop running but both links cut at the proxies (snapshots, nothing shipped): they
+  separate the filesystem, the snapshot cycle and the shipping (which, in this harness,
+  shares the machine's 2 CPUs and one disk with the writer: peers b and c receive on it too).
 - Lag: a paced writer at 50 MB/s for 20 s (quick: 5 s) while GetStatus is sampled every
   100 ms; lag = max over the two peers of ``replicas[].lag_seconds``. Goal P99 <= 1 s.
 """
@@ -70,14 +74,23 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
                 cluster.agents["a"].call("ApplyVolume", pb.ApplyVolumeRequest(
                     spec=paused if on else spec))
 
-            _throughput(result, status, live, local.live, pool, write_bytes, rounds, pause)
+            def cut(on: bool) -> None:
+                for peer in PEERS:
+                    client = cluster.proxies[("a", peer)].client
+                    if on:
+                        client.partition()
+                        client.reset()
+                    else:
+                        client.heal()
+
+            _throughput(result, status, live, local.live, pool, write_bytes, rounds, pause, cut)
             _lag(result, status, live, pool, lag_seconds)
 
 
 def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
                 pool: BufferPool, write_bytes: int, rounds: int,
-                pause: Callable[[bool], None]) -> None:
-    local_rates, replica_rates, paused_rates = [], [], []
+                pause: Callable[[bool], None], cut: Callable[[bool], None]) -> None:
+    local_rates, replica_rates, paused_rates, cut_rates = [], [], [], []
     for i in range(rounds):
         log(f"round {i + 1}/{rounds}: local sequential write {write_bytes // MiB} MiB")
         w = sequential_write(local / f"seq-{i}.bin", write_bytes, pool)
@@ -91,6 +104,18 @@ def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
         log(f"  live replica, replication paused {w.mib_per_s:.0f} MiB/s")
         (live / f"paused-{i}.bin").unlink()
         pause(False)
+        wait_in_sync(status, VOLUME, PEERS, timeout=600)
+        # Diagnostic: the sync loop runs (snapshot + syncfs every 100 ms) but the links to
+        # both peers are cut at the proxies, so nothing ships: the cost of the cycle alone.
+        cut(True)
+        before = status.volume(VOLUME)
+        w = sequential_write(live / f"cut-{i}.bin", write_bytes, pool)
+        after = status.volume(VOLUME)
+        cut_rates.append(w.mib_per_s)
+        log(f"  live replica, links cut (snapshots only: "
+            f"{after.last_snapshot.seq - before.last_snapshot.seq}) {w.mib_per_s:.0f} MiB/s")
+        cut(False)
+        (live / f"cut-{i}.bin").unlink()
         wait_in_sync(status, VOLUME, PEERS, timeout=600)
         before = status.volume(VOLUME)
         w = sequential_write(live / f"seq-{i}.bin", write_bytes, pool)
@@ -106,8 +131,10 @@ def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
         (live / f"seq-{i}.bin").unlink()
     wait_in_sync(status, VOLUME, PEERS, timeout=300)
     result.details.update(local_write_mib_s=local_rates, replica_write_mib_s=replica_rates,
-                          replica_paused_write_mib_s=paused_rates)
+                          replica_paused_write_mib_s=paused_rates,
+                          replica_links_cut_write_mib_s=cut_rates)
     lr, rr, pr = median(local_rates), median(replica_rates), median(paused_rates)
+    cr = median(cut_rates)
     r = ratio(rr, lr)
     result.add(Figure("seq write into live replica", rr, "MiB/s", baseline="local btrfs",
                       baseline_value=lr, ratio=r, goal=">= 1.0x",
@@ -116,6 +143,9 @@ def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
     result.add(Figure("(diag) seq write, live replica, sync loop paused", pr, "MiB/s",
                       baseline="local btrfs", baseline_value=lr, ratio=ratio(pr, lr),
                       note="diagnostic, no goal: the replica's filesystem without replication"))
+    result.add(Figure("(diag) seq write, live replica, links cut", cr, "MiB/s",
+                      baseline="local btrfs", baseline_value=lr, ratio=ratio(cr, lr),
+                      note="diagnostic, no goal: snapshots every 100 ms, nothing shipped"))
 
 
 def _lag(result: Result, status: StatusClient, live: Path, pool: BufferPool,

@@ -593,3 +593,38 @@ def tcp_copy(cluster: Any, src: str, dst: str, nbytes: int, *, via_proxy: bool =
             proxy.process.terminate()
             proxy.process.wait(10)
         sink.wait(30)
+
+
+def grpc_push_rate(cluster: Any, src: str, dst: str, nbytes: int, *,
+                   spool: Path | None = None, snapshot: Path | None = None
+                   ) -> dict[str, float]:
+    """A bare Replication.Push stream (bench/grpc_probe.py: the agents' TLS channel and
+    options, prebuilt 1 MiB frames, a server that only counts) from ``src`` to ``dst``
+    through a link proxy like the agents'. The transport's ceiling, without the agent."""
+    from tests.cluster import PYTHON
+    from tests.cluster.netns import read_line
+
+    pki = cluster.workdir / "pki"
+    address = cluster.nodes[dst].address
+    extra = ["--spool", str(spool)] if spool is not None else []
+    server = cluster.net.python(dst, ["-m", "bench.grpc_probe", "server", "--listen",
+                                      f"{address}:0", "--pki", str(pki), "--node", dst,
+                                      *extra], stdout=subprocess.PIPE, text=True)
+    proxy = None
+    try:
+        port = int(json.loads(read_line(server.stdout, 30))["port"])
+        proxy = _link_proxy(cluster, src, (address, port))
+        out = cluster.net.exec(src, [PYTHON, "-m", "bench.grpc_probe", "client", "--target",
+                                     f"{proxy.listen[0]}:{proxy.listen[1]}", "--pki", str(pki),
+                                     "--node", src, "--bytes", str(nbytes),
+                                     *(["--snapshot", str(snapshot)] if snapshot else [])],
+                                     timeout=600)
+        done = json.loads(out.stdout.strip().splitlines()[-1])
+        done["mib_per_s"] = done["bytes"] / MiB / done["seconds"]
+        return dict(done)
+    finally:
+        if proxy is not None:
+            proxy.process.terminate()
+            proxy.process.wait(10)
+        server.terminate()
+        server.wait(10)

@@ -17,6 +17,7 @@ import structlog
 from sharedsync import __version__
 from sharedsync.core.audit_chain import AuditKind
 from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from sharedsync.core.framing import FrameEncoder
 from sharedsync.core.ids import check_id
 from sharedsync.storage.replicas import ReplicaStore
 
@@ -27,6 +28,7 @@ from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
 from .qos import NodeBandwidth
+from .transfer import frame_message, ref_of
 from .volume import PersistedState, Role, VolumeEngine, load_state
 
 log = structlog.get_logger(__name__)
@@ -218,7 +220,28 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         return pb.AgentStatus(node=self.node, version=__version__, capacity_bytes=usage.total,
                               available_bytes=usage.free, volumes=volumes)
 
+    async def Scrub(self, request: pb.ScrubRequest, context: Any) -> pb.ScrubResponse:
+        return await self.engine(request.volume_id).scrub()
+
     # -- Replication service -----------------------------------------------------------------
+
+    async def Resync(self, request: pb.ResyncRequest, context: Any) -> pb.ResyncResponse:
+        engine = self.engine(request.volume_id)
+        if engine.role is not Role.PRIMARY:
+            raise FailedPrecondition(f"{self.node} is not the primary of {request.volume_id}")
+        engine.resync(request.node, request.reason)
+        return pb.ResyncResponse()
+
+    async def FetchFile(self, request: pb.FetchFileRequest,
+                        context: Any) -> AsyncIterator[pb.Frame]:
+        engine = self.engine(request.volume_id)
+        path = engine.open_snapshot_file(ref_of(request.snapshot), request.path)
+        encoder = FrameEncoder()
+        with open(path, "rb") as source:  # noqa: ASYNC230 - a local read, chunk by chunk
+            while chunk := await asyncio.to_thread(source.read, 1 << 20):
+                for frame in encoder.feed(chunk):
+                    yield frame_message(frame).frame
+        yield frame_message(encoder.finish()).frame
 
     async def Holdings(self, request: pb.HoldingsRequest, context: Any) -> pb.HoldingsResponse:
         engine = self.engine(request.volume_id)

@@ -36,3 +36,6 @@ EPOCH = Gauge("sharedsync_volume_epoch", "The volume's epoch as this node knows 
 LAG_EXCEEDED = Counter(
     "sharedsync_lag_exceeded_total", "Times a peer's lag went over the policy's maxLag",
     ["volume", "peer"])
+SCRUB_ERRORS = Counter(
+    "sharedsync_scrub_errors_total",
+    "Checksum, read and verify errors found by scrubbing a replica", ["volume"])

@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,8 +32,14 @@ import structlog
 from google.protobuf import json_format
 
 from sharedsync.core.audit_chain import AuditKind
-from sharedsync.core.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
-from sharedsync.core.framing import NEVER_COMPRESS, CompressionPolicy
+from sharedsync.core.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from sharedsync.core.framing import NEVER_COMPRESS, CompressionPolicy, FrameDecoder
 from sharedsync.core.replica_state import (
     AckReceived,
     Event,
@@ -65,6 +72,7 @@ from .qos import NodeBandwidth
 from .transfer import (
     Outgoing,
     Spool,
+    frame_of,
     receive_snapshot,
     ref_message,
     ref_of,
@@ -375,6 +383,7 @@ class VolumeEngine:
         self._fuse: FuseServer | None = None
         self._retired: set[asyncio.Future[None]] = set()
         self._pruning = False
+        self._scrubber: asyncio.Task[None] | None = None
         self.fuse_root = state_dir.parent / "fuse"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -394,8 +403,14 @@ class VolumeEngine:
         self._sync_links()
         if self.role is Role.PRIMARY and not self.fenced:
             self._start_primary_loop()
+        self._scrubber = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.volume_id}")
 
     async def stop(self) -> None:
+        if self._scrubber is not None:
+            self._scrubber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scrubber
+            self._scrubber = None
         await self.detach()
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -757,6 +772,130 @@ class VolumeEngine:
             reply.partial.CopyFrom(snapshot_ref(partial[0]))
             reply.partial_offset = partial[1]
         return reply
+
+    # -- integrity ---------------------------------------------------------------------------
+
+    async def scrub(self) -> pb.ScrubResponse:
+        """Verify every checksum of this replica; repair what is damaged, from a healthy copy.
+
+        A damaged replica asks the primary to rebuild it (its snapshots are dropped, so the
+        rebuild is a full stream). A damaged primary re-reads every file of its live data and
+        replaces each unreadable one with the copy in a healthy replica's newest snapshot.
+        """
+        counters = await asyncio.to_thread(btrfs.scrub, self.lineage.root)
+        errors = sum(counters.get(k, 0) for k in btrfs.SCRUB_ERROR_COUNTERS)
+        metrics.SCRUB_ERRORS.labels(self.volume_id).inc(errors)
+        if errors == 0:
+            return pb.ScrubResponse(errors=0, message="no errors")
+        log.warning("scrub found damage", volume_id=self.volume_id, errors=errors,
+                    counters=counters)
+        if self.role is Role.REPLICA:
+            await self._request_resync(f"scrub found {errors} errors")
+            return pb.ScrubResponse(errors=errors, resync_requested=True,
+                                    message="asked the primary for a rebuild")
+        repaired = await self._repair_files() if self.spec.policy.auto_repair else []
+        self.audit(AuditKind.REPAIR, errors=errors, repaired=len(repaired),
+                   files=",".join(repaired)[:500])
+        return pb.ScrubResponse(errors=errors, repaired_files=repaired,
+                                message=f"repaired {len(repaired)} file(s)")
+
+    async def _request_resync(self, reason: str) -> None:
+        async with self._receive_lock:
+            for ref in await asyncio.to_thread(self.lineage.complete):
+                await asyncio.to_thread(self.lineage.delete, ref)
+            # the damaged extents must be freed, not merely unlinked, before the copy comes back
+            await asyncio.to_thread(btrfs.wait_for_cleaner, self.lineage.root)
+        self.spool.clear()
+        self.audit(AuditKind.REPAIR, action="resync-requested", reason=reason)
+        await self.peers.stub(self.primary).Resync(pb.ResyncRequest(
+            volume_id=self.volume_id, node=self.node, reason=reason), timeout=30)
+
+    def resync(self, node: str, reason: str) -> None:
+        """A replica lost its copy: forget what it held and rebuild it from scratch."""
+        link = self.links.get(node)
+        if link is None:
+            raise FailedPrecondition(f"{node} is not a replica of {self.volume_id} here")
+        link.known = False
+        link.acked = None
+        link.want(self.lineage.newest())
+        self.audit(AuditKind.REBUILD, phase="requested", peer=node, reason=reason[:200])
+
+    def _damaged_files(self) -> list[str]:
+        """Files of ``live`` that cannot be read back (checksum errors surface as EIO)."""
+        damaged = []
+        live = self.lineage.live
+        for path in live.rglob("*"):
+            if path.is_symlink() or not path.is_file():
+                continue
+            try:
+                with open(path, "rb") as source:
+                    while source.read(1 << 20):
+                        pass
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    damaged.append(str(path.relative_to(live)))
+        return damaged
+
+    async def _repair_files(self) -> list[str]:
+        damaged = await asyncio.to_thread(self._damaged_files)
+        healthy = [link for link in self.links.values()
+                   if link.state is ReplicaState.IN_SYNC and link.acked is not None]
+        log.info("repairing", volume_id=self.volume_id, damaged=damaged,
+                 sources=[link.node for link in healthy])
+        repaired = []
+        for rel in damaged:
+            for link in healthy:
+                try:
+                    await self._fetch_into_live(link, rel)
+                except (grpc.aio.AioRpcError, OSError) as exc:
+                    log.warning("repair from peer failed", volume_id=self.volume_id,
+                                peer=link.node, path=rel, error=str(exc))
+                    continue
+                repaired.append(rel)
+                break
+        return repaired
+
+    async def _fetch_into_live(self, link: PeerLink, rel: str) -> None:
+        assert link.acked is not None
+        decoder = FrameDecoder()
+        target = self.lineage.live / rel
+        temporary = target.with_name(f".{target.name}.repair")
+        call = self.peers.stub(link.node).FetchFile(pb.FetchFileRequest(
+            volume_id=self.volume_id, snapshot=snapshot_ref(link.acked), path=rel), timeout=600)
+        with open(temporary, "wb") as out:  # noqa: ASYNC230 - rare repair path, small writes
+            async for message in call:
+                out.write(decoder.accept(frame_of(message)))
+            if not decoder.finished:
+                raise OSError(errno.EIO, f"the copy of {rel} from {link.node} was cut short")
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(target, temporary, follow_symlinks=False)
+        os.replace(temporary, target)
+
+    def open_snapshot_file(self, ref: SnapRef, rel: str) -> Path:
+        """A file of a complete snapshot, for FetchFile; refuses any path leaving it."""
+        if ref not in self.lineage.complete():
+            raise NotFound(f"snapshot {ref.name} of {self.volume_id} is not here")
+        root = self.lineage.path(ref)
+        if not rel or rel.startswith("/") or ".." in Path(rel).parts or "\0" in rel:
+            raise InvalidArgument(f"path {rel[:200]!r} must be relative, without '..'")
+        path = root / rel
+        resolved = path.resolve()
+        if root.resolve() not in resolved.parents or path.is_symlink() or not path.is_file():
+            raise NotFound(f"{rel} is not a regular file of snapshot {ref.name}")
+        return resolved
+
+    async def _scrub_loop(self) -> None:
+        while True:
+            interval = self.spec.policy.scrub_interval_seconds
+            await asyncio.sleep(interval if interval > 0 else 60)
+            if interval > 0:
+                try:
+                    await self.scrub()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("scheduled scrub failed", volume_id=self.volume_id)
 
     # -- status ------------------------------------------------------------------------------
 

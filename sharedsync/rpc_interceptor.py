@@ -9,7 +9,7 @@ call, with the request rendered by a caller-supplied function that strips secret
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -59,12 +59,43 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 self._wrap(method, cast("Handler", handler.unary_unary), log_request=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap(method, cast("Handler", handler.stream_unary), log_request=False),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
+
+    def _wrap_stream(self, method: str, inner: Any) -> Any:
+        """Server-streaming handlers: the same mapping, applied while the stream is produced."""
+
+        async def call(request: Any,
+                       context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except (SharedsyncError, NotImplementedError) as exc:
+                code = status_for(exc)
+                await context.abort(code, str(exc) or f"{method} is not implemented")
+            except Exception as exc:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("call crashed", method=method)
+                await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                self.histogram.labels(**self.labels, method_name=method,
+                                      grpc_status_code=code_label(code)).observe(
+                    time.perf_counter() - started)
+
+        return call
 
     def _wrap(self, method: str, inner: Handler, *, log_request: bool) -> Handler:
         quiet = method in self.quiet_methods

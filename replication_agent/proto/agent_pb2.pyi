@@ -150,6 +150,73 @@ class SnapshotRef(_message.Message):
 Global___SnapshotRef: _TypeAlias = SnapshotRef  # noqa: Y015
 
 @_typing.final
+class ResyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    node: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "reason", b"reason", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResyncRequest: _TypeAlias = ResyncRequest  # noqa: Y015
+
+@_typing.final
+class ResyncResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResyncResponse: _TypeAlias = ResyncResponse  # noqa: Y015
+
+@_typing.final
+class FetchFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    path: _builtins.str
+    """Relative to the volume's root, without `..` or a leading `/`."""
+    @_builtins.property
+    def snapshot(self) -> Global___SnapshotRef: ...
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        snapshot: Global___SnapshotRef | None = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "snapshot", b"snapshot", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchFileRequest: _TypeAlias = FetchFileRequest  # noqa: Y015
+
+@_typing.final
 class HoldingsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -357,6 +424,58 @@ class PushResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushResult: _TypeAlias = PushResult  # noqa: Y015
+
+@_typing.final
+class ScrubRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrubRequest: _TypeAlias = ScrubRequest  # noqa: Y015
+
+@_typing.final
+class ScrubResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERRORS_FIELD_NUMBER: _builtins.int
+    REPAIRED_FILES_FIELD_NUMBER: _builtins.int
+    RESYNC_REQUESTED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    errors: _builtins.int
+    """Checksum, read and verify errors btrfs found."""
+    resync_requested: _builtins.bool
+    """True when this replica asked the primary for a rebuild."""
+    message: _builtins.str
+    @_builtins.property
+    def repaired_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Files of the primary replaced with a healthy replica's copy."""
+
+    def __init__(
+        self,
+        *,
+        errors: _builtins.int = ...,
+        repaired_files: _abc.Iterable[_builtins.str] | None = ...,
+        resync_requested: _builtins.bool = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "message", b"message", "repaired_files", b"repaired_files", "resync_requested", b"resync_requested"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrubResponse: _TypeAlias = ScrubResponse  # noqa: Y015
 
 @_typing.final
 class VolumePolicy(_message.Message):

@@ -42,6 +42,16 @@ class ReplicationStub:
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.HoldingsRequest.SerializeToString,
                 response_deserializer=replication__agent_dot_proto_dot_agent__pb2.HoldingsResponse.FromString,
                 _registered_method=True)
+        self.Resync = channel.unary_unary(
+                '/sharedsync.agent.v1.Replication/Resync',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.ResyncRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.ResyncResponse.FromString,
+                _registered_method=True)
+        self.FetchFile = channel.unary_stream(
+                '/sharedsync.agent.v1.Replication/FetchFile',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.FetchFileRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.Frame.FromString,
+                _registered_method=True)
         self.Push = channel.stream_unary(
                 '/sharedsync.agent.v1.Replication/Push',
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.PushMessage.SerializeToString,
@@ -63,6 +73,21 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resync(self, request, context):
+        """A replica that found its copy damaged (scrub) asks the primary to rebuild it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchFile(self, request, context):
+        """One file of a complete snapshot, as frames: how a primary repairs a damaged file from a
+        healthy replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Push(self, request_iterator, context):
         """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
         The peer applies it atomically (all of it or nothing) and answers with what it now holds.
@@ -78,6 +103,16 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Holdings,
                     request_deserializer=replication__agent_dot_proto_dot_agent__pb2.HoldingsRequest.FromString,
                     response_serializer=replication__agent_dot_proto_dot_agent__pb2.HoldingsResponse.SerializeToString,
+            ),
+            'Resync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resync,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.ResyncRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.ResyncResponse.SerializeToString,
+            ),
+            'FetchFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchFile,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.FetchFileRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.Frame.SerializeToString,
             ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
@@ -115,6 +150,60 @@ class Replication:
             '/sharedsync.agent.v1.Replication/Holdings',
             replication__agent_dot_proto_dot_agent__pb2.HoldingsRequest.SerializeToString,
             replication__agent_dot_proto_dot_agent__pb2.HoldingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sharedsync.agent.v1.Replication/Resync',
+            replication__agent_dot_proto_dot_agent__pb2.ResyncRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.ResyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sharedsync.agent.v1.Replication/FetchFile',
+            replication__agent_dot_proto_dot_agent__pb2.FetchFileRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,
@@ -200,6 +289,11 @@ class AgentStub:
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=replication__agent_dot_proto_dot_agent__pb2.AgentStatus.FromString,
                 _registered_method=True)
+        self.Scrub = channel.unary_unary(
+                '/sharedsync.agent.v1.Agent/Scrub',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.ScrubRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.ScrubResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -255,6 +349,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scrub(self, request, context):
+        """Scrub this node's replica now: verify every checksum, and repair what is damaged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -292,6 +393,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=replication__agent_dot_proto_dot_agent__pb2.GetStatusRequest.FromString,
                     response_serializer=replication__agent_dot_proto_dot_agent__pb2.AgentStatus.SerializeToString,
+            ),
+            'Scrub': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scrub,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.ScrubRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.ScrubResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +592,33 @@ class Agent:
             '/sharedsync.agent.v1.Agent/GetStatus',
             replication__agent_dot_proto_dot_agent__pb2.GetStatusRequest.SerializeToString,
             replication__agent_dot_proto_dot_agent__pb2.AgentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scrub(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sharedsync.agent.v1.Agent/Scrub',
+            replication__agent_dot_proto_dot_agent__pb2.ScrubRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.ScrubResponse.FromString,
             options,
             channel_credentials,
             insecure,

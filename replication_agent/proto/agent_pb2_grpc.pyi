@@ -45,6 +45,12 @@ class ReplicationStub:
     """Which complete snapshots of a volume this peer holds: the sender picks the newest one both
     sides have as the parent of the next increment (after a restart, a lost ack, a failover).
     """
+    Resync: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ResyncRequest, _agent_pb2.ResyncResponse]
+    """A replica that found its copy damaged (scrub) asks the primary to rebuild it."""
+    FetchFile: _grpc.UnaryStreamMultiCallable[_agent_pb2.FetchFileRequest, _agent_pb2.Frame]
+    """One file of a complete snapshot, as frames: how a primary repairs a damaged file from a
+    healthy replica.
+    """
     Push: _grpc.StreamUnaryMultiCallable[_agent_pb2.PushMessage, _agent_pb2.PushResult]
     """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
     The peer applies it atomically (all of it or nothing) and answers with what it now holds.
@@ -60,6 +66,12 @@ class ReplicationAsyncStub(ReplicationStub):
     Holdings: _aio.UnaryUnaryMultiCallable[_agent_pb2.HoldingsRequest, _agent_pb2.HoldingsResponse]  # type: ignore[assignment]
     """Which complete snapshots of a volume this peer holds: the sender picks the newest one both
     sides have as the parent of the next increment (after a restart, a lost ack, a failover).
+    """
+    Resync: _aio.UnaryUnaryMultiCallable[_agent_pb2.ResyncRequest, _agent_pb2.ResyncResponse]  # type: ignore[assignment]
+    """A replica that found its copy damaged (scrub) asks the primary to rebuild it."""
+    FetchFile: _aio.UnaryStreamMultiCallable[_agent_pb2.FetchFileRequest, _agent_pb2.Frame]  # type: ignore[assignment]
+    """One file of a complete snapshot, as frames: how a primary repairs a damaged file from a
+    healthy replica.
     """
     Push: _aio.StreamUnaryMultiCallable[_agent_pb2.PushMessage, _agent_pb2.PushResult]  # type: ignore[assignment]
     """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
@@ -79,6 +91,24 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.HoldingsResponse, _abc.Awaitable[_agent_pb2.HoldingsResponse]]:
         """Which complete snapshots of a volume this peer holds: the sender picks the newest one both
         sides have as the parent of the next increment (after a restart, a lost ack, a failover).
+        """
+
+    @_abc_1.abstractmethod
+    def Resync(
+        self,
+        request: _agent_pb2.ResyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ResyncResponse, _abc.Awaitable[_agent_pb2.ResyncResponse]]:
+        """A replica that found its copy damaged (scrub) asks the primary to rebuild it."""
+
+    @_abc_1.abstractmethod
+    def FetchFile(
+        self,
+        request: _agent_pb2.FetchFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.Frame], _abc.AsyncIterator[_agent_pb2.Frame]]:
+        """One file of a complete snapshot, as frames: how a primary repairs a damaged file from a
+        healthy replica.
         """
 
     @_abc_1.abstractmethod
@@ -114,6 +144,8 @@ class AgentStub:
     """Make the volume usable on this node and return the directory (or device) to bind."""
     Detach: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DetachRequest, _agent_pb2.DetachResponse]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetStatusRequest, _agent_pb2.AgentStatus]
+    Scrub: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ScrubRequest, _agent_pb2.ScrubResponse]
+    """Scrub this node's replica now: verify every checksum, and repair what is damaged."""
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -134,6 +166,8 @@ class AgentAsyncStub(AgentStub):
     """Make the volume usable on this node and return the directory (or device) to bind."""
     Detach: _aio.UnaryUnaryMultiCallable[_agent_pb2.DetachRequest, _agent_pb2.DetachResponse]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetStatusRequest, _agent_pb2.AgentStatus]  # type: ignore[assignment]
+    Scrub: _aio.UnaryUnaryMultiCallable[_agent_pb2.ScrubRequest, _agent_pb2.ScrubResponse]  # type: ignore[assignment]
+    """Scrub this node's replica now: verify every checksum, and repair what is damaged."""
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -193,5 +227,13 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.AgentStatus, _abc.Awaitable[_agent_pb2.AgentStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def Scrub(
+        self,
+        request: _agent_pb2.ScrubRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ScrubResponse, _abc.Awaitable[_agent_pb2.ScrubResponse]]:
+        """Scrub this node's replica now: verify every checksum, and repair what is damaged."""
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,7 @@ import ctypes
 import fcntl
 import os
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,3 +199,30 @@ def set_read_only(path: str | os.PathLike[str], read_only: bool) -> None:
     """Flip a subvolume's read-only property (fencing a replica that lost its primacy)."""
     run(["btrfs", "property", "set", "-ts", os.fspath(path), "ro",
          "true" if read_only else "false"])
+
+
+SCRUB_ERROR_COUNTERS = ("read_errors", "csum_errors", "verify_errors", "super_errors",
+                        "uncorrectable_errors")
+
+
+def scrub(mount_point: str | os.PathLike[str]) -> dict[str, int]:
+    """Verify every checksum of the filesystem (``btrfs scrub start -B -R``); raw counters.
+
+    btrfs exits 3 when it found errors it could not correct: that is a result, not a failure.
+    """
+    done = subprocess.run(["btrfs", "scrub", "start", "-B", "-R", os.fspath(mount_point)],
+                          capture_output=True, text=True, check=False, timeout=3600,
+                          stdin=subprocess.DEVNULL)
+    counters = {}
+    for line in done.stdout.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and value.strip().isdigit():
+            counters[key] = int(value)
+    if done.returncode not in (0, 3) or "csum_errors" not in counters:
+        raise CommandFailed(["btrfs", "scrub"], done.returncode, done.stderr or done.stdout)
+    return counters
+
+
+def wait_for_cleaner(mount_point: str | os.PathLike[str]) -> None:
+    """Wait until deleted subvolumes are really gone (their extents freed)."""
+    run(["btrfs", "subvolume", "sync", os.fspath(mount_point)], timeout=600)

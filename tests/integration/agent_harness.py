@@ -125,7 +125,7 @@ def volume_spec(volume_id: str, nodes: Sequence[str], primary: str, *,
         primary_node=primary, epoch=epoch,
         policy=pb.VolumePolicy(mode=mode, replicas=len(nodes), write_quorum=write_quorum,
                                max_lag_seconds=max_lag, bandwidth_bytes_per_second=bandwidth,
-                               schedule=schedule, priority=1))
+                               schedule=schedule, priority=1, auto_repair=True))
 
 
 def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1,

@@ -274,3 +274,62 @@ def test_metrics_endpoint_reports_replication(cluster: AgentCluster) -> None:
     assert f'sharedsync_replica_state{{node="b",state="InSync",volume="{VOLUME}"}} 1.0' in text
     assert "sharedsync_sync_duration_seconds_bucket" in text
     assert f'sharedsync_replication_lag_seconds{{peer="b",volume="{VOLUME}"}}' in text
+
+
+def _damage(image: Path, pattern: bytes) -> int:
+    """Flip bytes in every on-disk copy of every 4 KiB block of ``pattern`` in ``image``."""
+    import mmap
+
+    damaged = 0
+    os.sync()  # what btrfs still holds in memory reaches the image first
+    with open(image, "r+b") as f, mmap.mmap(f.fileno(), 0) as mem:
+        for block in range(0, len(pattern), 4096):
+            needle, start = pattern[block:block + 4096], 0
+            while (at := mem.find(needle, start)) != -1:
+                mem[at + 100:at + 108] = bytes(b ^ 0xFF for b in mem[at + 100:at + 108])
+                damaged += 1
+                start = at + 1
+        mem.flush()
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return damaged
+
+
+def _image(cluster: AgentCluster, node: str) -> Path:
+    return cluster.agents[node].data_dir / "replicas" / "volumes" / VOLUME / "image"
+
+
+def test_scrub_on_a_damaged_replica_rebuilds_it(cluster: AgentCluster) -> None:
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    pattern = random.Random(16).randbytes(64 << 10)
+    (cluster.agents["a"].live(VOLUME) / "victim").write_bytes(pattern)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="sync")
+    assert _damage(_image(cluster, "b"), pattern) >= 16
+    result = cluster.agents["b"].call("Scrub", pb.ScrubRequest(volume_id=VOLUME))
+    assert result.errors > 0
+    assert result.resync_requested
+    wait_until(lambda: in_sync(cluster, "a", ["b"]) and newest_snapshot(cluster, "b") is not None,
+               timeout=120, what="the damaged replica rebuilt")
+    snapshot = newest_snapshot(cluster, "b")
+    assert snapshot is not None
+    assert (snapshot / "victim").read_bytes() == pattern
+    assert cluster.agents["b"].call("Scrub", pb.ScrubRequest(volume_id=VOLUME)).errors == 0
+
+
+def test_scrub_on_a_damaged_primary_repairs_files_from_a_replica(cluster: AgentCluster) -> None:
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    live = cluster.agents["a"].live(VOLUME)
+    pattern = random.Random(17).randbytes(64 << 10)
+    (live / "victim").write_bytes(pattern)
+    (live / "bystander").write_bytes(b"untouched")
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="sync")
+    assert _damage(_image(cluster, "a"), pattern) >= 16
+    with pytest.raises(OSError, match="Input/output error"):
+        (live / "victim").read_bytes()
+    result = cluster.agents["a"].call("Scrub", pb.ScrubRequest(volume_id=VOLUME))
+    assert result.errors > 0
+    assert list(result.repaired_files) == ["victim"]
+    assert (live / "victim").read_bytes() == pattern
+    assert (live / "bystander").read_bytes() == b"untouched"
