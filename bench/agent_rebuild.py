@@ -10,6 +10,8 @@ Baseline: the same number of bytes (the stream's length, a's ``bytes_shipped`` d
 over raw TCP from a to a sink in c, through a fault proxy in a's namespace started exactly like
 the agents' link proxies (so both paths cross the same veth and the same kind of proxy); run
 before and after the rebuild, mean rate. Goal: rebuild rate >= 0.8x the raw copy rate.
+Diagnostic: a bare ``Replication.Push`` stream of the same size over the agents' own TLS
+channel through the same kind of proxy (bench/grpc_probe.py), the transport's ceiling.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from bench.common import (
     Sampler,
     StatusClient,
     agent_cluster,
+    grpc_push_rate,
     log,
     main,
     ratio,
@@ -96,14 +99,17 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
             last_byte = next((t for t, v in sampler.samples if v[1] >= final_received), None)
             raw2 = tcp_copy(cluster, "a", "c", stream)
             log(f"raw TCP a->c through a link proxy: {raw2['mib_per_s']:.0f} MiB/s")
+            grpc_ceiling = grpc_push_rate(cluster, "a", "c", stream)
+            log(f"bare gRPC Push a->c (agents' TLS channel) through a link proxy: "
+                f"{grpc_ceiling['mib_per_s']:.0f} MiB/s")
         result.details.update(
             snapshot_seq=snap, stream_bytes=stream, apply_rpc_seconds=applied,
             rebuild_seconds=rebuild,
             first_byte_at_s=(first_byte - started) if first_byte else None,
             transfer_done_at_s=(last_byte - started) if last_byte else None,
             apply_after_transfer_s=(done[0] - last_byte) if last_byte else None,
-            raw_tcp_runs=[raw1, raw2], c_state=[r.state for r in status.replicas
-                                                if r.node == "c"])
+            raw_tcp_runs=[raw1, raw2], grpc_push=grpc_ceiling,
+            c_state=[r.state for r in status.replicas if r.node == "c"])
     rebuild_rate = stream / MiB / rebuild
     raw_rate = (raw1["mib_per_s"] + raw2["mib_per_s"]) / 2
     log(f"rebuild {stream / MiB:.0f} MiB in {rebuild:.2f} s = {rebuild_rate:.0f} MiB/s "
@@ -120,6 +126,11 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
                           stream / MiB / xfer, "MiB/s", baseline="raw TCP via link proxy",
                           baseline_value=raw_rate, ratio=ratio(stream / MiB / xfer, raw_rate),
                           note="diagnostic, no goal: the rebuild without its final apply"))
+    g = grpc_ceiling["mib_per_s"]
+    result.add(Figure("(diag) bare gRPC Push stream, TLS, via link proxy", g, "MiB/s",
+                      baseline="raw TCP via link proxy", baseline_value=raw_rate,
+                      ratio=ratio(g, raw_rate),
+                      note="diagnostic: the transport's ceiling (bench/grpc_probe.py), no disk"))
 
 
 if __name__ == "__main__":

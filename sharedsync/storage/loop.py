@@ -7,8 +7,6 @@ is already on, which is what Stage needs after a crash between its steps.
 import os
 import time
 
-from sharedsync.core.errors import FailedPrecondition
-
 from ._run import run
 
 #: How long a detach may wait for the last user of a loop device to let go.
@@ -31,22 +29,22 @@ def devices_for(image: str | os.PathLike[str]) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def detach_all(image: str | os.PathLike[str], *, timeout: float = DETACH_TIMEOUT_SECONDS) -> None:
-    """Detach every loop device backed by ``image`` and wait until they are really gone.
+def detach_all(image: str | os.PathLike[str], *, timeout: float = DETACH_TIMEOUT_SECONDS) -> bool:
+    """Detach every loop device backed by ``image``; True once they are really gone.
 
-    ``losetup --detach`` on a device someone still holds open only marks it for detach when
-    the last user closes it (autoclear); returning then would report a clean unstage while the
-    device lingers. So this waits (bounded) for the kernel to release it, and says who is late.
+    ``losetup --detach`` on a device someone still holds open (a ``btrfs`` command scanning
+    every block device, a backup tool) only marks it autoclear: the kernel detaches it when the
+    last holder closes it. So this waits (bounded) for that to happen, and returns False when
+    the device is still there at the deadline; the detach still completes later by itself.
     """
     for device in devices_for(image):
         run(["losetup", "--detach", device])
     deadline = time.monotonic() + timeout
-    while (left := devices_for(image)):
+    while devices_for(image):
         if time.monotonic() > deadline:
-            raise FailedPrecondition(
-                f"loop device {', '.join(left)} of {image} is still held open by another "
-                "process; it will detach when that process closes it")
+            return False
         time.sleep(0.05)
+    return True
 
 
 def refresh_size(device: str) -> None:

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import structlog
+
 from sharedsync import failpoints
 from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from sharedsync.core.ids import is_snapshot_id, is_volume_id
@@ -36,6 +38,8 @@ from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 
 from . import btrfs, loop, mounts
 from .files import atomic_write, exclusive_lock
+
+log = structlog.get_logger(__name__)
 
 LIVE = "live"
 SNAPSHOTS = "snapshots"
@@ -416,7 +420,9 @@ class ReplicaStore:
                 loop.detach_all(block)
         mounts.unmount(mount_point)
         failpoints.hit("replica.close.after_unmount")
-        loop.detach_all(self._image(volume_id))
+        if not loop.detach_all(self._image(volume_id)):
+            log.warning("loop device still held open by another process; the kernel detaches "
+                        "it when that process closes it", volume_id=volume_id)
         with contextlib.suppress(FileNotFoundError, OSError):
             mount_point.rmdir()
 
