@@ -1,9 +1,7 @@
 """Assemble and run a plugin process: the services its role calls for, on one gRPC socket."""
 
-import asyncio
 import contextlib
 import os
-import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +10,7 @@ import grpc
 import structlog
 
 from sharedsync.core.errors import InvalidArgument
+from sharedsync.lifecycle import until_terminated
 from sharedsync.storage.replicas import ReplicaStore
 
 from .backend import LocalBackend
@@ -98,10 +97,6 @@ async def serve(config: PluginConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and exit."""
     plugin = build_plugin(config)
     await plugin.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await until_terminated()
     log.info("stopping")
     await plugin.stop()

@@ -2,12 +2,12 @@
 
 import asyncio
 import contextlib
-import signal
 
 import grpc
 import structlog
 from prometheus_client import Histogram
 
+from sharedsync.lifecycle import until_terminated
 from sharedsync.rpc_interceptor import ErrorMappingInterceptor
 
 from .agent import Agent, ensure_dirs
@@ -53,11 +53,7 @@ async def serve(config: AgentConfig) -> None:
     log.info("agent serving", node=config.node, listen=config.listen,
              control_socket=str(config.control_socket), volumes=len(agent.engines),
              tls=config.tls is not None)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await until_terminated()
     log.info("agent stopping")
     await asyncio.gather(network.stop(SHUTDOWN_GRACE_SECONDS),
                          local.stop(SHUTDOWN_GRACE_SECONDS))

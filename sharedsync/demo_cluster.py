@@ -10,20 +10,16 @@ acknowledged record survived, and brings the old primary back as a fenced replic
 import functools
 import hashlib
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
+from replication_agent.process import AgentProcess
 from replication_agent.proto import agent_pb2 as pb
-from replication_agent.proto import agent_pb2_grpc
 from replication_agent.tls import issue_dev_pki
 
 NODES = ("node-a", "node-b", "node-c")
@@ -37,62 +33,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-class DemoAgent:
-    """One agent process of the demo."""
-
-    def __init__(self, workdir: Path, node: str, config: dict[str, Any]) -> None:
-        self.node = node
-        self.home = workdir / node
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.home / "agent.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.socket = Path(config["controlSocket"])
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.home / "agent.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "replication_agent", "run", "--config",
-                 str(self.config_path), "--log-format", "json"],
-                stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"agent {self.node} exited; see {self.home / 'agent.log'}")
-            try:
-                self.call("GetStatus", pb.GetStatusRequest(), timeout=2)
-                return
-            except grpc.RpcError:
-                time.sleep(0.1)
-        raise RuntimeError(f"agent {self.node} did not start")
-
-    def call(self, method: str, request: Any, timeout: float = 120) -> Any:
-        with grpc.insecure_channel(f"unix://{self.socket}") as channel:
-            return getattr(agent_pb2_grpc.AgentStub(channel), method)(request, timeout=timeout)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def volume(self) -> pb.VolumeStatus:
-        status: pb.AgentStatus = self.call("GetStatus", pb.GetStatusRequest(
-            volume_ids=[VOLUME]), timeout=10)
-        return status.volumes[0]
-
-    @property
-    def live(self) -> Path:
-        return self.home / "data" / "replicas" / "mnt" / VOLUME / "live"
 
 
 def _record(i: int) -> bytes:
@@ -119,8 +59,8 @@ def _spec(primary: str, mode: pb.Mode.ValueType, epoch: int = 1) -> pb.VolumeSpe
                                priority=1))
 
 
-def _table(agent: DemoAgent) -> str:
-    status = agent.volume()
+def _table(agent: AgentProcess) -> str:
+    status = agent.volume(VOLUME)
     lines = [f"     volume {status.volume_id}  mode {pb.Mode.Name(status.mode)}  epoch "
              f"{status.epoch}  primary {status.primary_node}  sync P50/P99 "
              f"{status.sync_latency_p50_seconds * 1000:.1f}/"
@@ -150,7 +90,7 @@ def run_cluster_demo(workdir: Path, step: Callable[[str, Callable[[], Any]], Any
     ports = {node: _free_port() for node in NODES}
     pki = issue_dev_pki(workdir / "pki", {n: f"127.0.0.1:{p}" for n, p in ports.items()})
     tls = {issued.node: issued.tls for issued in pki}
-    agents = {}
+    agents: dict[str, AgentProcess] = {}
     for node in NODES:
         config = {"node": node, "listen": f"127.0.0.1:{ports[node]}",
                   "controlSocket": str(workdir / node / "agent.sock"),
@@ -158,7 +98,8 @@ def run_cluster_demo(workdir: Path, step: Callable[[str, Callable[[], Any]], Any
                   "tls": {"ca": str(tls[node].ca), "cert": str(tls[node].cert),
                           "key": str(tls[node].key)},
                   "peers": {n: f"127.0.0.1:{p}" for n, p in ports.items() if n != node}}
-        agents[node] = DemoAgent(workdir, node, config)
+        agents[node] = AgentProcess(node=node, listen=f"127.0.0.1:{ports[node]}",
+                                    workdir=workdir / node, config=config)
     a, b, c = (agents[n] for n in NODES)
     try:
         for agent in agents.values():
@@ -193,15 +134,15 @@ def run_cluster_demo(workdir: Path, step: Callable[[str, Callable[[], Any]], Any
         step("promote node-b at epoch 2", lambda: b.call(
             "Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2)))
         verified = step("verify every acknowledged record on node-b",
-                        lambda: _verify(b.live, acked))
+                        lambda: _verify(b.live(VOLUME), acked))
         print(f"     {verified} of {len(acked)} acknowledged records intact on node-b")
         spec2 = _spec("node-b", pb.SYNCHRONOUS, epoch=2)
         for agent in (b, c):
             agent.call("ApplyVolume", pb.ApplyVolumeRequest(spec=spec2))
         step("restart node-a: it is fenced and rejoins as a replica", a.start)
         step("wait until every replica is in sync at epoch 2", lambda: _wait(
-            lambda: a.volume().epoch == 2 and all(
-                r.state == pb.IN_SYNC for r in b.volume().replicas), "replicas in sync"))
+            lambda: a.volume(VOLUME).epoch == 2 and all(
+                r.state == pb.IN_SYNC for r in b.volume(VOLUME).replicas), "replicas in sync"))
         print(_table(b))
         remove = pb.RemoveVolumeRequest(volume_id=VOLUME)
         for agent in agents.values():

@@ -33,6 +33,17 @@ def plain_request(message: Message) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
+def _failure(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a failed call ends with: ours mapped, anything else INTERNAL."""
+    if isinstance(exc, SharedsyncError | NotImplementedError):
+        code = status_for(exc)
+        message = str(exc) or f"{method} is not implemented"
+        log.info("call failed", method=method, code=code.name, error=message)
+        return code, message
+    log.error("call crashed", method=method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary handler (streaming handlers pass through with error mapping only)."""
 
@@ -83,13 +94,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     yield item
             except grpc.aio.AbortError:
                 raise
-            except (SharedsyncError, NotImplementedError) as exc:
-                code = status_for(exc)
-                await context.abort(code, str(exc) or f"{method} is not implemented")
-            except Exception as exc:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("call crashed", method=method)
-                await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                code, message = _failure(exc, method)
+                await context.abort(code, message)
             finally:
                 self.histogram.labels(**self.labels, method_name=method,
                                       grpc_status_code=code_label(code)).observe(
@@ -110,15 +117,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
-            except (SharedsyncError, NotImplementedError) as exc:
-                code = status_for(exc)
-                message = str(exc) or f"{method} is not implemented"
-                bound.info("call failed", code=code.name, error=message)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                code, message = _failure(exc, method)
                 await context.abort(code, message)
-            except Exception as exc:  # noqa: BLE001 - a bug: reported as INTERNAL, logged
-                code = grpc.StatusCode.INTERNAL
-                bound.exception("call crashed")
-                await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
             finally:
                 self.histogram.labels(**self.labels, method_name=method,
                                       grpc_status_code=code_label(code)).observe(

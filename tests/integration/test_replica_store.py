@@ -10,7 +10,6 @@ import errno
 import hashlib
 import mmap
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from sharedsync.storage.replicas import (
     VolumeKind,
     image_size,
 )
+from tests.leaks import force_cleanup, leaks_under
 
 pytestmark = [
     pytest.mark.root,
@@ -46,45 +46,9 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = MIN_VOLUME_BYTES  # 256 MiB, sparse
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 # -- leak check (self-contained: the integration conftest belongs to someone else) --------------
-
-
-def _mount_points() -> list[str]:
-    text = Path("/proc/self/mountinfo").read_bytes().decode(errors="surrogateescape")
-    return [_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[4])
-            for line in text.split("\n") if line]
-
-
-def _loop_backings() -> list[tuple[str, str]]:
-    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"],
-                         capture_output=True, text=True, check=True).stdout
-    pairs = []
-    for line in out.splitlines():
-        name, _, back = line.strip().partition(" ")
-        pairs.append((name, back.strip()))
-    return pairs
-
-
-def leaks_under(root: Path) -> list[str]:
-    prefix = str(root).rstrip("/") + "/"
-    found = [f"mount {p}" for p in _mount_points() if p.startswith(prefix)]
-    found += [f"loop {name} -> {back}" for name, back in _loop_backings()
-              if back.startswith(prefix)]
-    return found
-
-
-def force_cleanup(root: Path) -> None:
-    prefix = str(root).rstrip("/") + "/"
-    for point in sorted((p for p in _mount_points() if p.startswith(prefix)),
-                        key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    for _ in range(2):  # block-file loops first, then the images they lived in
-        for name, back in _loop_backings():
-            if back.startswith(prefix):
-                subprocess.run(["losetup", "-d", name], check=False, capture_output=True)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from sharedsync.core.errors import FailedPrecondition, Internal
 from sharedsync.storage import btrfs, loop, mounts
 from sharedsync.storage._run import CommandFailed, pipe, run
 from sharedsync.storage.files import atomic_write, exclusive_lock
+from tests.leaks import force_cleanup, leaks_under
 
 pytestmark = [
     pytest.mark.root,
@@ -30,49 +31,9 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 # -- leak check (self-contained: the integration conftest belongs to someone else) --------------
-
-
-def _mount_points() -> list[str]:
-    points = []
-    for line in Path("/proc/self/mountinfo").read_bytes().decode(errors="surrogateescape").split(
-            "\n"):
-        if line:
-            points.append(_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[4]))
-    return points
-
-
-def _loop_backings() -> list[tuple[str, str]]:
-    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"],
-                         capture_output=True, text=True, check=True).stdout
-    pairs = []
-    for line in out.splitlines():
-        name, _, back = line.strip().partition(" ")
-        pairs.append((name, back.strip()))
-    return pairs
-
-
-def leaks_under(root: Path) -> list[str]:
-    """Loop devices backed by files under ``root`` and mounts under ``root``."""
-    prefix = str(root).rstrip("/") + "/"
-    found = [f"mount {p}" for p in _mount_points() if p.startswith(prefix)]
-    found += [f"loop {name} -> {back}" for name, back in _loop_backings()
-              if back.startswith(prefix)]
-    return found
-
-
-def force_cleanup(root: Path) -> None:
-    """Undo whatever a failed test left behind, so that one failure does not poison the box."""
-    prefix = str(root).rstrip("/") + "/"
-    for point in sorted((p for p in _mount_points() if p.startswith(prefix)),
-                        key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    for name, back in _loop_backings():
-        if back.startswith(prefix):
-            subprocess.run(["losetup", "-d", name], check=False, capture_output=True)
 
 
 @pytest.fixture
