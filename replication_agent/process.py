@@ -49,6 +49,7 @@ class AgentProcess:
         return self.workdir / "agent.log"
 
     def start(self, timeout: float = 30) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "agent.yaml"
         config_path.write_text(yaml.safe_dump(self.config))
         self.socket.unlink(missing_ok=True)

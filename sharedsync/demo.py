@@ -223,7 +223,7 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     demo = Demo(scratch)
     try:
         demo.run()
-    except (grpc.RpcError, RuntimeError) as exc:
+    except (grpc.RpcError, RuntimeError, OSError) as exc:
         print(f"\ndemo failed: {exc}\nplugin log: {demo.log}", file=sys.stderr)
         return 1
     if not keep:
