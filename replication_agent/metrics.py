@@ -39,3 +39,7 @@ LAG_EXCEEDED = Counter(
 SCRUB_ERRORS = Counter(
     "sharedsync_scrub_errors_total",
     "Checksum, read and verify errors found by scrubbing a replica", ["volume"])
+THROTTLED = Counter(
+    "sharedsync_writer_throttled_total",
+    "fsync/close calls held back because a replica lagged beyond maxLag (onLagExceeded: "
+    "Throttle)", ["volume"])

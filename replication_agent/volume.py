@@ -86,6 +86,8 @@ log = structlog.get_logger(__name__)
 MAX_BACKOFF_SECONDS = 5.0
 #: A peer unreachable this long is reported Stale (the operator may replace it).
 STALE_AFTER_SECONDS = 30.0
+#: Longest an fsync or close is held back by onLagExceeded: Throttle.
+THROTTLE_MAX_WAIT_SECONDS = 30.0
 #: How long an fsync waits for its quorum before it fails with EIO.
 COMMIT_TIMEOUT_SECONDS = 30.0
 #: Sync latencies kept for the P50/P90/P99 in status.
@@ -625,6 +627,26 @@ class VolumeEngine:
         metrics.SYNC_SECONDS.labels(self.volume_id, "Synchronous").observe(
             time.monotonic() - started)
 
+    async def wait_lag_within(self, limit: float) -> None:
+        """Throttle a writer: hold it while a reachable replica is more than maxLag behind.
+
+        What was written so far is snapshotted first, so it counts in the lag; the writer is
+        released once every reachable replica is back within maxLag, or after ``limit``
+        seconds. A writer that outpaces replication is thereby slowed to its pace.
+        """
+        await self.cycle()
+        started = time.monotonic()
+        max_lag = self.max_lag()
+        throttled = False
+        while time.monotonic() - started < limit:
+            if not any(link.unreachable_since is None and self.lag_of(link) > max_lag
+                       for link in self.links.values()):
+                return
+            if not throttled:
+                throttled = True
+                metrics.THROTTLED.labels(self.volume_id).inc()
+            await asyncio.sleep(0.05)
+
     def default_quorum(self) -> int:
         return len(self.spec.replica_nodes) // 2 + 1
 
@@ -989,9 +1011,21 @@ class _CommitHooks:
 
     def commit(self, paths: list[str], datasync: bool) -> None:
         engine = self.engine
+        log.debug("commit requested", volume_id=engine.volume_id, paths=len(paths),
+                  mode=pb.Mode.Name(engine.spec.policy.mode))
         if engine.fenced:
             raise OSError(errno.EROFS, "this replica was fenced: a newer primary exists")
-        if engine.spec.policy.mode != pb.SYNCHRONOUS or engine.role is not Role.PRIMARY:
+        policy = engine.spec.policy
+        if engine.role is not Role.PRIMARY:
+            return
+        if policy.mode == pb.ASYNCHRONOUS and policy.on_lag_exceeded == pb.THROTTLE:
+            # Throttle writers: an fsync or close waits while a replica lags beyond maxLag,
+            # so writers slow down to the pace replication keeps (bounded, never an error).
+            asyncio.run_coroutine_threadsafe(
+                engine.wait_lag_within(THROTTLE_MAX_WAIT_SECONDS), self.loop).result(
+                timeout=THROTTLE_MAX_WAIT_SECONDS + 5)
+            return
+        if policy.mode != pb.SYNCHRONOUS:
             return  # Asynchronous/Scheduled: the daemon already made it durable locally
         future = asyncio.run_coroutine_threadsafe(engine.commit(), self.loop)
         try:

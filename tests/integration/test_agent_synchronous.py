@@ -134,3 +134,28 @@ def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) ->
     wait_until(lambda: cluster.agents["a"].volume(VOLUME).epoch == 2, timeout=120,
                what="the old primary follows epoch 2")
     assert cluster.agents["a"].volume(VOLUME).role == "replica"
+
+
+def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster) -> None:
+    import urllib.request
+
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=0.5,
+                       bandwidth=1 << 20)
+    spec.policy.on_lag_exceeded = pb.THROTTLE
+    cluster.apply(spec)
+    mount = attach(cluster, "a")
+    # 1 MiB files at a 1 MiB/s cap: the replica soon falls more than maxLag behind, and from
+    # then on each close waits until it is back within maxLag
+    import time
+
+    for i in range(12):
+        with open(mount / f"part-{i}.bin", "wb") as out:
+            out.write(os.urandom(1 << 20))
+        time.sleep(0.1)  # a writer that keeps going, faster than replication
+    status = cluster.agents["a"].volume(VOLUME)
+    peer = next(r for r in status.replicas if r.node == "b")
+    assert peer.lag_seconds <= 0.5 + 1.0  # caught up to (about) maxLag when close returned
+    with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    assert f'sharedsync_writer_throttled_total{{volume="{VOLUME}"}}' in text
+    cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
