@@ -155,7 +155,7 @@ def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster)
     status = cluster.agents["a"].volume(VOLUME)
     peer = next(r for r in status.replicas if r.node == "b")
     assert peer.lag_seconds <= 0.5 + 1.0  # caught up to (about) maxLag when close returned
-    with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:  # noqa: S310
+    with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:
         text = response.read().decode()
     assert f'sharedsync_writer_throttled_total{{volume="{VOLUME}"}}' in text
     cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
