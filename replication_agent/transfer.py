@@ -207,6 +207,43 @@ async def _run_receive(target: Path, source: AsyncIterator[bytes] | Path) -> Non
                        f"{stderr.decode(errors='replace').strip()}")
 
 
+async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage],
+                        decoder: FrameDecoder, progress: Progress, *,
+                        prefix: Path | None = None, spool_fd: int | None = None) -> None:
+    """Feed verified frames to ``btrfs receive`` as they arrive (after ``prefix``, the bytes of
+    a resumed stream already held), copying them to ``spool_fd`` when given."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
+
+    async def produce() -> AsyncIterator[bytes]:
+        while (item := await queue.get()) is not None:
+            yield item
+
+    receiver = asyncio.ensure_future(_run_receive(lineage.directory, produce()))
+
+    async def sink(raw: bytes) -> None:
+        if receiver.done():
+            receiver.result()  # surfaces btrfs receive's failure
+            raise Internal("btrfs receive stopped early")
+        if spool_fd is not None:
+            os.write(spool_fd, raw)
+        await queue.put(raw)
+
+    try:
+        if prefix is not None:
+            with open(prefix, "rb") as held:  # noqa: ASYNC230 - local reads between awaits
+                while chunk := held.read(READ_SIZE):
+                    await queue.put(chunk)
+        await _pump_frames(messages, sink, decoder, progress)
+        await queue.put(None)
+        await receiver
+    except BaseException:
+        receiver.cancel()
+        with contextlib.suppress(BaseException):
+            await receiver
+        lineage.discard_partial()
+        raise
+
+
 async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
                            messages: AsyncIterator[pb.PushMessage], spool: Spool,
                            progress: Progress = _no_progress) -> SnapRef:
@@ -219,30 +256,7 @@ async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
         parent = ref_of(header.parent)
         if parent not in lineage.complete():
             raise FailedPrecondition(f"missing parent snapshot {parent.name}")
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
-
-        async def produce() -> AsyncIterator[bytes]:
-            while (item := await queue.get()) is not None:
-                yield item
-
-        receiver = asyncio.ensure_future(_run_receive(lineage.directory, produce()))
-
-        async def sink(raw: bytes) -> None:
-            if receiver.done():
-                receiver.result()  # surfaces btrfs receive's failure
-                raise Internal("btrfs receive stopped early")
-            await queue.put(raw)
-
-        try:
-            await _pump_frames(messages, sink, decoder, progress)
-            await queue.put(None)
-            await receiver
-        except BaseException:
-            receiver.cancel()
-            with contextlib.suppress(BaseException):
-                await receiver
-            lineage.discard_partial()
-            raise
+        await _apply_stream(lineage, messages, decoder, progress)
     else:
         await _receive_full(lineage, header, messages, spool, decoder, progress)
     if ref not in lineage.complete():
@@ -253,7 +267,8 @@ async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
 async def _receive_full(lineage: Lineage, header: pb.StreamHeader,
                         messages: AsyncIterator[pb.PushMessage], spool: Spool,
                         decoder: FrameDecoder, progress: Progress) -> None:
-    """A full stream: spooled (fsynced) as it arrives, applied once complete."""
+    """A full stream: applied as it arrives and spooled (fsynced) alongside, so that an
+    interrupted transfer resumes from the verified bytes it already has."""
     ref = ref_of(header.snapshot)
     path = spool.path(ref)
     held = path.stat().st_size if path.exists() else 0
@@ -265,20 +280,17 @@ async def _receive_full(lineage: Lineage, header: pb.StreamHeader,
         held = 0
     spool.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    applied = False
     try:
-        async def sink(raw: bytes) -> None:
-            os.write(fd, raw)
-
-        try:
-            await _pump_frames(messages, sink, decoder, progress)
-        finally:
-            os.fsync(fd)  # what verified so far survives for a resume
-    finally:
-        os.close(fd)
-    try:
-        await _run_receive(lineage.directory, path)
-    except BaseException:
-        lineage.discard_partial()
-        spool.clear()  # a stream btrfs refused is not worth resuming
+        await _apply_stream(lineage, messages, decoder, progress,
+                            prefix=path if held else None, spool_fd=fd)
+        applied = True
+    except Internal:
+        spool.clear()  # btrfs refused the stream: not worth resuming
         raise
+    finally:
+        if not applied:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)  # what verified so far survives for a resume
+        os.close(fd)
     spool.clear()
