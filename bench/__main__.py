@@ -145,14 +145,16 @@ def markdown(summary: dict[str, Any]) -> str:
             ratio = f"{fmt(f['ratio'])}x" if f["ratio"] is not None else ""
             lines.append(f"| {b['number']} | {label} | {f['name']} | {fmt(f['value'])} "
                          f"{f['unit']} | {baseline} | {ratio} | {f['goal']} | {met} |")
-    waits = [f"{b['name']} {b.get('details', {}).get('netns_lock_wait_seconds', 0):.0f} s"
-             for b in summary["benchmarks"]
-             if b.get("details", {}).get("netns_lock_wait_seconds", 0) > 1]
+    def waited(b: dict[str, Any]) -> float:
+        d = b.get("details", {})
+        return float(d.get("netns_lock_wait_seconds", 0) + d.get("bench_lock_wait_seconds", 0))
+
+    waits = [f"{b['name']} {waited(b):.0f} s" for b in summary["benchmarks"] if waited(b) > 1]
     lines.append("")
     lines.append("wall time per benchmark: " + ", ".join(
         f"{b['name']} {b['wall_seconds']:.0f} s" for b in summary["benchmarks"]))
     if waits:
-        lines.append("of which waiting for the test-network host lock (other test runs): "
+        lines.append("of which waiting for the host locks (test network, other benchmark runs): "
                      + ", ".join(waits))
     for b in summary["benchmarks"]:
         for w in b.get("warnings", []):

@@ -461,6 +461,31 @@ def agent_log_errors(cluster: Any, limit: int = 5) -> list[str]:
     return out
 
 
+BENCH_LOCK = Path("/run/lock/sharedsync-bench.lock")
+
+
+@contextlib.contextmanager
+def bench_lock(result: Result) -> Iterator[None]:
+    """Never two benchmarks at once on this host (two drivers alternate, one at a time)."""
+    import fcntl
+
+    BENCH_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(BENCH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        started = time.monotonic()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another benchmark is running ({BENCH_LOCK}); waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        waited = time.monotonic() - started
+        if waited > 0.5:
+            result.details["bench_lock_wait_seconds"] = round(waited, 1)
+        yield
+    finally:
+        os.close(fd)
+
+
 def mounts_under(root: Path) -> list[str]:
     prefix = f"{root}/"
     found = []
@@ -497,7 +522,8 @@ def main(name: str, title: str, body: Callable[[bool, Path, Result], None],
 
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        body(args.quick, base, result)
+        with bench_lock(result):
+            body(args.quick, base, result)
     except NotAvailable as exc:
         result.status = "not available"
         result.reason = str(exc)
