@@ -35,6 +35,7 @@ from bench.common import (
     percentile,
     ratio,
     sequential_write,
+    settle,
     wait_in_sync,
 )
 from replication_agent.proto import agent_pb2 as pb
@@ -93,12 +94,14 @@ def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
     local_rates, replica_rates, paused_rates, cut_rates = [], [], [], []
     for i in range(rounds):
         log(f"round {i + 1}/{rounds}: local sequential write {write_bytes // MiB} MiB")
+        settle()
         w = sequential_write(local / f"seq-{i}.bin", write_bytes, pool)
         local_rates.append(w.mib_per_s)
         log(f"  local {w.mib_per_s:.0f} MiB/s")
         # Diagnostic: the same replica with the agent's sync loop paused (no snapshots, no
         # syncfs, no shipping while writing): separates the filesystem from the replication.
         pause(True)
+        settle()
         w = sequential_write(live / f"paused-{i}.bin", write_bytes, pool)
         paused_rates.append(w.mib_per_s)
         log(f"  live replica, replication paused {w.mib_per_s:.0f} MiB/s")
@@ -108,6 +111,7 @@ def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
         # Diagnostic: the sync loop runs (snapshot + syncfs every 100 ms) but the links to
         # both peers are cut at the proxies, so nothing ships: the cost of the cycle alone.
         cut(True)
+        settle()
         before = status.volume(VOLUME)
         w = sequential_write(live / f"cut-{i}.bin", write_bytes, pool)
         after = status.volume(VOLUME)
@@ -117,6 +121,7 @@ def _throughput(result: Result, status: StatusClient, live: Path, local: Path,
         cut(False)
         (live / f"cut-{i}.bin").unlink()
         wait_in_sync(status, VOLUME, PEERS, timeout=600)
+        settle()
         before = status.volume(VOLUME)
         w = sequential_write(live / f"seq-{i}.bin", write_bytes, pool)
         after = status.volume(VOLUME)

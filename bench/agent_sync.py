@@ -36,6 +36,7 @@ from bench.common import (
     percentile,
     ratio,
     sequential_write,
+    settle,
     small_fsync_latencies,
     wait_in_sync,
 )
@@ -104,11 +105,13 @@ def _measure(result: Result, status: StatusClient, mount: Path, local: Path, poo
     local_rates, fuse_rates, fuse_fsyncs, local_fsyncs = [], [], [], []
     for i in range(rounds):
         log(f"round {i + 1}/{rounds}: local sequential write {write_bytes // MiB} MiB")
+        settle()
         w = sequential_write(local / f"seq-{i}.bin", write_bytes, pool)
         local_rates.append(w.mib_per_s)
         local_fsyncs += w.fsync_seconds
         log(f"  local {w.mib_per_s:.0f} MiB/s")
         log(f"round {i + 1}/{rounds}: FUSE (Synchronous) sequential write")
+        settle()
         w = sequential_write(mount / f"seq-{i}.bin", write_bytes, pool)
         fuse_rates.append(w.mib_per_s)
         fuse_fsyncs += w.fsync_seconds
@@ -127,7 +130,9 @@ def _measure(result: Result, status: StatusClient, mount: Path, local: Path, poo
                       goal=">= 0.8x", met=r is not None and r >= 0.8))
 
     log(f"fsync latency: {fsyncs} x (4 KiB pwrite + fsync), local then FUSE")
+    settle()
     local_lat = small_fsync_latencies(local / "fsync.bin", fsyncs)
+    settle()
     before = status.volume(VOLUME).bytes_shipped
     started = time.monotonic()
     fuse_lat = small_fsync_latencies(mount / "fsync.bin", fsyncs)

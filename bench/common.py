@@ -259,6 +259,13 @@ def write_random_files(root: Path, count: int, size: int, seed: int) -> list[Pat
     return paths
 
 
+def settle(seconds: float = 0.3) -> None:
+    """Flush every dirty page (sync(2)) and pause, so that a timed write does not pay for
+    the writeback of the one before it (the variants of a round run back to back)."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def drop_caches() -> None:
     with contextlib.suppress(OSError):
         os.sync()
