@@ -225,7 +225,7 @@ async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage
             receiver.result()  # surfaces btrfs receive's failure
             raise Internal("btrfs receive stopped early")
         if spool_fd is not None:
-            os.write(spool_fd, raw)
+            await asyncio.to_thread(os.write, spool_fd, raw)  # keep the event loop streaming
         await queue.put(raw)
 
     try:
