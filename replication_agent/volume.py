@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1038,9 +1038,6 @@ class _CommitHooks:
 
     def on_write(self, path: str, offset: int, length: int) -> None:
         return None  # passthrough: changes are found through the btrfs increment
-
-
-StateLoader = Callable[[Path], PersistedState]
 
 
 def load_state(path: Path) -> PersistedState:
