@@ -8,6 +8,7 @@ call, with the request rendered by a caller-supplied function that strips secret
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
@@ -82,25 +83,32 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer)
         return handler
 
+    @contextlib.asynccontextmanager
+    async def _mapped(self, method: str,
+                      context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        """Around one call: errors become statuses, the duration lands in the histogram."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            code, message = _failure(exc, method)
+            await context.abort(code, message)
+        finally:
+            self.histogram.labels(**self.labels, method_name=method,
+                                  grpc_status_code=code_label(code)).observe(
+                time.perf_counter() - started)
+
     def _wrap_stream(self, method: str, inner: Any) -> Any:
         """Server-streaming handlers: the same mapping, applied while the stream is produced."""
 
         async def call(request: Any,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with self._mapped(method, context):
                 async for item in inner(request, context):
                     yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                code, message = _failure(exc, method)
-                await context.abort(code, message)
-            finally:
-                self.histogram.labels(**self.labels, method_name=method,
-                                      grpc_status_code=code_label(code)).observe(
-                    time.perf_counter() - started)
 
         return call
 
@@ -108,21 +116,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         quiet = method in self.quiet_methods
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            bound = log.bind(method=method)
             if log_request and not quiet:
-                bound.debug("call", request=self.render(request))
-            try:
+                log.debug("call", method=method, request=self.render(request))
+            async with self._mapped(method, context):
                 return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                code, message = _failure(exc, method)
-                await context.abort(code, message)
-            finally:
-                self.histogram.labels(**self.labels, method_name=method,
-                                      grpc_status_code=code_label(code)).observe(
-                    time.perf_counter() - started)
 
         return call
