@@ -25,6 +25,7 @@ import grpc
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from sharedsync.core.sizes import MiB
 from sharedsync.demo_cluster import run_cluster_demo
+from sharedsync.storage.leftovers import leftovers_under
 
 T = TypeVar("T")
 NODE = "demo-node"
@@ -82,16 +83,6 @@ class Demo:
                 self.process.kill()
                 self.process.wait()
 
-    def leftovers(self) -> list[str]:
-        """Mounts and loop devices under the scratch directory (there must be none)."""
-        prefix = f"{self.workdir}/"
-        found = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
-                 .splitlines() if line.split()[4].startswith(prefix)]
-        losetup = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"],
-                                 capture_output=True, text=True, check=False).stdout
-        found += [line for line in losetup.splitlines() if prefix in line]
-        return found
-
     def run(self) -> None:
         print(f"sharedsync standalone demo in {self.workdir}\n")
         print("the CSI plugin, driven as kubelet and the external-provisioner would:\n")
@@ -102,7 +93,7 @@ class Demo:
             self._lifecycle(identity, controller, node)
         print("\nthree agents, one replicated volume, a failover:\n")
         run_cluster_demo(self.workdir / "cluster", self.step)
-        left = self.leftovers()
+        left = leftovers_under(self.workdir)
         print("\nleft behind:", ", ".join(left) if left else "nothing (no mount, no loop device)")
         if left:
             raise RuntimeError(f"the demo left {left} behind")

@@ -55,3 +55,14 @@ def refresh_size(device: str) -> None:
 def size_of(device: str) -> int:
     """Size of a block device in bytes."""
     return int(run(["blockdev", "--getsize64", device]).strip())
+
+
+def backings() -> list[tuple[str, str]]:
+    """(device, backing file) of every attached loop device on the host."""
+    out = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+    pairs = []
+    for line in out.splitlines():
+        name, _, back = line.strip().partition(" ")
+        if name:
+            pairs.append((name, back.strip()))
+    return pairs

@@ -14,7 +14,8 @@ from typing import Any
 
 from replication_agent.process import AgentProcess
 from replication_agent.proto import agent_pb2 as pb
-from tests.leaks import force_cleanup, leaks_under
+from sharedsync.storage.leftovers import leftovers_under
+from tests.leaks import force_cleanup
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,7 +129,7 @@ class AgentCluster:
         try:
             self.net.teardown()
         finally:
-            leaked = leaks_under(self.workdir)
+            leaked = leftovers_under(self.workdir)
             force_cleanup(self.workdir)
             if leaked:
                 raise AssertionError(f"agents left behind: {leaked}")

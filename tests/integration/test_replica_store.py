@@ -24,6 +24,7 @@ from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sharedsync.core.ids import snapshot_id_for, volume_id_for
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 from sharedsync.storage import btrfs, loop, mounts
+from sharedsync.storage.leftovers import leftovers_under
 from sharedsync.storage.replicas import (
     BLOCK_FILE,
     LIVE,
@@ -33,7 +34,7 @@ from sharedsync.storage.replicas import (
     VolumeKind,
     image_size,
 )
-from tests.leaks import force_cleanup, leaks_under
+from tests.leaks import force_cleanup
 
 pytestmark = [
     pytest.mark.root,
@@ -57,7 +58,7 @@ def store(tmp_path: Path) -> Iterator[ReplicaStore]:
     s = ReplicaStore(tmp_path / "store")
     s.ensure_layout()
     yield s
-    leaked = leaks_under(tmp_path)
+    leaked = leftovers_under(tmp_path)
     if leaked:
         force_cleanup(tmp_path)
     assert not leaked, f"leaked: {leaked}"
@@ -794,7 +795,7 @@ def test_create_recovers_from_crash(store: ReplicaStore, tmp_path: Path, failpoi
     meta = store.create(v, SIZE, VolumeKind.FILESYSTEM)
     assert meta.complete
     assert not store.is_open(v)
-    assert leaks_under(tmp_path) == []
+    assert leftovers_under(tmp_path) == []
     store.open(v)
     try:
         assert list(store.live_path(v).iterdir()) == []
@@ -810,7 +811,7 @@ def test_delete_after_crashed_create(store: ReplicaStore, tmp_path: Path, failpo
     crash(store, failpoint, "create", v)
     store.delete(v)
     assert not volume_dir(store, v).exists()
-    assert leaks_under(tmp_path) == []
+    assert leftovers_under(tmp_path) == []
 
 
 @pytest.mark.parametrize("failpoint", ["replica.open.after_attach",
@@ -826,7 +827,7 @@ def test_clone_recovers_from_crash(store: ReplicaStore, tmp_path: Path, failpoin
     assert store.meta(clone) is None
     store.create(clone, SIZE, VolumeKind.FILESYSTEM, Source(src))
     assert not store.is_open(src)  # whatever the crash left mounted was cleaned up
-    assert leaks_under(tmp_path) == []
+    assert leftovers_under(tmp_path) == []
     store.open(clone)
     try:
         assert tree_digest(store.live_path(clone)) == digest
@@ -850,7 +851,7 @@ def test_open_recovers_from_crash(store: ReplicaStore, tmp_path: Path) -> None:
     assert store.is_open(v)
     assert len(store.devices(v)) == 1  # re-used, not attached twice
     store.close(v)
-    assert leaks_under(tmp_path) == []
+    assert leftovers_under(tmp_path) == []
 
 
 def test_close_recovers_from_crash(store: ReplicaStore, tmp_path: Path) -> None:
@@ -864,7 +865,7 @@ def test_close_recovers_from_crash(store: ReplicaStore, tmp_path: Path) -> None:
     assert len(store.devices(v)) == 1
     store.close(v)
     assert store.devices(v) == []
-    assert leaks_under(tmp_path) == []
+    assert leftovers_under(tmp_path) == []
     store.open(v)
     try:
         assert (store.live_path(v) / "precious").read_text() == "still here"
@@ -879,7 +880,7 @@ def test_delete_recovers_from_crash(store: ReplicaStore, tmp_path: Path) -> None
     store.delete(v)
     assert store.meta(v) is None
     assert not volume_dir(store, v).exists()
-    assert leaks_under(tmp_path) == []
+    assert leftovers_under(tmp_path) == []
 
 
 def test_expand_recovers_from_crash(store: ReplicaStore, tmp_path: Path) -> None:
@@ -896,4 +897,4 @@ def test_expand_recovers_from_crash(store: ReplicaStore, tmp_path: Path) -> None
         assert 2 * SIZE * 0.9 <= fs_total(store.live_path(v)) <= 2 * SIZE
     finally:
         store.close(v)
-    assert leaks_under(tmp_path) == []
+    assert leftovers_under(tmp_path) == []

@@ -22,7 +22,8 @@ from sharedsync.core.errors import FailedPrecondition, Internal
 from sharedsync.storage import btrfs, loop, mounts
 from sharedsync.storage._run import CommandFailed, pipe, run
 from sharedsync.storage.files import atomic_write, exclusive_lock
-from tests.leaks import force_cleanup, leaks_under
+from sharedsync.storage.leftovers import leftovers_under
+from tests.leaks import force_cleanup
 
 pytestmark = [
     pytest.mark.root,
@@ -40,7 +41,7 @@ MiB = 1 << 20
 def work(tmp_path: Path) -> Iterator[Path]:
     """A scratch directory; the test fails if it leaks a mount or a loop device under it."""
     yield tmp_path
-    leaked = leaks_under(tmp_path)
+    leaked = leftovers_under(tmp_path)
     if leaked:
         force_cleanup(tmp_path)
     assert not leaked, f"leaked: {leaked}"
