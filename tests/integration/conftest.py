@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import grpc
 import pytest
 
+from csi_driver.backend import missing_tools
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ SMALL = 64 * MiB
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 RPC_TIMEOUT = 60.0
-REQUIRED_TOOLS = ("losetup", "mount", "umount", "mkfs.btrfs", "btrfs", "blockdev")
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 Mode: TypeAlias = "csi_pb2.VolumeCapability.AccessMode.Mode.ValueType"
@@ -351,7 +351,7 @@ async def _launch_once(workspace: Workspace, failpoints: str, env: Mapping[str, 
 def _require_host() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: real loop devices, btrfs and mounts")
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    missing = missing_tools()
     if missing:
         pytest.skip(f"storage tools missing: {', '.join(missing)} (run scripts/setup)")
     if not PYTHON.exists():

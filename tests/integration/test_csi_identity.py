@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 import sharedsync
+from csi_driver.backend import REQUIRED_TOOLS
 from csi_driver.proto import csi_pb2
 
-from .conftest import DRIVER_NAME, REQUIRED_TOOLS, RPC_TIMEOUT, Plugin, StartPlugin
+from .conftest import DRIVER_NAME, RPC_TIMEOUT, Plugin, StartPlugin
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
