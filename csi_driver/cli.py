@@ -11,7 +11,14 @@ from pathlib import Path
 from sharedsync import __version__
 from sharedsync.observability import configure_logging, serve_metrics
 
-from .config import DEFAULT_DATA_DIR, DEFAULT_KUBELET_DIR, DRIVER_NAME, PluginConfig, Role
+from .config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_KUBELET_DIR,
+    DRIVER_NAME,
+    PluginConfig,
+    Role,
+    StateStoreKind,
+)
 from .server import serve
 
 
@@ -32,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                         str(DEFAULT_DATA_DIR))),
                         help="where replicas and controller state live "
                              "(env SHAREDSYNC_DATA_DIR)")
+    parser.add_argument("--state-store", type=StateStoreKind, choices=list(StateStoreKind),
+                        default=env("SHAREDSYNC_STATE_STORE", "local"),
+                        help="where the controller keeps its records: local (SQLite under "
+                             "--data-dir) or kubernetes (SharedVolume objects; needs the "
+                             "CRDs) (env SHAREDSYNC_STATE_STORE; default local)")
+    parser.add_argument("--kubeconfig", type=Path, default=None,
+                        help="kubeconfig for the kubernetes state store (default: the pod's "
+                             "service account, in-cluster)")
     parser.add_argument("--kubelet-dir", type=Path, default=DEFAULT_KUBELET_DIR,
                         help="kubelet's root directory: staging and target paths must be "
                              "inside it")
@@ -52,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     roots = tuple(p.absolute() for p in [args.kubelet_dir, *args.allowed_path_root])
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id, role=args.role,
                           driver_name=args.driver_name, data_dir=args.data_dir.absolute(),
-                          allowed_path_roots=roots, metrics_address=args.metrics_address)
+                          allowed_path_roots=roots, metrics_address=args.metrics_address,
+                          state_store=args.state_store,
+                          kubeconfig=args.kubeconfig.absolute() if args.kubeconfig else None)
     if config.metrics_address:
         try:
             serve_metrics(config.metrics_address)

@@ -11,6 +11,13 @@ DEFAULT_KUBELET_DIR = Path("/var/lib/kubelet")
 DEFAULT_DATA_DIR = Path("/var/lib/sharedsync")
 
 
+class StateStoreKind(enum.StrEnum):
+    """Where the controller keeps its records (see ``csi_driver.state``)."""
+
+    LOCAL = "local"  # SQLite under --data-dir: standalone, one controller on one disk
+    KUBERNETES = "kubernetes"  # SharedVolume objects: with the operator
+
+
 class Role(enum.StrEnum):
     """Which CSI services this process serves (Identity is always served)."""
 
@@ -33,6 +40,9 @@ class PluginConfig:
     #: plugin mount over /etc.
     allowed_path_roots: tuple[Path, ...] = field(default=(DEFAULT_KUBELET_DIR,))
     metrics_address: str = ""
+    state_store: StateStoreKind = StateStoreKind.LOCAL
+    #: The Kubernetes store's credentials; None means the pod's service account (in-cluster).
+    kubeconfig: Path | None = None
     max_message_bytes: int = 4 * 1024 * 1024
 
     @property
@@ -49,4 +59,5 @@ class PluginConfig:
 
     @property
     def state_path(self) -> Path:
+        """The local store's database (unused with the Kubernetes store)."""
         return self.data_dir / "state" / "controller.db"

@@ -20,7 +20,7 @@ from .identity import IdentityService
 from .interceptor import csi_interceptor
 from .node import NodeService
 from .proto import csi_pb2_grpc
-from .state import LocalStateStore
+from .state import StateStore, open_state_store
 
 log = structlog.get_logger(__name__)
 #: How long in-flight RPCs may finish after SIGTERM before they are cancelled.
@@ -52,7 +52,7 @@ class Plugin:
 
     config: PluginConfig
     server: grpc.aio.Server
-    state: LocalStateStore | None
+    state: StateStore | None
 
     async def start(self) -> None:
         path = socket_path(self.config.endpoint)
@@ -71,8 +71,9 @@ class Plugin:
             socket_path(self.config.endpoint).unlink()
 
 
-def build_plugin(config: PluginConfig) -> Plugin:
-    """Create the gRPC server with the services ``config.role`` asks for."""
+async def build_plugin(config: PluginConfig) -> Plugin:
+    """Create the gRPC server with the services ``config.role`` asks for (and open the
+    controller's state store: SQLite on local disk, or SharedVolume objects in Kubernetes)."""
     store = ReplicaStore(config.replica_root)
     backend = LocalBackend(store, config.node_id)
     server = grpc.aio.server(
@@ -80,9 +81,9 @@ def build_plugin(config: PluginConfig) -> Plugin:
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes)],
     )
-    state: LocalStateStore | None = None
+    state: StateStore | None = None
     if config.serves_controller:
-        state = LocalStateStore(config.state_path)
+        state = await open_state_store(config)
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(state, backend), server)
     if config.serves_node:
         csi_pb2_grpc.add_NodeServicer_to_server(
@@ -95,7 +96,7 @@ def build_plugin(config: PluginConfig) -> Plugin:
 
 async def serve(config: PluginConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and exit."""
-    plugin = build_plugin(config)
+    plugin = await build_plugin(config)
     await plugin.start()
     await until_terminated()
     log.info("stopping")

@@ -8,7 +8,7 @@ they validate, find the volume's :class:`VolumeEngine`, and ask it.
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,10 @@ def validate_spec(spec: pb.VolumeSpec, node: str) -> None:
         raise InvalidArgument(f"replica_nodes does not include this node ({node})")
     if spec.primary_node not in spec.replica_nodes:
         raise InvalidArgument(f"primary_node {spec.primary_node!r} is not in replica_nodes")
+    for peer, address in spec.peer_addresses.items():
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise InvalidArgument(f"peer_addresses[{peer}] must be host:port, got {address!r}")
     if len(set(spec.replica_nodes)) != len(spec.replica_nodes):
         raise InvalidArgument("replica_nodes lists a node twice")
     policy = spec.policy
@@ -115,6 +119,7 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             log.warning("removed a FUSE mount left by a previous run", mountpoint=stale)
         for path in sorted(self.state_dir.glob("*.json")):
             state = await asyncio.to_thread(load_state, path)
+            await self.learn_peers(state.spec.peer_addresses)
             await self._start_engine(state.spec, state)
         for volume in self.config.volumes:
             await self.apply(spec_from_config(volume))
@@ -159,12 +164,26 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
 
     async def apply(self, spec: pb.VolumeSpec) -> VolumeEngine:
         validate_spec(spec, self.node)
+        await self.learn_peers(spec.peer_addresses)
         async with self._lock(spec.volume_id):
             engine = self.engines.get(spec.volume_id)
             if engine is None:
                 return await self._start_engine(spec)
             await engine.apply(spec)
             return engine
+
+    async def learn_peers(self, addresses: Mapping[str, str]) -> None:
+        """Take peer addresses the operator read from the agents' Leases.
+
+        An agent restarted on another port or address announces it in its Lease; the operator
+        passes it on with every ApplyVolume, so links follow it without a restart here. Our own
+        entry is ignored (we never dial ourselves).
+        """
+        merged = dict(self.peers.addresses)
+        merged.update((node, address) for node, address in addresses.items()
+                      if node != self.node and address)
+        if merged != self.peers.addresses:
+            await self.peers.update(merged)
 
     # -- Agent service -----------------------------------------------------------------------
 

@@ -78,6 +78,21 @@ class VolumeConfig(_Strict):
         return parse_bytes(value) if isinstance(value, str) else int(value)
 
 
+class KubernetesConfig(_Strict):
+    """Announce this agent to the operator through a coordination.k8s.io Lease.
+
+    Absent in standalone mode. In a cluster the operator learns which agents are alive, where
+    they listen and how much space they have from these Leases (operator/API.md, "Agent leases").
+    """
+
+    namespace: str
+    lease_duration_seconds: int = Field(15, alias="leaseDurationSeconds", ge=3, le=300)
+    #: host:port the operator and peers dial; defaults to ``listen``.
+    advertise_address: str = Field("", alias="advertiseAddress")
+    #: A kubeconfig file; empty means the pod's in-cluster service account.
+    kubeconfig: Path | None = None
+
+
 class AgentConfig(_Strict):
     """Everything one agent process needs."""
 
@@ -92,6 +107,14 @@ class AgentConfig(_Strict):
     audit_max_bytes: int = Field(16 << 20, alias="auditMaxBytes")
     audit_keep: int = Field(8, alias="auditKeep", ge=1)
     volumes: list[VolumeConfig] = []
+    kubernetes: KubernetesConfig | None = None
+
+    @property
+    def advertise_address(self) -> str:
+        """Where others reach this agent: the configured advertise address, else ``listen``."""
+        if self.kubernetes is not None and self.kubernetes.advertise_address:
+            return self.kubernetes.advertise_address
+        return self.listen
 
     @field_validator("node_bandwidth", "audit_max_bytes", mode="before")
     @classmethod

@@ -1001,7 +1001,7 @@ class VolumeEngine:
             bytes_shipped=self.bytes_shipped, bytes_received=self.bytes_received,
             conflicts=self.conflicts, snapshot_bytes=self.snapshot_bytes(),
             last_snapshot=ref_message(newest), fenced=self.fenced,
-            size_bytes=self.spec.size_bytes)
+            size_bytes=self.spec.size_bytes, spec_revision=self.spec.revision)
 
 
 class _CommitHooks:

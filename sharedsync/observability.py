@@ -46,6 +46,9 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     root.setLevel(level.upper())
     # gRPC's Cython layer logs every event-loop lookup at debug level: keep it out.
     logging.getLogger("grpc._cython.cygrpc").setLevel(max(logging.INFO, root.level))
+    # The Kubernetes client logs whole request and response bodies at debug level: tokens
+    # and Secret data must never reach a log, whatever the level.
+    logging.getLogger("kubernetes_asyncio.client.rest").setLevel(logging.WARNING)
 
 
 def serve_metrics(address: str) -> None:

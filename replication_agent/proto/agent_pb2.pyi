@@ -546,6 +546,26 @@ Global___VolumePolicy: _TypeAlias = VolumePolicy  # noqa: Y015
 class VolumeSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PeerAddressesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VOLUME_ID_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
@@ -553,17 +573,29 @@ class VolumeSpec(_message.Message):
     REPLICA_NODES_FIELD_NUMBER: _builtins.int
     PRIMARY_NODE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESSES_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     size_bytes: _builtins.int
     kind: _builtins.str
     """"filesystem" or "block"."""
     primary_node: _builtins.str
     epoch: _builtins.int
+    revision: _builtins.str
+    """Opaque revision of this spec chosen by the operator; echoed in VolumeStatus.spec_revision so
+    the operator knows which replicas still need the newest spec.
+    """
     @_builtins.property
     def policy(self) -> Global___VolumePolicy: ...
     @_builtins.property
     def replica_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Nodes holding a replica, this one included."""
+
+    @_builtins.property
+    def peer_addresses(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Where to reach the other replicas' agents (node name -> host:port of their TLS API), as the
+        operator learns them from the agents' Leases. Merged over the agent's configured peers.
+        """
 
     def __init__(
         self,
@@ -575,10 +607,12 @@ class VolumeSpec(_message.Message):
         replica_nodes: _abc.Iterable[_builtins.str] | None = ...,
         primary_node: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        peer_addresses: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "kind", b"kind", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "kind", b"kind", "peer_addresses", b"peer_addresses", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "revision", b"revision", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -838,6 +872,7 @@ class VolumeStatus(_message.Message):
     FENCED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SPEC_REVISION_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     epoch: _builtins.int
     primary_node: _builtins.str
@@ -856,6 +891,8 @@ class VolumeStatus(_message.Message):
     """True when a newer epoch exists elsewhere: this replica refuses writes."""
     message: _builtins.str
     size_bytes: _builtins.int
+    spec_revision: _builtins.str
+    """The revision of the spec this replica runs with (VolumeSpec.revision)."""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
@@ -880,10 +917,11 @@ class VolumeStatus(_message.Message):
         fenced: _builtins.bool = ...,
         message: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
+        spec_revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_snapshot", b"last_snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "spec_revision", b"spec_revision", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,7 +60,9 @@ class AgentCluster:
     they mount are visible to the test, which checks data and leaks directly.
     """
 
-    def __init__(self, workdir: Path, names: Sequence[str] = ("a", "b", "c")) -> None:
+    def __init__(self, workdir: Path, names: Sequence[str] = ("a", "b", "c"), *,
+                 extra_config: dict[str, Any] | None = None,
+                 clients: Sequence[str] = ()) -> None:
         from replication_agent.tls import issue_dev_pki
         from tests.cluster.faultproxy import start_proxy_process
         from tests.cluster.netns import TestNetwork
@@ -69,7 +71,10 @@ class AgentCluster:
         self.net = TestNetwork().start()
         self.nodes = {name: self.net.add_node(name) for name in names}
         issued = {i.node: i.tls for i in issue_dev_pki(
-            workdir / "pki", {n: node.endpoint(AGENT_PORT) for n, node in self.nodes.items()})}
+            workdir / "pki", {**{n: node.endpoint(AGENT_PORT) for n, node in self.nodes.items()},
+                              **{c: "127.0.0.1:1" for c in clients}})}
+        #: Certificates for Agent API clients that are not agents (the operator).
+        self.client_tls = {c: issued[c] for c in clients}
         self.proxies: dict[tuple[str, str], Any] = {}
         self.agents: dict[str, AgentProcess] = {}
         for src, node in self.nodes.items():
@@ -88,7 +93,8 @@ class AgentCluster:
             config = {"node": src, "listen": node.endpoint(AGENT_PORT),
                       "controlSocket": str(home / "agent.sock"), "dataDir": str(home / "data"),
                       "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
-                      "metricsAddress": node.endpoint(METRICS_PORT), "peers": peers}
+                      "metricsAddress": node.endpoint(METRICS_PORT), "peers": peers,
+                      **(extra_config or {})}
             self.agents[src] = AgentProcess(
                 node=src, listen=node.endpoint(AGENT_PORT), workdir=home, config=config,
                 argv_prefix=("nsenter", f"--net=/run/netns/{node.namespace}", "--"))

@@ -1,4 +1,4 @@
-module github.com/sharedsync/sharedsync/tools
+module github.com/sharedsync/sharedsync/tools/csi-test
 
 go 1.26
 

@@ -1,0 +1,289 @@
+"""kopf handlers: thin; each one reads the operator's view of the cluster and calls reconcile.
+
+The view (nodes, agent leases, policies, volumes) is kept current by watch-event handlers, so
+a reconcile never lists anything itself; every SharedVolume is also reconciled on a short timer,
+which is how a SyncPolicy edit, an agent's death or a replica catching up reach the volume's
+status within seconds without a watch on every input.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import structlog
+
+from sharedsync.core.placement import NodeView
+
+from .agents import AgentInfo, Agents, agent_from_lease
+from .kube import GROUP, VERSION, Kube
+from .metrics import LIVE_AGENTS, RECONCILE_ERRORS, RECONCILE_SECONDS
+from .policies import reconcile_policy, refuse_delete_in_use
+from .volumes import VolumeReconciler
+
+log = structlog.get_logger(__name__)
+
+#: How often every volume is reconciled even when nothing about it changed.
+VOLUME_RESYNC_SECONDS = 3.0
+POLICY_RESYNC_SECONDS = 5.0
+#: An agent's volume that no SharedVolume claims is removed only after it has been seen
+#: orphaned this long (watch events for a just-created SharedVolume may still be on the way).
+ORPHAN_GRACE_SECONDS = 30.0
+FINALIZER = "sharedsync.io/finalizer"
+
+
+@dataclass
+class NodeFacts:
+    labels: dict[str, str]
+    ready: bool
+    schedulable: bool
+
+
+@dataclass
+class Runtime:
+    """Everything the handlers share, kept in kopf's memo."""
+
+    kube: Kube
+    agents: Agents
+    namespace: str
+    volumes: VolumeReconciler
+    nodes: dict[str, NodeFacts] = field(default_factory=dict)
+    policies: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    shared_volumes: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    orphans_seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def node_views(self) -> list[NodeView]:
+        alive = self.agents.alive()
+        views = []
+        for name, facts in self.nodes.items():
+            info = self.agents.leases.get(name)
+            views.append(NodeView.of(name, facts.labels, ready=facts.ready,
+                                     schedulable=facts.schedulable,
+                                     agent_alive=name in alive,
+                                     available_bytes=info.available_bytes if info else 0))
+        return views
+
+
+def runtime(memo: Any) -> Runtime:
+    value = memo["runtime"]
+    assert isinstance(value, Runtime)
+    return value
+
+
+def _emitter(body: Any) -> Any:
+    def emit(type_: str, reason: str, message: str) -> None:
+        kopf.event(body, type=type_, reason=reason, message=message)
+    return emit
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return {"metadata": dict(body.get("metadata", {})), "spec": dict(body.get("spec", {})),
+            "status": dict(body.get("status", {}))}
+
+
+# -- settings and background work -------------------------------------------------------------
+
+@kopf.on.login()
+async def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+    """Log kopf in with the same credentials as our own client (kubeconfig or in-cluster),
+    instead of kopf's guesses from the environment."""
+    configuration = runtime(memo).kube.api_client.configuration
+    header = await configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+    scheme, _space, token = str(header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=str(configuration.host), ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl, scheme=scheme or None, token=token or None,
+        certificate_path=configuration.cert_file, private_key_path=configuration.key_file)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="sharedsync.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="sharedsync.io", key="last-handled-configuration")
+    # our own events are explicit (kopf.event); kopf's per-handler log events would flood
+    # the API with one event per timer tick per volume
+    settings.posting.level = logging.WARNING
+    settings.scanning.disabled = True
+    settings.watching.server_timeout = 300
+    settings.batching.error_delays = [1, 2, 5, 10]
+    state = runtime(memo)
+    state.tasks.append(asyncio.create_task(_poll_agents(state), name="agent-poll"))
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    for task in state.tasks:
+        task.cancel()
+    await asyncio.gather(*state.tasks, return_exceptions=True)
+    await state.agents.close()
+
+
+async def _poll_agents(state: Runtime) -> None:
+    """Refresh every live agent's status, and remove replicas no SharedVolume claims."""
+    while True:
+        try:
+            LIVE_AGENTS.set(len(state.agents.alive()))
+            await state.agents.poll_once()
+            await _sweep_orphans(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent poll failed")
+        await asyncio.sleep(2.0)
+
+
+async def _sweep_orphans(state: Runtime) -> None:
+    now = time.monotonic()
+    seen = set()
+    for node, status in list(state.agents.statuses.items()):
+        for volume in status.volumes:
+            key = (node, volume.volume_id)
+            if volume.volume_id in state.shared_volumes:
+                continue
+            seen.add(key)
+            first = state.orphans_seen.setdefault(key, now)
+            if now - first >= ORPHAN_GRACE_SECONDS:
+                log.info("removing a replica no SharedVolume claims", node=node,
+                         volume_id=volume.volume_id)
+                try:
+                    await state.agents.remove(node, volume.volume_id)
+                except Exception as exc:  # noqa: BLE001 - retried at the next sweep
+                    log.warning("orphan removal failed", node=node, error=str(exc)[:200])
+    for key in set(state.orphans_seen) - seen:
+        del state.orphans_seen[key]
+
+
+# -- the cluster view ------------------------------------------------------------------------
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    if type == "DELETED":
+        state.nodes.pop(name, None)
+        return
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (body.get("status") or {}).get("conditions") or ())
+    state.nodes[name] = NodeFacts(labels=dict(body.get("metadata", {}).get("labels") or {}),
+                                  ready=ready,
+                                  schedulable=not (body.get("spec") or {}).get("unschedulable"))
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases",
+               labels={"app.kubernetes.io/component": "agent"})
+def lease_event(type: str, namespace: str | None, body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    if namespace != state.namespace:
+        return
+    info = agent_from_lease(body)
+    if info is None:
+        return
+    leases: dict[str, AgentInfo] = dict(state.agents.leases)
+    if type == "DELETED":
+        leases.pop(info.node, None)
+    else:
+        leases[info.node] = info
+    state.agents.observe_leases(leases.values())
+
+
+@kopf.on.event(GROUP, VERSION, "syncpolicies")
+def policy_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    if type == "DELETED":
+        state.policies.pop(name, None)
+    else:
+        state.policies[name] = _plain(body)
+
+
+@kopf.on.event(GROUP, VERSION, "sharedvolumes")
+def volume_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    if type == "DELETED":
+        state.shared_volumes.pop(name, None)
+    else:
+        state.shared_volumes[name] = _plain(body)
+
+
+# -- SharedVolume ------------------------------------------------------------------------------
+
+async def _reconcile_volume(handler: str, body: Any, memo: Any) -> None:
+    state = runtime(memo)
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    # renewals reach us as lease events; let time move the view along between them too
+    state.agents.observe_leases(state.agents.leases.values())
+    with RECONCILE_SECONDS.labels(handler).time():
+        try:
+            await state.volumes.reconcile(_plain(body), state.policies, state.node_views(),
+                                          _emitter(body))
+        except Exception:
+            RECONCILE_ERRORS.labels(handler).inc()
+            raise
+
+
+@kopf.on.resume(GROUP, VERSION, "sharedvolumes")
+@kopf.on.create(GROUP, VERSION, "sharedvolumes")
+@kopf.on.update(GROUP, VERSION, "sharedvolumes")
+async def volume_changed(body: Any, memo: Any, **_: Any) -> None:
+    await _reconcile_volume("volume", body, memo)
+
+
+@kopf.timer(GROUP, VERSION, "sharedvolumes", interval=VOLUME_RESYNC_SECONDS, sharp=False)
+async def volume_timer(body: Any, memo: Any, **_: Any) -> None:
+    await _reconcile_volume("volume_timer", body, memo)
+
+
+@kopf.on.delete(GROUP, VERSION, "sharedvolumes")
+async def volume_deleted(name: str, body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    with RECONCILE_SECONDS.labels("volume_delete").time():
+        try:
+            await state.volumes.delete(name, _emitter(body))
+        except RuntimeError as exc:
+            RECONCILE_ERRORS.labels("volume_delete").inc()
+            raise kopf.TemporaryError(str(exc), delay=2) from exc
+
+
+# -- SyncPolicy --------------------------------------------------------------------------------
+
+async def _reconcile_policy(handler: str, body: Any, memo: Any) -> None:
+    state = runtime(memo)
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    with RECONCILE_SECONDS.labels(handler).time():
+        try:
+            await reconcile_policy(state.kube, _plain(body), state.node_views(),
+                                   list(state.shared_volumes.values()), _emitter(body))
+        except Exception:
+            RECONCILE_ERRORS.labels(handler).inc()
+            raise
+
+
+@kopf.on.resume(GROUP, VERSION, "syncpolicies")
+@kopf.on.create(GROUP, VERSION, "syncpolicies")
+@kopf.on.update(GROUP, VERSION, "syncpolicies")
+async def policy_changed(body: Any, memo: Any, **_: Any) -> None:
+    await _reconcile_policy("policy", body, memo)
+
+
+@kopf.timer(GROUP, VERSION, "syncpolicies", interval=POLICY_RESYNC_SECONDS, sharp=False)
+async def policy_timer(body: Any, memo: Any, **_: Any) -> None:
+    await _reconcile_policy("policy_timer", body, memo)
+
+
+@kopf.on.delete(GROUP, VERSION, "syncpolicies")
+async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    users = await refuse_delete_in_use(state.kube, _plain(body),
+                                       list(state.shared_volumes.values()))
+    if users:
+        raise kopf.TemporaryError(f"still used by {len(users)} volume(s)", delay=5)
+
+

@@ -1,0 +1,46 @@
+"""The operator's writes to the API server that kopf does not make for it: status patches of
+our custom resources and the removal of handled day-2 annotations."""
+
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+GROUP = "sharedsync.io"
+VERSION = "v1alpha1"
+SYNC_POLICIES = "syncpolicies"
+SHARED_VOLUMES = "sharedvolumes"
+#: The generated client would pick JSON Patch for a dict body, which custom resources refuse.
+_MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
+
+
+class Kube:
+    """A thin adapter over CustomObjectsApi for cluster-scoped sharedsync objects."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+
+    async def patch_status(self, plural: str, name: str, status: Mapping[str, Any]) -> bool:
+        """Merge ``status`` into the object's status; False when the object is gone."""
+        try:
+            await self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, plural, name, {"status": dict(status)}, **_MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def remove_annotation(self, plural: str, name: str, key: str) -> None:
+        try:
+            await self.custom.patch_cluster_custom_object(
+                GROUP, VERSION, plural, name, {"metadata": {"annotations": {key: None}}},
+                **_MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def close(self) -> None:
+        await self.api_client.close()

@@ -1,0 +1,21 @@
+"""One way to reach the Kubernetes API: a kubeconfig file when given, the pod's service account
+otherwise. Every component (agent, operator, CSI controller) builds its client here."""
+
+from pathlib import Path
+
+from kubernetes_asyncio import client, config
+
+
+async def api_client(kubeconfig: Path | None = None) -> client.ApiClient:
+    """A client for ``kubeconfig``, or in-cluster credentials when it is None.
+
+    The caller owns the client and must ``await client.close()``.
+    """
+    configuration = client.Configuration()
+    if kubeconfig is not None:
+        await config.load_kube_config(config_file=str(kubeconfig),
+                                      client_configuration=configuration)
+    else:
+        config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+    return client.ApiClient(configuration)

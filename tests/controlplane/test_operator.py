@@ -1,0 +1,283 @@
+"""The operator for real: a real API server, real agents in network namespaces, real failures.
+
+One cluster (three agents a, b, c in zones z1, z1, z2, the operator) serves the whole module;
+each test uses its own objects. Tests that kill something restore it before they end. Nothing
+here asserts a timing: waits are bounded and what is checked is where data and replicas end up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replication_agent.proto import agent_pb2 as pb
+from tests.cluster.netns import netns_unavailable
+from tests.controlplane.controlplane import ControlPlane
+from tests.controlplane.operator_harness import OperatorCluster, OperatorProcess, policy, volume
+from tests.integration.agent_harness import tree_digest, wait_until
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
+
+ZONE = "topology.kubernetes.io/zone"
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane: ControlPlane,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorCluster]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    workdir = Path(tmp_path_factory.mktemp("operator"))
+    cluster = OperatorCluster(control_plane, workdir, zones={"a": "z1", "b": "z1", "c": "z2"})
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+def write(root: Path, name: str, size: int = 256 << 10, seed: int = 0) -> None:
+    with open(root / name, "wb") as out:
+        out.write(random.Random(seed).randbytes(size))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def replica_nodes(cluster: OperatorCluster, name: str) -> list[str]:
+    status = cluster.get("sv", name).get("status") or {}
+    return [r["node"] for r in status.get("replicas") or ()]
+
+
+def test_volume_is_placed_replicated_and_ready(cluster: OperatorCluster) -> None:
+    cluster.apply(policy("async-2", mode="Asynchronous", replicas=2, maxLag="1s",
+                         placement={"topologyKey": ZONE}))
+    cluster.wait_condition("sp", "async-2", "Ready")
+    name = "vol-" + "01" * 12
+    cluster.apply(volume(name, "async-2"))
+    out = cluster.cp.kubectl("wait", "--for=condition=Ready", f"sv/{name}", "--timeout=120s",
+                             check=False, timeout=130)
+    assert out.returncode == 0, f"{out.stdout}{out.stderr}\n{cluster.operator.log_tail()}"
+    status = cluster.get("sv", name)["status"]
+    nodes = replica_nodes(cluster, name)
+    # spread over zones: one replica in z2 (c), one in z1 (a or b)
+    assert len(nodes) == 2, nodes
+    assert "c" in nodes, nodes
+    assert status["epoch"] == 1
+    assert status["primary"] in nodes
+    assert cluster.holders(name) == set(nodes)
+    primary = status["primary"]
+    [other] = [n for n in nodes if n != primary]
+    live = cluster.agents.agents[primary].live(name)
+    write(live, "data.bin", seed=1)
+    cluster.apply({**volume(name, "async-2"), "metadata": {
+        "name": name, "annotations": {"sharedsync.io/sync-now": "first"}}})
+    wait_until(lambda: (cluster.get("sv", name)["status"].get("lastSyncNow") == "first"),
+               timeout=120, what="sync-now handled")
+    assert "sharedsync.io/sync-now" not in cluster.get("sv", name)["metadata"].get(
+        "annotations", {})
+    peer = cluster.agents.agents[other]
+    wait_until(lambda: any((s / "data.bin").exists() for s in peer.sync_dir(name).iterdir()
+                           if s.name.startswith("e")), timeout=60, what="data on the replica")
+    printed = cluster.cp.kubectl("get", "sv", name).stdout
+    assert "async-2" in printed, printed
+    assert "2/2" in printed, printed
+    sp = cluster.get("sp", "async-2")["status"]
+    assert sp["volumes"] >= 1
+
+
+def test_policy_edits_reach_volumes_live(cluster: OperatorCluster) -> None:
+    cluster.apply(policy("live-edit", mode="Asynchronous", replicas=2, maxLag="1s"))
+    name = "vol-" + "02" * 12
+    cluster.apply(volume(name, "live-edit"))
+    cluster.wait_condition("sv", name, "Ready")
+    # more replicas: a third appears and catches up
+    cluster.apply(policy("live-edit", mode="Asynchronous", replicas=3, maxLag="1s"))
+    wait_until(lambda: cluster.holders(name) == {"a", "b", "c"}, timeout=120,
+               what="a third replica")
+    cluster.wait_condition("sv", name, "Ready")
+    # a mode change reaches every agent without remount
+    cluster.apply(policy("live-edit", mode="Synchronous", replicas=3, writeQuorum=2))
+
+    def synchronous_everywhere() -> bool:
+        return all(cluster.agents.agents[n].volume(name).mode == pb.SYNCHRONOUS
+                   for n in ("a", "b", "c"))
+    wait_until(synchronous_everywhere, timeout=120, what="Synchronous on every agent")
+    generation = cluster.get("sv", name)["metadata"]["generation"]
+    assert cluster.get("sv", name)["status"]["observedGeneration"] == generation
+    # fewer replicas: one goes away, never the primary
+    primary = cluster.get("sv", name)["status"]["primary"]
+    cluster.apply(policy("live-edit", mode="Synchronous", replicas=2, writeQuorum=2))
+    wait_until(lambda: len(cluster.holders(name)) == 2, timeout=120, what="back to 2 replicas")
+    assert primary in cluster.holders(name)
+
+
+def test_bad_policies_are_reported_and_touch_nothing(cluster: OperatorCluster) -> None:
+    cluster.apply(policy("bad-cron", mode="Scheduled", replicas=2, schedule="61 * * * *"))
+    ready = cluster.wait_condition("sp", "bad-cron", "Ready", status="False")
+    assert ready["reason"] == "InvalidSpec", ready
+    assert "schedule" in ready["message"], ready
+    cluster.apply(policy("no-nodes", replicas=2, placement={"nodeSelector": {"disk": "nvme"}}))
+    ready = cluster.wait_condition("sp", "no-nodes", "Ready", status="False")
+    assert ready["reason"] == "InsufficientNodes", ready
+    cluster.apply(policy("too-many", replicas=4))
+    ready = cluster.wait_condition("sp", "too-many", "Ready", status="False")
+    assert ready["reason"] == "InsufficientNodes", ready
+    # a volume of an unplaceable policy gets no replica anywhere, and says why
+    name = "vol-" + "03" * 12
+    cluster.apply(volume(name, "too-many"))
+    ready = cluster.wait_condition("sv", name, "Ready", status="False")
+    assert ready["reason"] == "InsufficientNodes", ready
+    assert cluster.holders(name) == set()
+    reasons = {e["reason"] for e in cluster.events("no-nodes")}
+    assert "InsufficientNodes" in reasons, reasons
+
+
+def test_switchover_moves_the_primary_with_nothing_lost(cluster: OperatorCluster) -> None:
+    cluster.apply(policy("switch", mode="Asynchronous", replicas=2, maxLag="1s"))
+    name = "vol-" + "04" * 12
+    cluster.apply(volume(name, "switch"))
+    cluster.wait_condition("sv", name, "Ready")
+    status = cluster.get("sv", name)["status"]
+    old, epoch = status["primary"], status["epoch"]
+    [target] = [n for n in replica_nodes(cluster, name) if n != old]
+    write(cluster.agents.agents[old].live(name), "before-switch.bin", seed=4)
+    expected = tree_digest(cluster.agents.agents[old].live(name))
+    cluster.cp.kubectl("annotate", "sv", name, f"sharedsync.io/switchover={target}")
+    wait_until(lambda: cluster.get("sv", name)["status"]["primary"] == target, timeout=120,
+               what="the primary moved")
+    wait_until(lambda: cluster.agents.agents[target].volume(name).role == "primary",
+               timeout=120, what="the target serves")
+    assert cluster.get("sv", name)["status"]["epoch"] > epoch
+    assert tree_digest(cluster.agents.agents[target].live(name)) == expected
+    cluster.wait_condition("sv", name, "Ready")
+    assert "sharedsync.io/switchover" not in (
+        cluster.get("sv", name)["metadata"].get("annotations") or {})
+
+
+def test_deleting_a_volume_removes_every_replica(cluster: OperatorCluster) -> None:
+    cluster.apply(policy("deletable", replicas=3))
+    name = "vol-" + "05" * 12
+    cluster.apply(volume(name, "deletable"))
+    cluster.wait_condition("sv", name, "Ready")
+    assert cluster.holders(name) == {"a", "b", "c"}
+    # a policy in use cannot go
+    cluster.cp.kubectl("delete", "sp", "deletable", "--wait=false")
+    ready = cluster.wait_condition("sp", "deletable", "Ready", status="False")
+    assert ready["reason"] == "InUse", ready
+    assert name in ready["message"], ready
+    assert cluster.exists("sp", "deletable")
+    cluster.cp.kubectl("delete", "sv", name, "--timeout=120s", timeout=130)
+    assert cluster.holders(name) == set()
+    wait_until(lambda: not cluster.exists("sp", "deletable"), timeout=60,
+               what="the unused policy goes")
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(
+        cluster: OperatorCluster) -> None:
+    cluster.apply(policy("crashy", mode="Asynchronous", replicas=2, maxLag="2s"))
+    names = [f"vol-{i:02d}" + "6" * 22 for i in range(6)]
+    for name in names:
+        cluster.apply(volume(name, "crashy"))
+    # kill as soon as the first volume has a layout: others are mid-reconcile
+    wait_until(lambda: any(replica_nodes(cluster, n) for n in names), timeout=120,
+               interval=0.05, what="a first placement")
+    cluster.operator.kill()
+    cluster.operator.start()
+    for name in names:
+        cluster.wait_condition("sv", name, "Ready", timeout=180)
+    for name in names:
+        nodes = replica_nodes(cluster, name)
+        assert len(nodes) == 2, nodes
+        assert len(set(nodes)) == 2, nodes
+        assert cluster.holders(name) == set(nodes), (name, nodes, cluster.holders(name))
+        primaries = [n for n in nodes
+                     if cluster.agents.agents[n].volume(name).role == "primary"]
+        assert len(primaries) == 1, (name, primaries)
+
+
+def test_two_operators_one_leader_and_takeover(cluster: OperatorCluster) -> None:
+    standby = OperatorProcess(cluster.workdir, cluster.operator_kubeconfig,
+                              cluster.agents.client_tls["operator"], identity="op-2").start()
+    try:
+        lease = json.loads(cluster.cp.kubectl(
+            "get", "lease", "-n", "sharedsync-system", "sharedsync-operator", "-o",
+            "json").stdout)
+        assert lease["spec"]["holderIdentity"] == "op-1"
+        cluster.operator.kill()
+        wait_until(lambda: json.loads(cluster.cp.kubectl(
+            "get", "lease", "-n", "sharedsync-system", "sharedsync-operator", "-o",
+            "json").stdout)["spec"].get("holderIdentity") == "op-2", timeout=60,
+            what="the standby takes over")
+        cluster.apply(policy("after-takeover", replicas=2))
+        name = "vol-" + "07" * 12
+        cluster.apply(volume(name, "after-takeover"))
+        cluster.wait_condition("sv", name, "Ready")
+    finally:
+        standby.stop()
+        cluster.operator.start()
+
+
+def test_primary_agent_killed_fails_over_and_old_primary_rejoins_fenced(
+        cluster: OperatorCluster) -> None:
+    cluster.apply(policy("failover", mode="Asynchronous", replicas=3, maxLag="1s",
+                         failover={"staleReplicaTimeout": "10m"}))
+    name = "vol-" + "08" * 12
+    cluster.apply(volume(name, "failover"))
+    cluster.wait_condition("sv", name, "Ready")
+    status = cluster.get("sv", name)["status"]
+    old, epoch = status["primary"], status["epoch"]
+    write(cluster.agents.agents[old].live(name), "kept.bin", seed=8)
+    cluster.cp.kubectl("annotate", "sv", name, "sharedsync.io/sync-now=before-kill")
+    wait_until(lambda: cluster.get("sv", name)["status"].get("lastSyncNow") == "before-kill",
+               timeout=120, what="synced before the kill")
+    cluster.agents.agents[old].kill()
+    try:
+        wait_until(lambda: cluster.get("sv", name)["status"]["primary"] != old, timeout=120,
+                   what="failover")
+        status = cluster.get("sv", name)["status"]
+        new = status["primary"]
+        assert status["epoch"] > epoch
+        wait_until(lambda: cluster.agents.agents[new].volume(name).role == "primary",
+                   timeout=120, what="the new primary serves")
+        assert (cluster.agents.agents[new].live(name) / "kept.bin").exists()
+        states = {r["node"]: r["state"] for r in status["replicas"]}
+        wait_until(lambda: {r["node"]: r["state"] for r in
+                            cluster.get("sv", name)["status"]["replicas"]}[old] == "Stale",
+                   timeout=60, what=f"the old primary Stale (was {states})")
+        reasons = {e["reason"] for e in cluster.events(name)}
+        assert "Failover" in reasons, reasons
+    finally:
+        cluster.agents.agents[old].start()
+    # the old primary learns the newer epoch and rejoins as a replica
+    wait_until(lambda: cluster.agents.agents[old].volume(name).role == "replica"
+               and cluster.agents.agents[old].volume(name).epoch
+               == cluster.get("sv", name)["status"]["epoch"], timeout=120,
+               what="the old primary rejoins as a replica")
+    cluster.wait_condition("sv", name, "Ready", timeout=180)
+
+
+def test_lost_replica_is_replaced_after_the_stale_timeout(cluster: OperatorCluster) -> None:
+    cluster.apply(policy("replace", mode="Asynchronous", replicas=2, maxLag="1s",
+                         failover={"staleReplicaTimeout": "5s"}))
+    name = "vol-" + "09" * 12
+    cluster.apply(volume(name, "replace"))
+    cluster.wait_condition("sv", name, "Ready")
+    status = cluster.get("sv", name)["status"]
+    [lost] = [n for n in replica_nodes(cluster, name) if n != status["primary"]]
+    cluster.agents.agents[lost].kill()
+    try:
+        wait_until(lambda: lost not in replica_nodes(cluster, name)
+                   and len(replica_nodes(cluster, name)) == 2, timeout=120,
+                   what="a replacement replica")
+        cluster.wait_condition("sv", name, "Ready", timeout=180)
+        reasons = {e["reason"] for e in cluster.events(name)}
+        assert "ReplicaReplaced" in reasons, reasons
+    finally:
+        cluster.agents.agents[lost].start()
+    # the returning agent's leftover replica is removed (it is no longer in the layout)
+    wait_until(lambda: lost not in cluster.holders(name), timeout=120,
+               what="the stale copy removed")
