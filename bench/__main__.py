@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "delta": ("agent_delta", 3),
     "rebuild": ("agent_rebuild", 4),
     "qos": ("agent_qos", 5),
+    "operator": ("operator_scale", 6),
 }
 ALIASES = {**{m: n for n, (m, _) in BENCHMARKS.items()},
            **{str(i): n for n, (_, i) in BENCHMARKS.items()}}

@@ -7,6 +7,9 @@ message that names it, so a typo stops the agent at start instead of doing somet
 """
 
 import ipaddress
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,12 +143,40 @@ class AgentConfig(_Strict):
             return False
 
 
-def load_config(path: Path) -> AgentConfig:
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_environment(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
+    """Replace ``${NAME}`` in every string of a parsed config with the environment variable.
+
+    A DaemonSet shares one config among all nodes; what differs per node (``node:
+    ${NODE_NAME}``, ``listen: ${POD_IP}:7400``) comes from the downward API. An unset
+    variable is an error naming the field, never an empty string.
+    """
+    if isinstance(value, str):
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise InvalidArgument(f"{where or 'config'}: environment variable {name} is "
+                                      "not set")
+            return environ[name]
+        return _VARIABLE.sub(substitute, value)
+    if isinstance(value, dict):
+        return {key: expand_environment(item, environ, f"{where}.{key}" if where else str(key))
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_environment(item, environ, f"{where}[{i}]")
+                for i, item in enumerate(value)]
+    return value
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read and validate a config file; errors name the field at fault."""
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidArgument(f"cannot read agent config {path}: {exc}") from exc
+    raw = expand_environment(raw, os.environ if environ is None else environ)
     try:
         config = AgentConfig.model_validate(raw)
     except ValidationError as exc:

@@ -13,8 +13,9 @@ async def api_client(kubeconfig: Path | None = None) -> client.ApiClient:
     """
     configuration = client.Configuration()
     if kubeconfig is not None:
+        # persist_config=False: never write refreshed credentials back into the user's file
         await config.load_kube_config(config_file=str(kubeconfig),
-                                      client_configuration=configuration)
+                                      client_configuration=configuration, persist_config=False)
     else:
         config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration)

@@ -26,7 +26,7 @@ from replication_agent.tls import PEER_SERVER_NAME, channel_credentials
 from sharedsync.leases import expires_at
 
 if TYPE_CHECKING:
-    from replication_agent.proto.agent_pb2_grpc import AgentAsyncStub
+    from replication_agent.proto.agent_pb2_grpc import AgentAsyncStub, ReplicationAsyncStub
 
 log = structlog.get_logger(__name__)
 
@@ -194,6 +194,15 @@ class Agents:
                                                timeout=SYNC_NOW_TIMEOUT_SECONDS)
         self._remember(node, status)
         return status
+
+    async def resync(self, primary: str, volume_id: str, node: str, reason: str) -> None:
+        """Ask the primary to re-read what ``node`` holds and ship what it lacks (after that
+        replica was dropped and recreated empty)."""
+        self._stub(primary)  # opens (or reuses) the channel to the primary
+        channel = self._channels[primary][1]
+        stub: ReplicationAsyncStub = agent_pb2_grpc.ReplicationStub(channel)
+        await stub.Resync(pb.ResyncRequest(volume_id=volume_id, node=node, reason=reason),
+                          timeout=CALL_TIMEOUT_SECONDS)
 
     async def refresh(self, node: str) -> None:
         try:

@@ -18,10 +18,12 @@ import structlog
 
 from replication_agent.proto import agent_pb2 as pb
 from sharedsync.core.errors import InvalidArgument
+from sharedsync.core.ids import check_id
 from sharedsync.core.placement import NodeView
 from sharedsync.core.policy import Mode, Policy, policy_from_spec
 from sharedsync.core.quantity import parse_bytes
 from sharedsync.core.replica_state import ReplicaState
+from sharedsync.core.sizes import MIN_VOLUME_BYTES, align_up
 from sharedsync.core.volume_plan import (
     ActionKind,
     Event,
@@ -43,6 +45,7 @@ log = structlog.get_logger(__name__)
 
 SYNC_NOW = "sharedsync.io/sync-now"
 SWITCHOVER = "sharedsync.io/switchover"
+REBUILD = "sharedsync.io/rebuild"
 
 _MODES = {Mode.SYNCHRONOUS: pb.SYNCHRONOUS, Mode.ASYNCHRONOUS: pb.ASYNCHRONOUS,
           Mode.SCHEDULED: pb.SCHEDULED}
@@ -177,6 +180,13 @@ class VolumeReconciler:
         status = body.get("status") or {}
         annotations = metadata.get("annotations") or {}
 
+        try:
+            check_id(name, "metadata.name")
+        except InvalidArgument as exc:
+            await self._not_ready(name, status, generation, "InvalidName",
+                                  f"{exc}: SharedVolumes are named by the CSI controller after "
+                                  "the volume id", memory, emit)
+            return
         policy_name = str(spec.get("policy") or "")
         policy_body = policies.get(policy_name)
         if policy_body is None:
@@ -185,7 +195,9 @@ class VolumeReconciler:
             return
         try:
             policy = policy_from_spec(policy_body.get("spec") or {}, name=policy_name)
-            size = parse_bytes(spec.get("capacity", 0))
+            # a replica is never smaller than the replica store's minimum (as CreateVolume
+            # rounds it), so a hand-made small SharedVolume still gets a usable replica
+            size = align_up(max(parse_bytes(spec.get("capacity", 0)), MIN_VOLUME_BYTES))
         except InvalidArgument as exc:
             await self._not_ready(name, status, generation, "InvalidPolicy",
                                   f"SyncPolicy {policy_name}: {exc}", memory, emit)
@@ -216,10 +228,12 @@ class VolumeReconciler:
             return
 
         switched = False
-        if any(a.kind is ActionKind.SYNC_NOW for a in plan.actions):
+        for action in plan.actions:
+            if action.kind is not ActionKind.SYNC_NOW:
+                continue
             # the old primary ships everything before the new layout exists anywhere
-            if not await self._call(emit, "SyncNow", old_layout.primary,
-                                    self.agents.sync_now(old_layout.primary, name)):
+            if not await self._call(emit, "SyncNow", action.node,
+                                    self.agents.sync_now(action.node, name)):
                 return
             switched = True
         if plan.layout != old_layout:
@@ -256,6 +270,10 @@ class VolumeReconciler:
             await self.kube.patch_status(SHARED_VOLUMES, name, {"lastSyncNow": sync_now})
             await self.kube.remove_annotation(SHARED_VOLUMES, name, SYNC_NOW)
 
+        rebuild = annotations.get(REBUILD)
+        if rebuild:
+            await self._rebuild(name, rebuild, plan.layout, spec_message, emit)
+
         statuses = self.agents.volume_reports(name)
         reports = {node: report_of(node, s) for node, s in statuses.items()}
         final = _volume_status(plan, status, reports, down_for, statuses, generation, policy,
@@ -268,6 +286,26 @@ class VolumeReconciler:
             await self.kube.patch_status(SHARED_VOLUMES, name, final)
         if final["phase"] == "Ready":
             memory.last_warnings.clear()  # the next trouble is news again
+
+    async def _rebuild(self, name: str, node: str, layout: Layout, spec: pb.VolumeSpec,
+                       emit: EmitEvent) -> None:
+        """Day-2 ``sharedsync.io/rebuild: <node>``: throw that replica away and copy it afresh
+        from the primary (after a disk was replaced, or to clear a damage a scrub could not).
+        Never the primary (switch over first), never a replica whose agent is down."""
+        if node == layout.primary or node not in layout.replicas \
+                or node not in self.agents.alive():
+            emit("Warning", "RebuildRefused",
+                 f"rebuild {node}: only a live replica other than the primary "
+                 f"({layout.primary}) can be rebuilt")
+            await self.kube.remove_annotation(SHARED_VOLUMES, name, REBUILD)
+            return
+        if await self._call(emit, "Remove", node, self.agents.remove(node, name)) and \
+                await self._call(emit, "Apply", node, self.agents.apply(node, spec)) and \
+                await self._call(emit, "Resync", layout.primary, self.agents.resync(
+                    layout.primary, name, node, "rebuild requested by sharedsync.io/rebuild")):
+            emit("Normal", "RebuildStarted", f"replica on {node} dropped; rebuilding it from "
+                                             f"{layout.primary}")
+            await self.kube.remove_annotation(SHARED_VOLUMES, name, REBUILD)
 
     async def _call(self, emit: EmitEvent, what: str, node: str, call: Any) -> bool:
         try:
@@ -348,11 +386,16 @@ def _volume_status(plan: Plan, status: Mapping[str, Any], reports: Mapping[str, 
         reason, message = "ReplicasReady", f"{len(healthy)} of {desired} replicas healthy"
     conditions = cond.set_condition(status.get("conditions"), cond.READY, ready, reason=reason,
                                     message=message, generation=generation)
+    if plan.problem or degraded:
+        degraded_reason = plan.problem_reason or "ReplicasNotReady"
+        degraded_message = plan.problem or message
+    elif serving:
+        degraded_reason, degraded_message = "AsExpected", "every replica is healthy"
+    else:
+        degraded_reason, degraded_message = "NotServing", "no replica serves the volume yet"
     conditions = cond.set_condition(
-        conditions, cond.DEGRADED, degraded or bool(plan.problem),
-        reason=plan.problem_reason or ("ReplicasNotReady" if degraded else "AsExpected"),
-        message=plan.problem or (message if degraded else "every replica is healthy"),
-        generation=generation)
+        conditions, cond.DEGRADED, degraded or bool(plan.problem), reason=degraded_reason,
+        message=degraded_message, generation=generation)
     all_synced = len(in_sync) == len(entries) >= desired
     conditions = cond.set_condition(
         conditions, cond.SYNCED, all_synced,
@@ -390,6 +433,11 @@ def _transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
         elif was == ReplicaState.IN_SYNC and now == ReplicaState.LAGGING:
             events.append(Event("Warning", "LagExceeded",
                                 f"replica on {entry['node']} lags by {entry['lagSeconds']}s"))
+    conflicts = int(new.get("conflicts") or 0) - int(old.get("conflicts") or 0)
+    if conflicts > 0 and "conflicts" in old:
+        events.append(Event("Warning", "Conflict",
+                            f"{conflicts} concurrent write conflict(s) on the same file were "
+                            f"resolved ({new.get('conflicts')} in total)"))
     return events
 
 

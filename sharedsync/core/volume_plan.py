@@ -124,7 +124,10 @@ def _best_candidate(candidates: Sequence[str], reports: Mapping[str, Report],
                     primary_view: Mapping[str, ReplicaState], synchronous: bool) -> str | None:
     """The replica to promote: InSync in the primary's last view first, then the newest
     received snapshot, then the name (so every operator replica picks the same one)."""
-    usable = [n for n in candidates if n in reports and not reports[n].fenced]
+    # a replica the primary last saw Rebuilding may hold nothing yet: promoting it could
+    # lose the whole volume, so it waits for the primary (or another replica) instead
+    usable = [n for n in candidates if n in reports and not reports[n].fenced
+              and primary_view.get(n) != ReplicaState.REBUILDING]
     if synchronous and primary_view:
         # only a replica the primary last saw InSync holds every acknowledged write
         usable = [n for n in usable if primary_view.get(n) == ReplicaState.IN_SYNC]

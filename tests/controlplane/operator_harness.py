@@ -20,25 +20,26 @@ from typing import Any
 
 import yaml
 
-from tests.controlplane.controlplane import ControlPlane
+from tests.controlplane.controlplane import ControlPlane, free_port
 from tests.integration.agent_harness import AgentCluster, wait_until
 
 NAMESPACE = "sharedsync-system"
 RBAC_DIR = Path(__file__).resolve().parents[2] / "charts" / "rbac"
 #: Short enough that failover tests finish quickly, long enough for a loaded 2-core machine.
-LEASE_SECONDS = 4
+LEASE_SECONDS = 6
 
 
 class OperatorProcess:
     """``python -m sharedsync_operator`` with the admin kubeconfig (or one given)."""
 
     def __init__(self, workdir: Path, kubeconfig: Path, tls: Any, identity: str = "op-1",
-                 metrics_port: int = 0) -> None:
+                 metrics_port: int = 0, lease_seconds: int = LEASE_SECONDS) -> None:
         self.workdir = workdir
         self.kubeconfig = kubeconfig
         self.tls = tls
         self.identity = identity
         self.metrics_port = metrics_port
+        self.lease_seconds = lease_seconds
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,7 +50,7 @@ class OperatorProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "sharedsync_operator", "--kubeconfig", str(self.kubeconfig),
                 "--namespace", NAMESPACE, "--identity", self.identity,
-                "--lease-duration", str(LEASE_SECONDS),
+                "--lease-duration", str(self.lease_seconds),
                 "--agent-ca", str(self.tls.ca), "--agent-cert", str(self.tls.cert),
                 "--agent-key", str(self.tls.key), "--log-format", "json"]
         if self.metrics_port:
@@ -88,7 +89,7 @@ class OperatorCluster:
     """Three agents + Node objects + the operator, against one control plane."""
 
     def __init__(self, cp: ControlPlane, workdir: Path, names: tuple[str, ...] = ("a", "b", "c"),
-                 zones: dict[str, str] | None = None) -> None:
+                 zones: dict[str, str] | None = None, lease_seconds: int = LEASE_SECONDS) -> None:
         self.cp = cp
         self.workdir = workdir
         self.operator_kubeconfig = bind_component(cp, "operator")
@@ -96,7 +97,7 @@ class OperatorCluster:
         self.agents = AgentCluster(
             workdir / "agents", names, clients=("operator",),
             extra_config={"kubernetes": {"namespace": NAMESPACE,
-                                         "leaseDurationSeconds": LEASE_SECONDS,
+                                         "leaseDurationSeconds": lease_seconds,
                                          "kubeconfig": str(agent_kubeconfig)}})
         self.zones = zones or {}
         for name in names:
@@ -105,7 +106,8 @@ class OperatorCluster:
                 labels["topology.kubernetes.io/zone"] = self.zones[name]
             cp.register_node(name, labels, address=self.agents.nodes[name].address)
         self.operator = OperatorProcess(workdir, self.operator_kubeconfig,
-                                        self.agents.client_tls["operator"])
+                                        self.agents.client_tls["operator"],
+                                        metrics_port=free_port(), lease_seconds=lease_seconds)
 
     def _bridge_kubeconfig(self, kubeconfig: Path) -> Path:
         """``kubeconfig`` with the server at the bridge address the agents can reach."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +88,13 @@ def test_volume_is_placed_replicated_and_ready(cluster: OperatorCluster) -> None
     assert "2/2" in printed, printed
     sp = cluster.get("sp", "async-2")["status"]
     assert sp["volumes"] >= 1
+    # the operator's Prometheus endpoint reports its reconciles
+    with urllib.request.urlopen(
+            f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics", timeout=10) as page:
+        metrics = page.read().decode()
+    assert 'sharedsync_operator_reconcile_duration_seconds_count{handler="volume_timer"}' \
+        in metrics
+    assert "sharedsync_operator_leader 1.0" in metrics
 
 
 def test_policy_edits_reach_volumes_live(cluster: OperatorCluster) -> None:
@@ -281,3 +289,35 @@ def test_lost_replica_is_replaced_after_the_stale_timeout(cluster: OperatorClust
     # the returning agent's leftover replica is removed (it is no longer in the layout)
     wait_until(lambda: lost not in cluster.holders(name), timeout=120,
                what="the stale copy removed")
+
+
+def test_rebuild_annotation_recopies_a_replica(cluster: OperatorCluster) -> None:
+    cluster.apply(policy("rebuildable", mode="Asynchronous", replicas=2, maxLag="1s"))
+    name = "vol-" + "0a" * 12
+    cluster.apply(volume(name, "rebuildable"))
+    cluster.wait_condition("sv", name, "Ready")
+    status = cluster.get("sv", name)["status"]
+    primary = status["primary"]
+    [replica] = [n for n in replica_nodes(cluster, name) if n != primary]
+    write(cluster.agents.agents[primary].live(name), "precious.bin", seed=10)
+    cluster.cp.kubectl("annotate", "sv", name, "sharedsync.io/sync-now=before-rebuild")
+    wait_until(lambda: cluster.get("sv", name)["status"].get("lastSyncNow") == "before-rebuild",
+               timeout=120, what="synced")
+    received_before = cluster.agents.agents[replica].volume(name).bytes_received
+    assert received_before > 0
+    # the primary refuses to be rebuilt: switch over first
+    cluster.cp.kubectl("annotate", "sv", name, f"sharedsync.io/rebuild={primary}")
+    wait_until(lambda: "RebuildRefused" in {e["reason"] for e in cluster.events(name)},
+               timeout=60, what="a refused rebuild of the primary")
+    cluster.cp.kubectl("annotate", "sv", name, f"sharedsync.io/rebuild={replica}", "--overwrite")
+    # the replica is recreated from nothing (its byte counter restarts) and copied afresh
+    wait_until(lambda: "sharedsync.io/rebuild" not in (
+        cluster.get("sv", name)["metadata"].get("annotations") or {}), timeout=120,
+        what="the rebuild started")
+    peer = cluster.agents.agents[replica]
+    wait_until(lambda: any((s / "precious.bin").exists() for s in peer.sync_dir(name).iterdir()
+                           if s.name.startswith("e")), timeout=120,
+               what="the data copied afresh")
+    cluster.wait_condition("sv", name, "Ready")
+    reasons = {e["reason"] for e in cluster.events(name)}
+    assert "RebuildStarted" in reasons, reasons
