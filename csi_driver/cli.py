@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kubeconfig", type=Path, default=None,
                         help="kubeconfig for the kubernetes state store (default: the pod's "
                              "service account, in-cluster)")
+    cluster = parser.add_argument_group(
+        "cluster mode", "with --state-store kubernetes the controller creates no replica: the "
+        "operator places each SharedVolume and the agents hold it; with --agent-socket the "
+        "node stages what the local agent attaches")
+    cluster.add_argument("--agent-socket", type=Path, default=env("SHAREDSYNC_AGENT_SOCKET"),
+                         help="the local replication agent's control socket (env "
+                              "SHAREDSYNC_AGENT_SOCKET; default: standalone node)")
+    cluster.add_argument("--namespace", default=env("POD_NAMESPACE", "sharedsync"),
+                         help="the release namespace, where the agents' Leases are (env "
+                              "POD_NAMESPACE; default sharedsync)")
+    cluster.add_argument("--operator-timeout", type=float, default=60.0,
+                         help="seconds CreateVolume, DeleteVolume and ControllerExpandVolume "
+                              "wait for the operator before answering ABORTED (the CO "
+                              "retries; default 60, never past the CO's own deadline)")
+    cluster.add_argument("--agent-ca", type=Path, help="CA of the agents' mutual-TLS API")
+    cluster.add_argument("--agent-cert", type=Path,
+                         help="client certificate for the agents' API: the controller then "
+                              "confirms an expansion on every replica")
+    cluster.add_argument("--agent-key", type=Path, help="key of --agent-cert")
     parser.add_argument("--kubelet-dir", type=Path, default=DEFAULT_KUBELET_DIR,
                         help="kubelet's root directory: staging and target paths must be "
                              "inside it")
@@ -62,14 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tls_files = (args.agent_ca, args.agent_cert, args.agent_key)
+    if any(tls_files) and not all(tls_files):
+        parser.error("--agent-ca, --agent-cert and --agent-key go together")
+    if args.operator_timeout <= 0:
+        parser.error("--operator-timeout must be positive")
     configure_logging(args.log_level, args.log_format)
     roots = tuple(p.absolute() for p in [args.kubelet_dir, *args.allowed_path_root])
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id, role=args.role,
                           driver_name=args.driver_name, data_dir=args.data_dir.absolute(),
                           allowed_path_roots=roots, metrics_address=args.metrics_address,
                           state_store=args.state_store,
-                          kubeconfig=args.kubeconfig.absolute() if args.kubeconfig else None)
+                          kubeconfig=args.kubeconfig.absolute() if args.kubeconfig else None,
+                          agent_socket=args.agent_socket.absolute() if args.agent_socket
+                          else None,
+                          namespace=args.namespace, operator_timeout=args.operator_timeout,
+                          agent_tls=(args.agent_ca.absolute(), args.agent_cert.absolute(),
+                                     args.agent_key.absolute()) if all(tls_files) else None)
     if config.metrics_address:
         try:
             serve_metrics(config.metrics_address)

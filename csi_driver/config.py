@@ -44,6 +44,22 @@ class PluginConfig:
     #: The Kubernetes store's credentials; None means the pod's service account (in-cluster).
     kubeconfig: Path | None = None
     max_message_bytes: int = 4 * 1024 * 1024
+    #: Cluster mode, node side: the local replication agent's control socket. When set, the
+    #: node plugin stages volumes the agent attaches instead of replicas of its own.
+    agent_socket: Path | None = None
+    #: Cluster mode, controller side: the release namespace (where the agents' Leases are).
+    namespace: str = "sharedsync"
+    #: How long a controller call waits for the operator before answering ABORTED.
+    operator_timeout: float = 60.0
+    #: Client certificate for the agents' mutual-TLS API (CA, certificate, key): lets the
+    #: controller confirm an expansion on every replica. Optional.
+    agent_tls: tuple[Path, Path, Path] | None = None
+
+    @property
+    def cluster_controller(self) -> bool:
+        """The controller drives SharedVolumes through the operator (``--state-store
+        kubernetes``) instead of making replicas on this node."""
+        return self.serves_controller and self.state_store is StateStoreKind.KUBERNETES
 
     @property
     def serves_controller(self) -> bool:
@@ -61,3 +77,8 @@ class PluginConfig:
     def state_path(self) -> Path:
         """The local store's database (unused with the Kubernetes store)."""
         return self.data_dir / "state" / "controller.db"
+
+    @property
+    def staged_dir(self) -> Path:
+        """Cluster mode, node side: what the agent attached for each staged volume."""
+        return self.data_dir / "node" / "staged"

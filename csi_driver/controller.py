@@ -44,7 +44,7 @@ from sharedsync.core.sizes import MIN_VOLUME_BYTES, CapacityRange, fits, resolve
 from sharedsync.core.sizes import resolve_expansion as expansion_size
 from sharedsync.storage.replicas import Source, VolumeKind
 
-from .backend import VolumeBackend
+from .backend import StillCreating, VolumeBackend
 from .config import TOPOLOGY_NODE_KEY
 from .locks import KeyedTryLock
 from .proto import csi_pb2, csi_pb2_grpc
@@ -64,10 +64,34 @@ CAPABILITIES = (
     RPC.SINGLE_NODE_MULTI_WRITER, RPC.GET_SNAPSHOT, RPC.GET_VOLUME_HEALTH,
     RPC.LIST_VOLUME_HEALTH,
 )
+#: Offered only by a backend that supports snapshots (and clones, made the same way).
+SNAPSHOT_CAPABILITIES = frozenset({RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
+                                   RPC.GET_SNAPSHOT, RPC.CLONE_VOLUME})
+#: Of the time the CO gives a call, what a backend wait leaves over to answer in: the CO then
+#: gets our retryable error and its message instead of its own DEADLINE_EXCEEDED.
+DEADLINE_MARGIN_SECONDS = 1.0
 
 
 def _capacity(message: csi_pb2.CapacityRange) -> CapacityRange:
     return CapacityRange(required=message.required_bytes, limit=message.limit_bytes)
+
+
+def _wait_budget(context: Any) -> float | None:
+    """How long a backend may wait within the caller's deadline (None: no deadline)."""
+    remaining = getattr(context, "time_remaining", None)
+    seconds = remaining() if callable(remaining) else None
+    if not isinstance(seconds, (int, float)):
+        return None
+    return max(seconds - DEADLINE_MARGIN_SECONDS, 0.1)
+
+
+def _preferred_node(requirement: csi_pb2.TopologyRequirement) -> str:
+    """The node the CO would like the volume on: with WaitForFirstConsumer, the pod's."""
+    for topology in requirement.preferred:
+        node = topology.segments.get(TOPOLOGY_NODE_KEY)
+        if node:
+            return node
+    return ""
 
 
 def _check_snapshot_parameters(parameters: dict[str, str]) -> None:
@@ -128,10 +152,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return record
 
     def _check_topology(self, requirement: csi_pb2.TopologyRequirement) -> None:
-        """Refuse a volume whose requisite topology excludes every node we can place on."""
-        if not requirement.requisite:
-            return
+        """Refuse a volume whose requisite topology excludes every node we can place on
+        (a backend that places per volume has no fixed set of nodes to check against)."""
         ours = set(self.backend.accessible_nodes())
+        if not requirement.requisite or not ours:
+            return
         for topology in requirement.requisite:
             node = topology.segments.get(TOPOLOGY_NODE_KEY)
             if node is None or node in ours:
@@ -177,6 +202,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 if existing.phase is Phase.DELETING:
                     raise Aborted(f"volume {name!r} is being deleted; retry later")
                 size = existing.capacity_bytes
+            await self.backend.admit(params, source_kind)
             source = await self._resolve_source(source_kind, source_id)
             if source is not None:
                 size = await self._fit_source(size, wish, source_kind, source_id)
@@ -190,18 +216,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 parameters=tuple(sorted(params.to_context().items())),
                 source_kind=source_kind, source_id=source_id,
                 accessible_nodes=self.backend.accessible_nodes(), created_at=time.time())
-            record = await self.state.put_volume(record)
+            record = await self.state.put_volume(
+                record, consumer_node=_preferred_node(request.accessibility_requirements))
             failpoints.hit("controller.create_volume.after_record")
             try:
-                actual = await self.backend.create_volume(volume_id, size, kind, source)
+                made = await self.backend.create_volume(volume_id, size, kind, source,
+                                                        within=_wait_budget(context))
+            except StillCreating:
+                raise  # under way: the record stays for the retry to find
             except Exception:
                 # The backend discards what it built for a failed create: forget the attempt
                 # too, or its size and source would make every later retry ALREADY_EXISTS.
                 await self.state.delete_volume(volume_id)
                 raise
-            record = await self.state.put_volume(
-                dataclasses.replace(record, capacity_bytes=actual, phase=Phase.READY))
-            log.info("volume created", volume_id=volume_id, name=name, capacity_bytes=actual,
+            record = await self.state.put_volume(dataclasses.replace(
+                record, capacity_bytes=made.size_bytes, accessible_nodes=made.nodes,
+                phase=Phase.READY))
+            log.info("volume created", volume_id=volume_id, name=name,
+                     capacity_bytes=made.size_bytes, nodes=list(made.nodes),
                      source=f"{source_kind}:{source_id}" if source_id else "")
             return csi_pb2.CreateVolumeResponse(volume=self._volume_message(record))
 
@@ -255,7 +287,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 record = await self.state.put_volume(
                     dataclasses.replace(record, phase=Phase.DELETING))
             try:
-                await self.backend.delete_volume(volume_id)
+                await self.backend.delete_volume(volume_id, within=_wait_budget(context))
             except FailedPrecondition:
                 if record is not None:
                     await self.state.put_volume(dataclasses.replace(record, phase=Phase.READY))
@@ -285,11 +317,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 available = await self.backend.available_bytes()
                 if grown > available:
                     raise ResourceExhausted(f"{grown} more bytes needed, {available} free")
-                size = await self.backend.expand_volume(record.volume_id, size)
+                size = await self.backend.expand_volume(record.volume_id, size,
+                                                        within=_wait_budget(context))
                 await self.state.put_volume(dataclasses.replace(record, capacity_bytes=size))
                 log.info("volume expanded", volume_id=record.volume_id, capacity_bytes=size)
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
-                                                      node_expansion_required=True)
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=size,
+            node_expansion_required=self.backend.node_expansion_required(VolumeKind(record.kind)))
 
     async def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Any,
@@ -347,11 +381,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
         if request.parameters:
             parse_parameters(request.parameters)
+        node = None
         if request.HasField("accessible_topology"):
             node = request.accessible_topology.segments.get(TOPOLOGY_NODE_KEY)
-            if node is not None and node not in self.backend.accessible_nodes():
-                return csi_pb2.GetCapacityResponse(available_capacity=0)
-        available = await self.backend.available_bytes()
+        available = await self.backend.available_bytes(node)
+        if node is not None and not available:
+            return csi_pb2.GetCapacityResponse(available_capacity=0)  # not a node we can use
         response = csi_pb2.GetCapacityResponse(available_capacity=available)
         response.maximum_volume_size.value = available
         response.minimum_volume_size.value = MIN_VOLUME_BYTES
@@ -360,8 +395,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     async def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: Any,
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        offered = [t for t in CAPABILITIES
+                   if self.backend.supports_snapshots or t not in SNAPSHOT_CAPABILITIES]
         caps = [csi_pb2.ControllerServiceCapability(
-            rpc=csi_pb2.ControllerServiceCapability.RPC(type=t)) for t in CAPABILITIES]
+            rpc=csi_pb2.ControllerServiceCapability.RPC(type=t)) for t in offered]
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=caps)
 
     # -- not offered: there is no attach step, and no mutable parameters ----------------------
@@ -418,6 +455,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         name = check_name(request.name, "name")
         source_id = check_id(request.source_volume_id, "source_volume_id")
         _check_snapshot_parameters(dict(request.parameters))
+        if not self.backend.supports_snapshots:
+            raise Unimplemented("snapshots are not supported in cluster mode yet (the "
+                                "SharedVolume's replicas would each need the snapshot)")
         snapshot_id = snapshot_id_for(name)
         async with self.locks.hold(snapshot_id, source_id):
             existing = await self.state.get_snapshot(snapshot_id)

@@ -1,17 +1,23 @@
-"""The CSI Node service: stage a replica on this node, publish it into pods, report on it.
+"""The CSI Node service: stage a volume on this node, publish it into pods, report on it.
 
-Stage opens the node's replica (creating it when the volume context says how) and bind-mounts
-its live subvolume at the staging path (a filesystem volume) or attaches its block file to a
-loop device (a block volume). Publish bind-mounts that into the pod's target path. Every step
-checks the kernel's current state first, so each RPC is idempotent and finishes whatever a
-crashed earlier attempt left half done; Unpublish and Unstage undo exactly what Publish and
-Stage did and leave no mount or loop device behind.
+:class:`NodeServiceBase` holds what every mode shares: request validation, the per-volume
+locks, Publish (a bind of the staging path, or of the block device, into the pod's target path),
+Unpublish, and stats and health of what is mounted. Where a volume comes from is a subclass's
+job. :class:`NodeService` (standalone) stages this node's own replica: it opens it (creating it
+when the volume context says how) and bind-mounts its live subvolume at the staging path (a
+filesystem volume) or attaches its block file to a loop device (a block volume). In a cluster,
+:class:`csi_driver.node_agent.AgentNodeService` asks the node's replication agent instead.
+
+Every step checks the kernel's current state first, so each RPC is idempotent and finishes
+whatever a crashed earlier attempt left half done; Unpublish and Unstage undo exactly what
+Publish and Stage did and leave no mount or loop device behind.
 """
 
 import asyncio
 import os
 import shutil
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,8 @@ from .validation import (
 )
 
 RPC = csi_pb2.NodeServiceCapability.RPC
+HealthEntry = csi_pb2.VolumeHealth.VolumeHealthEntry
+StorageBackendHealth = csi_pb2.NodeGetStorageHealthResponse.StorageBackendHealth
 log = structlog.get_logger(__name__)
 
 CAPABILITIES = (RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME,
@@ -63,34 +71,65 @@ def _known(volume_id: str) -> str:
     return volume_id
 
 
-class NodeService(csi_pb2_grpc.NodeServicer):
-    """Per-node volume attachment, backed by this node's replica store."""
+def filesystem_usage(path: Path) -> list[csi_pb2.VolumeUsage]:
+    """Bytes (and inodes, where the filesystem counts them) of the filesystem at ``path``."""
+    Usage = csi_pb2.VolumeUsage
+    st = os.statvfs(path)
+    usage = [Usage(unit=Usage.BYTES, total=st.f_blocks * st.f_frsize,
+                   available=st.f_bavail * st.f_frsize,
+                   used=(st.f_blocks - st.f_bfree) * st.f_frsize)]
+    if st.f_files:  # btrfs allocates inodes dynamically and reports none
+        usage.append(Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail,
+                           used=st.f_files - st.f_ffree))
+    return usage
 
-    def __init__(self, store: ReplicaStore, node_id: str, roots: tuple[Path, ...]) -> None:
-        self.store = store
+
+class NodeServiceBase(csi_pb2_grpc.NodeServicer):
+    """The Node RPCs; a subclass says where a volume comes from (the hooks below)."""
+
+    def __init__(self, node_id: str, roots: tuple[Path, ...]) -> None:
         self.node_id = node_id
         self.roots = roots
         self.locks = KeyedTryLock()
 
-    # -- ownership ---------------------------------------------------------------------------
+    # -- hooks (run in worker threads, except the async ones) --------------------------------
 
     def _owns(self, entry: mounts.MountEntry, volume_id: str) -> bool:
         """Whether a mount shows this volume (its filesystem, or its block loop device)."""
-        if self.store.meta(volume_id) is None:
-            return False
-        if entry.source in self.store.devices(volume_id):
-            return True
-        block = self.store.block_file(volume_id)
-        if self.store.is_open(volume_id) and block.exists():
-            names = {"/" + Path(d).name for d in loop.devices_for(block)}
-            return entry.root in names
-        return False
+        raise NotImplementedError
 
-    def _require_meta(self, volume_id: str) -> ReplicaMeta:
-        meta = self.store.meta(volume_id)
-        if meta is None or meta.deleted:
-            raise NotFound(f"volume {volume_id} has no replica on node {self.node_id}")
-        return meta
+    def _volume_kind(self, volume_id: str) -> VolumeKind:
+        """The volume's kind; NotFound when this node has nothing of it."""
+        raise NotImplementedError
+
+    async def _stage_volume(self, volume_id: str, staging: Path, cap: Capability,
+                            context: Mapping[str, str], size_hint: int) -> None:
+        raise NotImplementedError
+
+    async def _unstage_volume(self, volume_id: str, staging: Path) -> None:
+        raise NotImplementedError
+
+    def _block_devices(self, volume_id: str) -> list[str]:
+        """The loop devices of a staged block volume (none when it is not staged)."""
+        raise NotImplementedError
+
+    def _foreign_mounts(self, volume_id: str) -> list[str]:
+        """Mount points showing the volume's filesystem, besides the one it is served from."""
+        raise NotImplementedError
+
+    def _block_size(self, volume_id: str) -> int:
+        raise NotImplementedError
+
+    def _expand(self, volume_id: str, path: Path, wish: CapacityRange) -> int:
+        raise NotImplementedError
+
+    async def _volume_problems(self, volume_id: str) -> list[HealthEntry]:
+        """Health entries about the volume itself (the caller checks the mounts)."""
+        raise NotImplementedError
+
+    async def _storage_problems(self) -> list[Any]:
+        """``StorageBackendHealth`` entries for whatever holds this node's volumes."""
+        raise NotImplementedError
 
     # -- stage -------------------------------------------------------------------------------
 
@@ -106,76 +145,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise InvalidArgument(f"volume_context[{CAPACITY_CONTEXT_KEY!r}] is not a number")
         async with self.locks.hold(_known(volume_id)):
             require_existing_dir(staging, "staging_target_path")
-            await asyncio.to_thread(self._stage, volume_id, staging, cap, int(size_hint or 0))
+            await self._stage_volume(volume_id, staging, cap, dict(request.volume_context),
+                                     int(size_hint or 0))
         return csi_pb2.NodeStageVolumeResponse()
-
-    def _stage(self, volume_id: str, staging: Path, cap: Capability, size_hint: int) -> None:
-        # refuse an occupied staging path before opening (or creating) anything, so that a
-        # refused stage leaves no replica mounted behind it
-        present = mounts.mounts_at(staging) if cap.kind is VolumeKind.FILESYSTEM else []
-        if present and not self._owns(present[-1], volume_id):
-            raise AlreadyExists(f"{staging} already holds another mount")
-        meta = self.store.meta(volume_id)
-        if meta is None or meta.deleted:
-            if not size_hint:
-                raise NotFound(f"volume {volume_id} has no replica on node {self.node_id}")
-            available = self.store.available_bytes()
-            if size_hint > available:
-                raise ResourceExhausted(f"a replica of {size_hint} bytes does not fit in the "
-                                        f"{available} bytes free on node {self.node_id}")
-            meta = self.store.create(volume_id, size_hint, cap.kind)
-            log.info("replica created on stage", volume_id=volume_id, size_bytes=size_hint)
-        if meta.kind is not cap.kind:
-            raise InvalidArgument(f"volume {volume_id} is a {meta.kind} volume")
-        self.store.open(volume_id)
-        failpoints.hit("node.stage.after_open")
-        if cap.kind is VolumeKind.BLOCK:
-            loop.attach(self.store.block_file(volume_id))
-            return
-        present = mounts.mounts_at(staging)
-        if present:
-            if not self._owns(present[-1], volume_id):
-                raise AlreadyExists(f"{staging} already holds another mount")
-            return
-        mounts.bind(self.store.live_path(volume_id), staging)
-        log.info("volume staged", volume_id=volume_id, staging_target_path=str(staging))
 
     async def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
                                 context: Any) -> csi_pb2.NodeUnstageVolumeResponse:
         volume_id = check_id(request.volume_id, "volume_id")
         staging = check_path(request.staging_target_path, "staging_target_path", self.roots)
         async with self.locks.hold(_known(volume_id)):
-            await asyncio.to_thread(self._unstage, volume_id, staging)
+            await self._unstage_volume(volume_id, staging)
         return csi_pb2.NodeUnstageVolumeResponse()
 
-    def _unstage(self, volume_id: str, staging: Path) -> None:
-        present = mounts.mounts_at(staging)
-        if present and not self._owns(present[-1], volume_id):
-            log.warning("unmounting a staging path that does not show this volume",
-                        volume_id=volume_id, staging_target_path=str(staging))
-        mounts.unmount(staging)
-        failpoints.hit("node.unstage.after_unmount")
-        if self.store.meta(volume_id) is None:
-            return
-        block = self.store.block_file(volume_id)
-        if self.store.is_open(volume_id) and block.exists():
-            published = self._block_publications(volume_id)
-            if published:
-                raise FailedPrecondition(
-                    f"volume {volume_id} is still published at {', '.join(published)}")
-            loop.detach_all(block)
-        self.store.close(volume_id)
-        log.info("volume unstaged", volume_id=volume_id, staging_target_path=str(staging))
-
     def _publications(self, volume_id: str, exclude: set[Path]) -> list[str]:
-        """Where the volume is mounted on this node, other than the store and ``exclude``."""
+        """Where the volume is mounted on this node, other than its source and ``exclude``."""
         skip = {str(p) for p in exclude}
-        found = self.store.foreign_mounts(volume_id) + (
-            self._block_publications(volume_id) if self.store.is_open(volume_id) else [])
+        found = self._foreign_mounts(volume_id) + self._block_publications(volume_id)
         return sorted(p for p in found if p not in skip)
 
     def _block_publications(self, volume_id: str) -> list[str]:
-        names = {"/" + Path(d).name for d in loop.devices_for(self.store.block_file(volume_id))}
+        names = {"/" + Path(d).name for d in self._block_devices(volume_id)}
+        if not names:
+            return []
         return [m.mount_point for m in mounts.mount_table()
                 if m.root in names and m.fs_type == "devtmpfs"]
 
@@ -198,9 +189,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _publish(self, volume_id: str, staging: Path, target: Path, cap: Capability,
                  read_only: bool) -> None:
-        meta = self._require_meta(volume_id)
-        if meta.kind is not cap.kind:
-            raise InvalidArgument(f"volume {volume_id} is a {meta.kind} volume")
+        kind = self._volume_kind(volume_id)
+        if kind is not cap.kind:
+            raise InvalidArgument(f"volume {volume_id} is a {kind} volume")
         if not target.parent.is_dir():
             raise NotFound(f"the parent directory of target_path {target} does not exist")
         present = mounts.mounts_at(target)
@@ -220,8 +211,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published "
                     f"at {', '.join(elsewhere)}")
         if cap.kind is VolumeKind.BLOCK:
-            devices = (loop.devices_for(self.store.block_file(volume_id))
-                       if self.store.is_open(volume_id) else [])
+            devices = self._block_devices(volume_id)
             if not devices:
                 raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
             if not target.exists():
@@ -277,26 +267,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _published_entry(self, volume_id: str, path: Path) -> mounts.MountEntry:
         if not path.exists():
             raise NotFound(f"volume_path {path} does not exist")
-        meta = self._require_meta(volume_id)
+        kind = self._volume_kind(volume_id)
         present = mounts.mounts_at(path)
         if not present or not self._owns(present[-1], volume_id):
-            raise NotFound(f"volume {volume_id} ({meta.kind}) is not mounted at {path}")
+            raise NotFound(f"volume {volume_id} ({kind}) is not mounted at {path}")
         return present[-1]
 
     def _stats(self, volume_id: str, path: Path) -> csi_pb2.NodeGetVolumeStatsResponse:
         self._published_entry(volume_id, path)
         Usage = csi_pb2.VolumeUsage
         if not path.is_dir():
-            size = self._require_meta(volume_id).size_bytes
+            size = self._block_size(volume_id)
             return csi_pb2.NodeGetVolumeStatsResponse(usage=[Usage(total=size, unit=Usage.BYTES)])
-        st = os.statvfs(path)
-        usage = [Usage(unit=Usage.BYTES, total=st.f_blocks * st.f_frsize,
-                       available=st.f_bavail * st.f_frsize,
-                       used=(st.f_blocks - st.f_bfree) * st.f_frsize)]
-        if st.f_files:  # btrfs allocates inodes dynamically and reports none
-            usage.append(Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail,
-                               used=st.f_files - st.f_ffree))
-        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage)
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=filesystem_usage(path))
 
     async def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
                                context: Any) -> csi_pb2.NodeExpandVolumeResponse:
@@ -309,6 +292,148 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         async with self.locks.hold(_known(volume_id)):
             size = await asyncio.to_thread(self._expand, volume_id, path, wish)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    async def NodeGetVolumeHealth(self, request: csi_pb2.NodeGetVolumeHealthRequest,
+                                  context: Any) -> csi_pb2.NodeGetVolumeHealthResponse:
+        volume_id = check_id(request.volume_id, "volume_id")
+        paths = [lookup_path(p, f, self.roots) for p, f in (
+            (request.volume_publish_path, "volume_publish_path"),
+            (request.staging_target_path, "staging_target_path")) if p]
+        entries = await self._volume_problems(_known(volume_id))
+        entries += await asyncio.to_thread(self._mount_problems, volume_id, paths)
+        return csi_pb2.NodeGetVolumeHealthResponse(volume_health=csi_pb2.VolumeHealth(
+            volume_id=volume_id, health_statuses=entries))
+
+    def _mount_problems(self, volume_id: str,
+                        paths: list[Path]) -> list[HealthEntry]:
+        entries = []
+        for path in paths:
+            present = mounts.mounts_at(path)
+            if not present or not self._owns(present[-1], volume_id):
+                entries.append(HealthEntry(status=csi_pb2.INACCESSIBLE, reason="NotMounted",
+                                           message=f"the volume is not mounted at {path}"))
+        return entries
+
+    async def NodeGetStorageHealth(self, request: csi_pb2.NodeGetStorageHealthRequest,
+                                   context: Any) -> csi_pb2.NodeGetStorageHealthResponse:
+        return csi_pb2.NodeGetStorageHealthResponse(
+            backend_health=await self._storage_problems())
+
+    # -- identity of the node ----------------------------------------------------------------
+
+    async def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
+                                  context: Any) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
+            for t in CAPABILITIES])
+
+    async def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest,
+                          context: Any) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.node_id,
+            accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_NODE_KEY: self.node_id}))
+
+
+class NodeService(NodeServiceBase):
+    """Standalone: volumes are replicas in this node's own replica store."""
+
+    def __init__(self, store: ReplicaStore, node_id: str, roots: tuple[Path, ...]) -> None:
+        super().__init__(node_id, roots)
+        self.store = store
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def _owns(self, entry: mounts.MountEntry, volume_id: str) -> bool:
+        if self.store.meta(volume_id) is None:
+            return False
+        if entry.source in self.store.devices(volume_id):
+            return True
+        block = self.store.block_file(volume_id)
+        if self.store.is_open(volume_id) and block.exists():
+            names = {"/" + Path(d).name for d in loop.devices_for(block)}
+            return entry.root in names
+        return False
+
+    def _require_meta(self, volume_id: str) -> ReplicaMeta:
+        meta = self.store.meta(volume_id)
+        if meta is None or meta.deleted:
+            raise NotFound(f"volume {volume_id} has no replica on node {self.node_id}")
+        return meta
+
+    def _volume_kind(self, volume_id: str) -> VolumeKind:
+        return self._require_meta(volume_id).kind
+
+    def _block_devices(self, volume_id: str) -> list[str]:
+        if not self.store.is_open(volume_id):
+            return []
+        return loop.devices_for(self.store.block_file(volume_id))
+
+    def _foreign_mounts(self, volume_id: str) -> list[str]:
+        return self.store.foreign_mounts(volume_id)
+
+    def _block_size(self, volume_id: str) -> int:
+        return self._require_meta(volume_id).size_bytes
+
+    # -- stage -------------------------------------------------------------------------------
+
+    async def _stage_volume(self, volume_id: str, staging: Path, cap: Capability,
+                            context: Mapping[str, str], size_hint: int) -> None:
+        await asyncio.to_thread(self._stage, volume_id, staging, cap, size_hint)
+
+    def _stage(self, volume_id: str, staging: Path, cap: Capability, size_hint: int) -> None:
+        # refuse an occupied staging path before opening (or creating) anything, so that a
+        # refused stage leaves no replica mounted behind it
+        present = mounts.mounts_at(staging) if cap.kind is VolumeKind.FILESYSTEM else []
+        if present and not self._owns(present[-1], volume_id):
+            raise AlreadyExists(f"{staging} already holds another mount")
+        meta = self.store.meta(volume_id)
+        if meta is None or meta.deleted:
+            if not size_hint:
+                raise NotFound(f"volume {volume_id} has no replica on node {self.node_id}")
+            available = self.store.available_bytes()
+            if size_hint > available:
+                raise ResourceExhausted(f"a replica of {size_hint} bytes does not fit in the "
+                                        f"{available} bytes free on node {self.node_id}")
+            meta = self.store.create(volume_id, size_hint, cap.kind)
+            log.info("replica created on stage", volume_id=volume_id, size_bytes=size_hint)
+        if meta.kind is not cap.kind:
+            raise InvalidArgument(f"volume {volume_id} is a {meta.kind} volume")
+        self.store.open(volume_id)
+        failpoints.hit("node.stage.after_open")
+        if cap.kind is VolumeKind.BLOCK:
+            loop.attach(self.store.block_file(volume_id))
+            return
+        present = mounts.mounts_at(staging)
+        if present:
+            if not self._owns(present[-1], volume_id):
+                raise AlreadyExists(f"{staging} already holds another mount")
+            return
+        mounts.bind(self.store.live_path(volume_id), staging)
+        log.info("volume staged", volume_id=volume_id, staging_target_path=str(staging))
+
+    async def _unstage_volume(self, volume_id: str, staging: Path) -> None:
+        await asyncio.to_thread(self._unstage, volume_id, staging)
+
+    def _unstage(self, volume_id: str, staging: Path) -> None:
+        present = mounts.mounts_at(staging)
+        if present and not self._owns(present[-1], volume_id):
+            log.warning("unmounting a staging path that does not show this volume",
+                        volume_id=volume_id, staging_target_path=str(staging))
+        mounts.unmount(staging)
+        failpoints.hit("node.unstage.after_unmount")
+        if self.store.meta(volume_id) is None:
+            return
+        block = self.store.block_file(volume_id)
+        if self.store.is_open(volume_id) and block.exists():
+            published = self._block_publications(volume_id)
+            if published:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still published at {', '.join(published)}")
+            loop.detach_all(block)
+        self.store.close(volume_id)
+        log.info("volume unstaged", volume_id=volume_id, staging_target_path=str(staging))
+
+    # -- expansion, health -------------------------------------------------------------------
 
     def _expand(self, volume_id: str, path: Path, wish: CapacityRange) -> int:
         self._published_entry(volume_id, path)
@@ -325,56 +450,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         log.info("volume expanded on node", volume_id=volume_id, capacity_bytes=meta.size_bytes)
         return meta.size_bytes
 
-    async def NodeGetVolumeHealth(self, request: csi_pb2.NodeGetVolumeHealthRequest,
-                                  context: Any) -> csi_pb2.NodeGetVolumeHealthResponse:
-        volume_id = check_id(request.volume_id, "volume_id")
-        paths = [lookup_path(p, f, self.roots) for p, f in (
-            (request.volume_publish_path, "volume_publish_path"),
-            (request.staging_target_path, "staging_target_path")) if p]
-        entries = await asyncio.to_thread(self._health_entries, _known(volume_id), paths)
-        return csi_pb2.NodeGetVolumeHealthResponse(volume_health=csi_pb2.VolumeHealth(
-            volume_id=volume_id, health_statuses=entries))
+    async def _volume_problems(self, volume_id: str) -> list[HealthEntry]:
+        return await asyncio.to_thread(self._replica_problems, volume_id)
 
-    def _health_entries(self, volume_id: str,
-                        paths: list[Path]) -> list[csi_pb2.VolumeHealth.VolumeHealthEntry]:
-        Entry = csi_pb2.VolumeHealth.VolumeHealthEntry
+    def _replica_problems(self, volume_id: str) -> list[HealthEntry]:
         self._require_meta(volume_id)
-        entries = []
         health = self.store.health(volume_id)
         if health.abnormal:
-            entries.append(Entry(status=csi_pb2.DEGRADED, reason="ReplicaUnhealthy",
-                                 message=health.message))
-        for path in paths:
-            present = mounts.mounts_at(path)
-            if not present or not self._owns(present[-1], volume_id):
-                entries.append(Entry(status=csi_pb2.INACCESSIBLE, reason="NotMounted",
-                                     message=f"the volume is not mounted at {path}"))
-        return entries
+            return [HealthEntry(status=csi_pb2.DEGRADED, reason="ReplicaUnhealthy",
+                                message=health.message)]
+        return []
 
-    async def NodeGetStorageHealth(self, request: csi_pb2.NodeGetStorageHealthRequest,
-                                   context: Any) -> csi_pb2.NodeGetStorageHealthResponse:
-        Backend = csi_pb2.NodeGetStorageHealthResponse.StorageBackendHealth
+    async def _storage_problems(self) -> list[Any]:
         problems: list[Any] = []
         missing = missing_tools()
         if missing:
-            problems.append(Backend(status=csi_pb2.STORAGE_UNREACHABLE, reason="ToolsMissing",
-                                    message=f"storage tools missing: {', '.join(missing)}"))
+            problems.append(StorageBackendHealth(
+                status=csi_pb2.STORAGE_UNREACHABLE, reason="ToolsMissing",
+                message=f"storage tools missing: {', '.join(missing)}"))
         usage = await asyncio.to_thread(shutil.disk_usage, self.store.root)
         if usage.total and usage.free / usage.total < LOW_SPACE_RATIO:
-            problems.append(Backend(status=csi_pb2.STORAGE_DEGRADED, reason="LowSpace",
-                                    message=f"only {usage.free} bytes free for replicas"))
-        return csi_pb2.NodeGetStorageHealthResponse(backend_health=problems)
-
-    # -- identity of the node ----------------------------------------------------------------
-
-    async def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
-                                  context: Any) -> csi_pb2.NodeGetCapabilitiesResponse:
-        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
-            csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
-            for t in CAPABILITIES])
-
-    async def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest,
-                          context: Any) -> csi_pb2.NodeGetInfoResponse:
-        return csi_pb2.NodeGetInfoResponse(
-            node_id=self.node_id,
-            accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_NODE_KEY: self.node_id}))
+            problems.append(StorageBackendHealth(
+                status=csi_pb2.STORAGE_DEGRADED, reason="LowSpace",
+                message=f"only {usage.free} bytes free for replicas"))
+        return problems

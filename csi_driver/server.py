@@ -3,7 +3,8 @@
 import contextlib
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -13,12 +14,12 @@ from sharedsync.core.errors import InvalidArgument
 from sharedsync.lifecycle import until_terminated
 from sharedsync.storage.replicas import ReplicaStore
 
-from .backend import LocalBackend
+from .backend import LocalBackend, VolumeBackend
 from .config import PluginConfig
 from .controller import ControllerService
-from .identity import IdentityService
+from .identity import IdentityService, ReadinessCheck
 from .interceptor import csi_interceptor
-from .node import NodeService
+from .node import NodeService, NodeServiceBase
 from .proto import csi_pb2_grpc
 from .state import StateStore, open_state_store
 
@@ -53,6 +54,8 @@ class Plugin:
     config: PluginConfig
     server: grpc.aio.Server
     state: StateStore | None
+    #: Released after the server stopped (backend clients, agent channels).
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self) -> None:
         path = socket_path(self.config.endpoint)
@@ -67,31 +70,78 @@ class Plugin:
         await self.server.stop(SHUTDOWN_GRACE_SECONDS)
         if self.state is not None:
             await self.state.close()
+        for close in self.closers:
+            await close()
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.config.endpoint).unlink()
+
+
+async def _controller_backend(config: PluginConfig, local: LocalBackend) -> VolumeBackend:
+    """Standalone: replicas on this node. Cluster mode: SharedVolumes through the operator."""
+    if not config.cluster_controller:
+        return local
+    # imported only when used: standalone never loads the Kubernetes client
+    from replication_agent.config import TlsConfig
+
+    from .cluster_backend import ClusterBackend
+
+    tls = None
+    if config.agent_tls is not None:
+        ca, cert, key = config.agent_tls
+        tls = TlsConfig(ca=ca, cert=cert, key=key)
+    return await ClusterBackend.connect(config.kubeconfig, config.namespace, agent_tls=tls,
+                                        wait_seconds=config.operator_timeout)
+
+
+def _all_of(checks: list[ReadinessCheck]) -> ReadinessCheck:
+    async def ready() -> str | None:
+        for check in checks:
+            problem = await check()
+            if problem:
+                return problem
+        return None
+    return ready
 
 
 async def build_plugin(config: PluginConfig) -> Plugin:
     """Create the gRPC server with the services ``config.role`` asks for (and open the
     controller's state store: SQLite on local disk, or SharedVolume objects in Kubernetes)."""
     store = ReplicaStore(config.replica_root)
-    backend = LocalBackend(store, config.node_id)
+    local = LocalBackend(store, config.node_id)
     server = grpc.aio.server(
         interceptors=[csi_interceptor(config.driver_name)],
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes)],
     )
     state: StateStore | None = None
+    closers: list[Callable[[], Awaitable[None]]] = []
+    checks: list[ReadinessCheck] = []
     if config.serves_controller:
         state = await open_state_store(config)
+        backend = await _controller_backend(config, local)
+        closers.append(backend.close)
+        checks.append(backend.ready)
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(state, backend), server)
     if config.serves_node:
-        csi_pb2_grpc.add_NodeServicer_to_server(
-            NodeService(store, config.node_id, config.allowed_path_roots), server)
+        node: NodeServiceBase
+        if config.agent_socket is not None:
+            from .agent_client import AgentClient
+            from .node_agent import AgentNodeService
+
+            agent = AgentClient.local(config.agent_socket)
+            closers.append(agent.close)
+            node = AgentNodeService(agent, config.staged_dir, config.node_id,
+                                    config.allowed_path_roots)
+            checks.append(node.ready)
+        else:
+            node = NodeService(store, config.node_id, config.allowed_path_roots)
+            if local.ready not in checks:
+                checks.append(local.ready)
+        csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     identity = IdentityService(config.driver_name, controller=config.serves_controller,
-                               readiness=backend.ready)
+                               readiness=_all_of(checks))
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
-    return Plugin(config, server, state)
+    return Plugin(config, server, state, closers)
 
 
 async def serve(config: PluginConfig) -> None:

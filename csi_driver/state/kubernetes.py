@@ -9,14 +9,16 @@ store owns these ``spec`` fields: ``capacity`` (integer bytes), ``policy`` (the 
 parameter, ``""`` when there is none), ``accessModes`` (Kubernetes names), ``volumeMode``
 (``Filesystem``/``Block``), ``contentSource`` (``{kind: Snapshot|Volume, name}``, absent when the
 volume was made empty), ``requestName``, ``parameters`` and ``accessibleNodes``, plus the
-annotations ``sharedsync.io/csi-phase`` and ``sharedsync.io/created-at``. Kubernetes access
-modes are coarser than CSI's (``SINGLE_NODE_WRITER`` and ``SINGLE_NODE_MULTI_WRITER`` are both
-``ReadWriteOnce``), so the record's own modes are also kept, exactly, in the annotation
-``sharedsync.io/csi-access-modes``. A SharedVolumeSnapshot's ``spec`` is ``{requestName,
-sourceVolume, sizeBytes, createdAtNs, accessibleNodes}`` with the ``csi-phase`` annotation and the
-label ``sharedsync.io/source-volume``, which lets ``list_snapshots``/``count_snapshots`` of one
-volume ask the API server for that volume's snapshots only. Parameters read back sorted by key
-(a JSON object has no order; the controller writes them sorted anyway).
+annotations ``sharedsync.io/csi-phase`` and ``sharedsync.io/created-at``; ``consumerNode`` is
+written when the controller passes one (the CO's preferred node) and otherwise left alone.
+Kubernetes access modes are coarser than CSI's (``SINGLE_NODE_WRITER`` and
+``SINGLE_NODE_MULTI_WRITER`` are both ``ReadWriteOnce``), so the record's own modes are also
+kept, exactly, in the annotation ``sharedsync.io/csi-access-modes``. A SharedVolumeSnapshot's
+``spec`` is ``{requestName, sourceVolume, sizeBytes, createdAtNs, accessibleNodes}`` with the
+``csi-phase`` annotation and the label ``sharedsync.io/source-volume``, which lets
+``list_snapshots``/``count_snapshots`` of one volume ask the API server for that volume's
+snapshots only. Parameters read back sorted by key (a JSON object has no order; the controller
+writes them sorted anyway).
 
 Other writers share these objects, and nothing of theirs may be lost: the operator owns
 ``status`` (a subresource, so the PUT of the main resource that the store issues never changes
@@ -58,13 +60,9 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient, Configuration, CustomObjectsApi
+from kubernetes_asyncio.client import ApiClient, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config import (
-    ConfigException,
-    load_incluster_config,
-    new_client_from_config,
-)
+from kubernetes_asyncio.config import ConfigException
 
 from csi_driver.proto import csi_pb2
 from sharedsync.core.errors import (
@@ -77,6 +75,7 @@ from sharedsync.core.errors import (
 from sharedsync.core.parameters import SYNC_POLICY
 from sharedsync.core.quantity import parse_bytes
 from sharedsync.core.records import Phase, SnapshotRecord, SourceKind, VolumeRecord
+from sharedsync.kubeclient import api_client
 
 GROUP = "sharedsync.io"
 VERSION = "v1alpha1"
@@ -431,13 +430,7 @@ class KubernetesStateStore:
                       request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> KubernetesStateStore:
         """A store with its own client: from ``kubeconfig``, else the pod's service account."""
         try:
-            if kubeconfig is None:
-                configuration = Configuration()
-                load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-                client = ApiClient(configuration)
-            else:
-                client = await new_client_from_config(
-                    config_file=str(kubeconfig), persist_config=False)
+            client = await api_client(kubeconfig)
         except ConfigException as exc:
             if kubeconfig is None:
                 raise Unavailable(f"no in-cluster Kubernetes credentials ({exc}); outside a "
@@ -613,9 +606,14 @@ class KubernetesStateStore:
         obj = await self._get(_VOLUME, volume_id)
         return read_volume(obj) if obj is not None else None
 
-    async def put_volume(self, record: VolumeRecord) -> VolumeRecord:
-        return read_volume(await self._put(_VOLUME, record.volume_id, record.revision,
-                                           lambda obj: write_volume(obj, record)))
+    async def put_volume(self, record: VolumeRecord, *,
+                         consumer_node: str = "") -> VolumeRecord:
+        def write(obj: JsonObject) -> None:
+            write_volume(obj, record)
+            if consumer_node:  # in the object that is created, so placement sees it at once
+                _spec(obj)["consumerNode"] = consumer_node
+
+        return read_volume(await self._put(_VOLUME, record.volume_id, record.revision, write))
 
     async def delete_volume(self, volume_id: str) -> None:
         await self._delete(_VOLUME, volume_id)

@@ -102,7 +102,9 @@ class LocalStateStore:
                                        (volume_id,))
         return _volume(rows[0][0]) if rows else None
 
-    async def put_volume(self, record: VolumeRecord) -> VolumeRecord:
+    async def put_volume(self, record: VolumeRecord, *,
+                         consumer_node: str = "") -> VolumeRecord:
+        del consumer_node  # one node holds everything: nothing to place
         return await asyncio.to_thread(self._put, "volumes", record, record.volume_id, {})
 
     async def delete_volume(self, volume_id: str) -> None:

@@ -171,11 +171,17 @@ def test_incremental_receive_killed_midway_leaves_previous_snapshot(
     before = newest_snapshot(cluster, "b")
     assert before is not None
     expected_before = tree_digest(before)
-    # a large increment at a capped rate, so that the receiver can be killed in the middle
-    cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
-                              bandwidth=2 << 20))
+    # a large increment at a capped rate, so that the receiver can be killed in the middle;
+    # replication is paused while it is written, so that it travels as ONE increment however
+    # slowly a loaded machine writes it
+    paused = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                         bandwidth=2 << 20)
+    paused.policy.paused = True
+    cluster.apply(paused)
     received = cluster.agents["b"].volume(VOLUME).bytes_received
     write_files(live, 20, 1 << 20, seed=10)  # 20 MiB at 2 MiB/s: about ten seconds
+    cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                              bandwidth=2 << 20))
     wait_until(lambda: cluster.agents["b"].volume(VOLUME).bytes_received > received + (4 << 20),
                timeout=60, what="the increment under way")
     cluster.agents["b"].kill()
