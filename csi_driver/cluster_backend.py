@@ -16,7 +16,13 @@ a duplicate.
 
 Capacity comes from the agents' Leases (``sharedsync.io/available-bytes``, operator/API.md):
 per node when the CO names one, else the most any live agent has, since each replica of a
-volume must fit on one node. Snapshots and clones are not offered in this mode yet.
+volume must fit on one node.
+
+Snapshots: the store writes the SharedVolumeSnapshot record; the operator snapshots the source
+volume on its replicas and reports ``status.readyToUse``, which a create waits for; a delete
+deletes the record and waits for the operator's finalizer to have removed every copy. A volume
+made from a snapshot or a volume is an ordinary SharedVolume with ``spec.contentSource`` (the
+store writes it): the operator places its primary where the source is held.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from sharedsync.core.errors import (
     NotFound,
     SharedsyncError,
     Unavailable,
-    Unimplemented,
 )
 from sharedsync.core.parameters import SYNC_POLICY, VolumeParameters
 from sharedsync.core.quantity import parse_bytes
@@ -60,6 +65,7 @@ log = structlog.get_logger(__name__)
 GROUP = "sharedsync.io"
 VERSION = "v1alpha1"
 SHARED_VOLUMES = "sharedvolumes"
+SHARED_VOLUME_SNAPSHOTS = "sharedvolumesnapshots"
 SYNC_POLICIES = "syncpolicies"
 #: Agent Leases, as operator/API.md describes them.
 AGENT_LEASE_SELECTOR = "app.kubernetes.io/name=sharedsync,app.kubernetes.io/component=agent"
@@ -159,7 +165,7 @@ def not_ready_reason(obj: JsonObject) -> str | None:
 class ClusterBackend:
     """A :class:`csi_driver.backend.VolumeBackend` over SharedVolumes and the operator."""
 
-    supports_snapshots = False
+    supports_snapshots = True
 
     def __init__(self, client: ApiClient, namespace: str = DEFAULT_NAMESPACE, *,
                  agent_tls: TlsConfig | None = None, wait_seconds: float = DEFAULT_WAIT_SECONDS,
@@ -235,17 +241,19 @@ class ClusterBackend:
 
     async def _wait(self, volume_id: str, within: float | None,
                     check: Callable[[JsonObject | None], Awaitable[str | None]],
-                    late: type[Aborted] = Aborted) -> None:
-        """Poll the SharedVolume until ``check`` says nothing is missing (returns None);
-        at the deadline raise ``late`` (retryable) with the last thing it said was missing."""
+                    late: type[Aborted] = Aborted, plural: str = SHARED_VOLUMES) -> None:
+        """Poll the SharedVolume (or another of our objects) until ``check`` says nothing is
+        missing (returns None); at the deadline raise ``late`` (retryable) with the last thing
+        it said was missing."""
         budget = self.wait_seconds if within is None else min(within, self.wait_seconds)
         deadline = time.monotonic() + budget
+        what = "volume" if plural == SHARED_VOLUMES else "snapshot"
         while True:
-            missing = await check(await self._get(SHARED_VOLUMES, volume_id))
+            missing = await check(await self._get(plural, volume_id))
             if missing is None:
                 return
             if time.monotonic() >= deadline:
-                raise late(f"volume {volume_id}: {missing} (waited {budget:.0f} s for the "
+                raise late(f"{what} {volume_id}: {missing} (waited {budget:.0f} s for the "
                            "operator; retry)")
             await asyncio.sleep(min(self.poll_seconds, max(deadline - time.monotonic(), 0.0)))
 
@@ -263,9 +271,6 @@ class ClusterBackend:
         return None
 
     async def admit(self, parameters: VolumeParameters, source: SourceKind) -> None:
-        if source is not SourceKind.NONE:
-            raise Unimplemented("volumes made from a snapshot or from another volume are not "
-                                "supported in cluster mode yet")
         name = parameters.sync_policy
         if not name:
             raise InvalidArgument(f"the StorageClass parameter {SYNC_POLICY!r} is required in "
@@ -389,13 +394,42 @@ class ClusterBackend:
         return max((lease.available_bytes for lease in live), default=0)
 
     async def create_snapshot(self, volume_id: str, snapshot_id: str) -> int:
-        raise Unimplemented("snapshots are not supported in cluster mode yet")
+        size: list[int] = []
+
+        async def check(obj: JsonObject | None) -> str | None:
+            if obj is None:
+                raise Aborted(f"SharedVolumeSnapshot {snapshot_id} was deleted while being "
+                              "created; retry")
+            status = obj.get("status") or {}
+            if status.get("readyToUse"):
+                size.append(int(status.get("sizeBytes") or
+                                (obj.get("spec") or {}).get("sizeBytes") or 0))
+                return None
+            ready = condition(obj, "Ready")
+            if ready:
+                return f"Ready is {ready.get('status')}: {ready.get('reason')}: " \
+                       f"{ready.get('message')}"
+            return "the operator has not taken it yet"
+
+        await self._wait(snapshot_id, None, check, plural=SHARED_VOLUME_SNAPSHOTS)
+        log.info("snapshot taken", snapshot_id=snapshot_id, volume_id=volume_id)
+        return size[-1]
 
     async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
-        raise Unimplemented("snapshots are not supported in cluster mode yet")
+        await self._call(f"delete SharedVolumeSnapshot {snapshot_id}",
+                         self._objects.delete_cluster_custom_object,
+                         GROUP, VERSION, SHARED_VOLUME_SNAPSHOTS, snapshot_id, missing_ok=True)
+
+        async def check(obj: JsonObject | None) -> str | None:
+            if obj is None:
+                return None
+            return "the operator is still deleting its copies on the agents"
+
+        await self._wait(snapshot_id, None, check, plural=SHARED_VOLUME_SNAPSHOTS)
 
     async def has_snapshot(self, volume_id: str, snapshot_id: str) -> bool:
-        return False
+        obj = await self._get(SHARED_VOLUME_SNAPSHOTS, snapshot_id)
+        return bool(obj and (obj.get("status") or {}).get("readyToUse"))
 
     async def close(self) -> None:
         for client in self._agents.values():

@@ -456,8 +456,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source_id = check_id(request.source_volume_id, "source_volume_id")
         _check_snapshot_parameters(dict(request.parameters))
         if not self.backend.supports_snapshots:
-            raise Unimplemented("snapshots are not supported in cluster mode yet (the "
-                                "SharedVolume's replicas would each need the snapshot)")
+            raise Unimplemented("this driver's backend does not support snapshots")
         snapshot_id = snapshot_id_for(name)
         async with self.locks.hold(snapshot_id, source_id):
             existing = await self.state.get_snapshot(snapshot_id)

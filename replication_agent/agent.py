@@ -8,6 +8,7 @@ they validate, find the volume's :class:`VolumeEngine`, and ask it.
 import asyncio
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,23 +19,30 @@ from sharedsync import __version__
 from sharedsync.core.audit_chain import AuditKind
 from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sharedsync.core.framing import FrameEncoder
-from sharedsync.core.ids import check_id
-from sharedsync.storage.replicas import ReplicaStore
+from sharedsync.core.ids import check_id, is_snapshot_id
+from sharedsync.storage.replicas import ReplicaStore, Source, VolumeKind
 
 from .audit import AuditLog
 from .config import AgentConfig, VolumeConfig
 from .fuse.mount import abort_connection, fuse_mounts, unmount
+from .lineage import SYNC_DIR, SnapRef
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
 from .qos import NodeBandwidth
-from .transfer import frame_message, ref_of
+from .snapshots import SnapshotRecord, SnapshotRecords
+from .transfer import frame_message, ref_message, ref_of
 from .volume import PersistedState, Role, VolumeEngine, load_state
 
 log = structlog.get_logger(__name__)
 
 #: How long one volume may take to stop its loops before the agent moves on.
 STOP_TIMEOUT_SECONDS = 5.0
+#: How long SyncNow and CreateSnapshot wait for every replica to acknowledge a sync point.
+SYNC_WAIT_SECONDS = 300.0
+#: Attempts at snapshotting a fresh sync point that a newer one replaced (and pruning removed)
+#: between the acknowledgement and the snapshot.
+SNAPSHOT_ATTEMPTS = 3
 MODES = {"Synchronous": pb.SYNCHRONOUS, "Asynchronous": pb.ASYNCHRONOUS,
          "Scheduled": pb.SCHEDULED}
 
@@ -103,6 +111,7 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
                                   max_bytes=config.audit_max_bytes, keep=config.audit_keep)
         self.peers = PeerPool(config.peers, config.tls)
         self.node_bandwidth = NodeBandwidth(config.node_bandwidth)
+        self.snapshot_records = SnapshotRecords(data / "agent" / "snapshots")
         self.engines: dict[str, VolumeEngine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -175,9 +184,52 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         async with self._lock(spec.volume_id):
             engine = self.engines.get(spec.volume_id)
             if engine is None:
+                await self._populate(spec)
                 return await self._start_engine(spec)
             await engine.apply(spec)
             return engine
+
+    async def _populate(self, spec: pb.VolumeSpec) -> None:
+        """A new volume with a content source: the primary's replica starts as a copy of it.
+
+        Only the primary copies: the other replicas receive a full stream from it anyway (they
+        share no replication snapshot with it), so a local copy would be thrown away. The
+        operator places the primary on a node that holds the source; if this one does not, it
+        refuses rather than serve an empty volume as the restored one.
+        """
+        if not spec.HasField("content_source") or spec.primary_node != self.node:
+            return
+        if await asyncio.to_thread(self.store.meta, spec.volume_id) is not None:
+            return  # made before (a retried apply, or a restart)
+        content = spec.content_source
+        check_id(content.volume_id, "content_source.volume_id")
+        if content.snapshot_id:
+            if not is_snapshot_id(content.snapshot_id):
+                raise InvalidArgument(f"content_source.snapshot_id {content.snapshot_id!r} is "
+                                      "not a snapshot id")
+            if not await asyncio.to_thread(self.store.has_snapshot, content.volume_id,
+                                           content.snapshot_id):
+                raise FailedPrecondition(f"snapshot {content.snapshot_id} of "
+                                         f"{content.volume_id} is not held on {self.node}")
+            source = Source(volume_id=content.volume_id, snapshot_id=content.snapshot_id)
+        else:
+            origin = self.engines.get(content.volume_id)
+            if origin is None:
+                raise FailedPrecondition(f"volume {content.volume_id} has no replica on "
+                                         f"{self.node} to clone")
+            if origin.role is Role.PRIMARY and not origin.fenced:
+                point = await origin.cycle()  # everything written until now
+            else:
+                point = await asyncio.to_thread(origin.lineage.newest)
+            if point is None:
+                raise FailedPrecondition(f"the replica of {content.volume_id} on {self.node} "
+                                         "holds no complete snapshot yet")
+            source = Source(volume_id=content.volume_id, subvolume=f"{SYNC_DIR}/{point.name}")
+        await asyncio.to_thread(self.store.ensure_layout)
+        await asyncio.to_thread(self.store.create, spec.volume_id, spec.size_bytes,
+                                VolumeKind(spec.kind or "filesystem"), source)
+        log.info("volume made from its content source", volume_id=spec.volume_id,
+                 source_volume=content.volume_id, snapshot_id=content.snapshot_id)
 
     async def learn_peers(self, addresses: Mapping[str, str]) -> None:
         """Take peer addresses the operator read from the agents' Leases.
@@ -213,17 +265,84 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             await engine.promote(request.epoch)
         return await asyncio.to_thread(engine.status)
 
-    async def SyncNow(self, request: pb.SyncNowRequest, context: Any) -> pb.VolumeStatus:
-        engine = self.engine(request.volume_id)
+    async def _sync(self, engine: VolumeEngine, trigger: str) -> SnapRef | None:
+        """One sync cycle, returned once every replica acknowledged it."""
         if engine.role is not Role.PRIMARY:
-            raise FailedPrecondition(f"{self.node} is not the primary of {request.volume_id}")
+            raise FailedPrecondition(f"{self.node} is not the primary of {engine.volume_id}")
         target = await engine.cycle()
         if target is not None:
             await asyncio.wait_for(
                 asyncio.gather(*(link.wait_for(target) for link in engine.links.values())),
-                timeout=300)
-        engine.audit(AuditKind.SYNC, trigger="sync-now", snapshot=target.name if target else "")
+                timeout=SYNC_WAIT_SECONDS)
+        engine.audit(AuditKind.SYNC, trigger=trigger, snapshot=target.name if target else "")
+        return target
+
+    async def SyncNow(self, request: pb.SyncNowRequest, context: Any) -> pb.VolumeStatus:
+        engine = self.engine(request.volume_id)
+        await self._sync(engine, "sync-now")
         return await asyncio.to_thread(engine.status)
+
+    async def CreateSnapshot(self, request: pb.CreateSnapshotRequest,
+                             context: Any) -> pb.SnapshotStatus:
+        check_id(request.volume_id, "volume_id")
+        if not is_snapshot_id(request.snapshot_id):
+            raise InvalidArgument(f"snapshot_id {request.snapshot_id!r} is not a snapshot id")
+        async with self._lock(request.snapshot_id):
+            record = await asyncio.to_thread(self.snapshot_records.get, request.snapshot_id)
+            if record is not None and record.volume_id != request.volume_id:
+                raise FailedPrecondition(f"snapshot {request.snapshot_id} is of volume "
+                                         f"{record.volume_id}, not {request.volume_id}")
+            if record is not None and await asyncio.to_thread(
+                    self.store.has_snapshot, request.volume_id, request.snapshot_id):
+                return snapshot_status(record)
+            engine = self.engine(request.volume_id)
+            point, size = await self._snapshot_sync_point(engine, request)
+            record = SnapshotRecord(snapshot_id=request.snapshot_id,
+                                    volume_id=request.volume_id, source=point,
+                                    size_bytes=size, created_unix_ns=time.time_ns())
+            await asyncio.to_thread(self.snapshot_records.put, record)
+            engine.audit(AuditKind.VOLUME, action="snapshot", snapshot_id=request.snapshot_id,
+                         source=point.name)
+            return snapshot_status(record)
+
+    async def _snapshot_sync_point(self, engine: VolumeEngine,
+                                   request: pb.CreateSnapshotRequest) -> tuple[SnapRef, int]:
+        """Snapshot the requested sync point, or (primary) a fresh one every replica holds."""
+        attempt = 0
+        while True:
+            attempt += 1
+            point = ref_of(request.source) if request.HasField("source") \
+                else await self._sync(engine, "snapshot")
+            if point is None:
+                raise FailedPrecondition(f"volume {request.volume_id} has no sync point")
+            try:
+                size = await asyncio.to_thread(self.store.snapshot, request.volume_id,
+                                               request.snapshot_id, f"{SYNC_DIR}/{point.name}")
+            except NotFound:
+                if request.HasField("source") or attempt >= SNAPSHOT_ATTEMPTS:
+                    raise
+                continue  # replaced and pruned meanwhile: sync again
+            return point, size
+
+    async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest,
+                             context: Any) -> pb.DeleteSnapshotResponse:
+        check_id(request.volume_id, "volume_id")
+        if not is_snapshot_id(request.snapshot_id):
+            return pb.DeleteSnapshotResponse()  # never ours
+        async with self._lock(request.snapshot_id):
+            # also for a removed volume: its image lives on while snapshots remain in it
+            await asyncio.to_thread(self.store.delete_snapshot, request.volume_id,
+                                    request.snapshot_id)
+            await asyncio.to_thread(self.snapshot_records.delete, request.snapshot_id)
+        return pb.DeleteSnapshotResponse()
+
+    def _snapshots_of(self, volume_id: str) -> list[pb.SnapshotStatus]:
+        found = []
+        for snapshot_id in self.store.snapshots(volume_id):
+            record = self.snapshot_records.get(snapshot_id)
+            found.append(snapshot_status(record) if record is not None
+                         else pb.SnapshotStatus(snapshot_id=snapshot_id))
+        return found
 
     async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
         engine = self.engine(request.volume_id)
@@ -240,6 +359,9 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.AgentStatus:
         ids = list(request.volume_ids) or sorted(self.engines)
         volumes = [await asyncio.to_thread(self.engine(v).status) for v in ids]
+        for volume in volumes:
+            volume.snapshots.extend(await asyncio.to_thread(self._snapshots_of,
+                                                            volume.volume_id))
         root = self.store.root
         root.mkdir(parents=True, exist_ok=True)
         usage = shutil.disk_usage(root)
@@ -284,6 +406,12 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             raise FailedPrecondition(
                 f"{header.sender_node} is not a replica of {header.volume_id}")
         return await engine.receive(header, request_iterator)
+
+
+def snapshot_status(record: SnapshotRecord) -> pb.SnapshotStatus:
+    return pb.SnapshotStatus(snapshot_id=record.snapshot_id, size_bytes=record.size_bytes,
+                             created_unix_ns=record.created_unix_ns,
+                             source=ref_message(record.source))
 
 
 def reclaim_fuse_mounts(root: Path) -> list[str]:

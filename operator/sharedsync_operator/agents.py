@@ -195,6 +195,29 @@ class Agents:
         self._remember(node, status)
         return status
 
+    async def create_snapshot(self, node: str, volume_id: str, snapshot_id: str,
+                              source: pb.SnapshotRef | None = None) -> pb.SnapshotStatus:
+        """A CSI snapshot of the node's replica (the primary syncs first, so it may take as
+        long as SyncNow)."""
+        request = pb.CreateSnapshotRequest(volume_id=volume_id, snapshot_id=snapshot_id)
+        if source is not None:
+            request.source.CopyFrom(source)
+        reply: pb.SnapshotStatus = await self._stub(node).CreateSnapshot(
+            request, timeout=SYNC_NOW_TIMEOUT_SECONDS)
+        return reply
+
+    async def delete_snapshot(self, node: str, volume_id: str, snapshot_id: str) -> None:
+        await self._stub(node).DeleteSnapshot(
+            pb.DeleteSnapshotRequest(volume_id=volume_id, snapshot_id=snapshot_id),
+            timeout=CALL_TIMEOUT_SECONDS)
+
+    def snapshot_holders(self, snapshot_id: str) -> set[str]:
+        """Live agents whose last status lists the CSI snapshot ``snapshot_id``."""
+        alive = self.alive()
+        return {node for node, status in self.statuses.items() if node in alive
+                and any(s.snapshot_id == snapshot_id for v in status.volumes
+                        for s in v.snapshots)}
+
     async def resync(self, primary: str, volume_id: str, node: str, reason: str) -> None:
         """Ask the primary to re-read what ``node`` holds and ship what it lacks (after that
         replica was dropped and recreated empty)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import kopf
 import structlog
+from aiohttp import web
 
 from sharedsync import __version__
 from sharedsync.kubeclient import api_client
@@ -57,10 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-address", default="",
                         help="host:port for the Prometheus endpoint (default: off)")
     parser.add_argument("--health-address", default="",
-                        help="host:port for kopf's liveness endpoint /healthz (default: off)")
+                        help="host:port for the liveness endpoint /healthz, answered by the "
+                             "leader and by standbys alike (default: off)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
     return parser
+
+
+class HealthServer:
+    """``/healthz`` for the kubelet's liveness probe.
+
+    A standby waiting for the leader Lease is healthy (it must not be restarted for waiting);
+    the leader is healthy while its kopf operator runs. kopf's own liveness endpoint only
+    exists once kopf starts, which a standby never does.
+    """
+
+    def __init__(self) -> None:
+        self.operator: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        if self.operator is not None and self.operator.done():
+            return web.Response(status=500, text="operator stopped\n")
+        return web.Response(text="leader\n" if self.operator is not None else "standby\n")
+
+    async def start(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host.strip("[]") or "0.0.0.0", int(port)).start()  # noqa: S104
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 async def _hold_leadership(keeper: LeaseKeeper, stop: asyncio.Event) -> None:
@@ -90,6 +122,9 @@ async def run(args: argparse.Namespace) -> int:
         holder=args.identity, duration_seconds=args.lease_duration,
         labels={"app.kubernetes.io/name": "sharedsync",
                 "app.kubernetes.io/component": "operator"})
+    health = HealthServer()
+    if args.health_address:
+        await health.start(args.health_address)
     terminated = asyncio.create_task(until_terminated())
     stop = asyncio.Event()
     terminated.add_done_callback(lambda _: stop.set())
@@ -103,6 +138,7 @@ async def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), args.lease_duration / 3)
     if stop.is_set():
+        await health.stop()
         await connection.close()
         return 0
     LEADER.set(1)
@@ -113,9 +149,8 @@ async def run(args: argparse.Namespace) -> int:
                              volumes=VolumeReconciler(Kube(connection), agents))
     holder = asyncio.create_task(_hold_leadership(keeper, stop))
     operator = asyncio.create_task(kopf.operator(
-        clusterwide=True, standalone=True, memo=kopf.Memo(runtime=state), stop_flag=stop,
-        liveness_endpoint=f"http://{args.health_address}/healthz"
-        if args.health_address else None))
+        clusterwide=True, standalone=True, memo=kopf.Memo(runtime=state), stop_flag=stop))
+    health.operator = operator
     await asyncio.wait([operator, holder], return_when=asyncio.FIRST_COMPLETED)
     lost = not terminated.done()
     stop.set()
@@ -126,6 +161,7 @@ async def run(args: argparse.Namespace) -> int:
     LEADER.set(0)
     if not lost:
         await keeper.release()
+    await health.stop()
     await connection.close()
     return 1 if lost else 0
 

@@ -22,6 +22,7 @@ from .agents import AgentInfo, Agents, agent_from_lease
 from .kube import GROUP, VERSION, Kube
 from .metrics import LIVE_AGENTS, RECONCILE_ERRORS, RECONCILE_SECONDS
 from .policies import reconcile_policy, refuse_delete_in_use
+from .snapshots import NotYetError, SnapshotReconciler
 from .volumes import VolumeReconciler
 
 log = structlog.get_logger(__name__)
@@ -53,8 +54,22 @@ class Runtime:
     nodes: dict[str, NodeFacts] = field(default_factory=dict)
     policies: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     shared_volumes: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    shared_volume_snapshots: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     orphans_seen: dict[tuple[str, str], float] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    snapshots: SnapshotReconciler | None = None
+
+    def __post_init__(self) -> None:
+        # one view of the cluster: the reconcilers read the dicts the watch handlers fill
+        self.volumes.known_volumes = self.shared_volumes
+        self.volumes.known_snapshots = self.shared_volume_snapshots
+        if self.snapshots is None:
+            self.snapshots = SnapshotReconciler(self.volumes.kube, self.agents)
+        self.snapshots.volumes = self.shared_volumes
+
+    def snapshot_reconciler(self) -> SnapshotReconciler:
+        assert self.snapshots is not None
+        return self.snapshots
 
     def node_views(self) -> list[NodeView]:
         alive = self.agents.alive()
@@ -249,6 +264,47 @@ async def volume_deleted(name: str, body: Any, memo: Any, **_: Any) -> None:
         except RuntimeError as exc:
             RECONCILE_ERRORS.labels("volume_delete").inc()
             raise kopf.TemporaryError(str(exc), delay=2) from exc
+
+
+# -- SharedVolumeSnapshot ----------------------------------------------------------------------
+
+#: How soon a snapshot that could not be taken yet is tried again.
+SNAPSHOT_RETRY_SECONDS = 2.0
+
+
+@kopf.on.event(GROUP, VERSION, "sharedvolumesnapshots")
+def snapshot_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    if type == "DELETED":
+        state.shared_volume_snapshots.pop(name, None)
+    else:
+        state.shared_volume_snapshots[name] = _plain(body)
+
+
+@kopf.on.resume(GROUP, VERSION, "sharedvolumesnapshots")
+@kopf.on.create(GROUP, VERSION, "sharedvolumesnapshots")
+async def snapshot_created(body: Any, memo: Any, **_: Any) -> None:
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    state = runtime(memo)
+    with RECONCILE_SECONDS.labels("snapshot").time():
+        try:
+            await state.snapshot_reconciler().reconcile(_plain(body), _emitter(body))
+        except NotYetError as exc:
+            raise kopf.TemporaryError(str(exc), delay=SNAPSHOT_RETRY_SECONDS) from exc
+        except Exception:
+            RECONCILE_ERRORS.labels("snapshot").inc()
+            raise
+
+
+@kopf.on.delete(GROUP, VERSION, "sharedvolumesnapshots")
+async def snapshot_deleted(body: Any, memo: Any, **_: Any) -> None:
+    state = runtime(memo)
+    with RECONCILE_SECONDS.labels("snapshot_delete").time():
+        failed = await state.snapshot_reconciler().delete(_plain(body))
+    if failed:
+        RECONCILE_ERRORS.labels("snapshot_delete").inc()
+        raise kopf.TemporaryError(f"DeleteSnapshot failed on {', '.join(failed)}", delay=2)
 
 
 # -- SyncPolicy --------------------------------------------------------------------------------

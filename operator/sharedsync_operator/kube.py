@@ -11,6 +11,7 @@ GROUP = "sharedsync.io"
 VERSION = "v1alpha1"
 SYNC_POLICIES = "syncpolicies"
 SHARED_VOLUMES = "sharedvolumes"
+SHARED_VOLUME_SNAPSHOTS = "sharedvolumesnapshots"
 #: The generated client would pick JSON Patch for a dict body, which custom resources refuse.
 _MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
 

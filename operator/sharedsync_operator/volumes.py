@@ -40,6 +40,7 @@ from . import conditions as cond
 from .agents import Agents
 from .kube import SHARED_VOLUMES, Kube
 from .metrics import AGENT_CALL_ERRORS
+from .snapshots import content_source
 
 log = structlog.get_logger(__name__)
 
@@ -84,13 +85,15 @@ def agent_policy(policy: Policy, write_quorum: int) -> pb.VolumePolicy:
 
 
 def volume_spec(volume_id: str, size: int, kind: str, policy: Policy, layout: Layout,
-                write_quorum: int, addresses: Mapping[str, str]) -> pb.VolumeSpec:
+                write_quorum: int, addresses: Mapping[str, str],
+                content: pb.ContentSource | None = None) -> pb.VolumeSpec:
     """The spec every replica of the volume gets, with its revision (a fingerprint of it)."""
     spec = pb.VolumeSpec(
         volume_id=volume_id, size_bytes=size, kind=kind,
         policy=agent_policy(policy, write_quorum), replica_nodes=list(layout.replicas),
         primary_node=layout.primary, epoch=layout.epoch,
-        peer_addresses={n: addresses[n] for n in layout.replicas if n in addresses})
+        peer_addresses={n: addresses[n] for n in layout.replicas if n in addresses},
+        content_source=content)
     spec.revision = spec_fingerprint({"spec": spec.SerializeToString(deterministic=True).hex()})
     return spec
 
@@ -141,6 +144,10 @@ class VolumeReconciler:
     kube: Kube
     agents: Agents
     memory: dict[str, VolumeMemory] = field(default_factory=dict)
+    #: The operator's view of SharedVolumes and SharedVolumeSnapshots (shared with the
+    #: handlers' Runtime): where a new volume's content source is held.
+    known_volumes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    known_snapshots: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def forget(self, name: str) -> None:
         self.memory.pop(name, None)
@@ -204,11 +211,17 @@ class VolumeReconciler:
             return
         kind = "block" if spec.get("volumeMode") == "Block" else "filesystem"
         desired = int(spec.get("desiredReplicas") or policy.replicas)
+        old_layout = memory.layout or layout_from_status(status)
+        content, holder, waiting = content_source(spec, self.known_volumes,
+                                                  self.known_snapshots, self.agents.alive())
+        if waiting and not old_layout.placed:
+            await self._not_ready(name, status, generation, "SourceNotReady",
+                                  f"content source: {waiting}", memory, emit)
+            return
         intent = Intent(volume_id=name, size_bytes=size, policy=policy, desired_replicas=desired,
                         consumer=spec.get("consumerNode") or None,
-                        switchover_to=annotations.get(SWITCHOVER) or None)
+                        switchover_to=annotations.get(SWITCHOVER) or None, prefer=holder)
 
-        old_layout = memory.layout or layout_from_status(status)
         statuses = self.agents.volume_reports(name)
         reports = {node: report_of(node, s) for node, s in statuses.items()}
         down_for = self.agents.down_for(
@@ -216,7 +229,8 @@ class VolumeReconciler:
         addresses = self.agents.addresses()
 
         def fingerprint(layout: Layout, quorum: int) -> str:
-            return volume_spec(name, size, kind, policy, layout, quorum, addresses).revision
+            return volume_spec(name, size, kind, policy, layout, quorum, addresses,
+                               content).revision
 
         plan = plan_volume(intent, old_layout, nodes, reports, down_for,
                            last_primary_view=_view_from_status(status), fingerprint=fingerprint)
@@ -245,7 +259,7 @@ class VolumeReconciler:
                 return
             memory.layout = plan.layout
         spec_message = volume_spec(name, size, kind, policy, plan.layout, plan.write_quorum,
-                                   addresses)
+                                   addresses, content)
         for action in plan.actions:
             if action.kind is ActionKind.PROMOTE:
                 if not await self._call(emit, "Promote", action.node,

@@ -426,6 +426,132 @@ class PushResult(_message.Message):
 Global___PushResult: _TypeAlias = PushResult  # noqa: Y015
 
 @_typing.final
+class CreateSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    snapshot_id: _builtins.str
+    @_builtins.property
+    def source(self) -> Global___SnapshotRef:
+        """The replication snapshot to copy (replicas); absent on the primary (it syncs first)."""
+
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        snapshot_id: _builtins.str = ...,
+        source: Global___SnapshotRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot_id", b"snapshot_id", "source", b"source", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSnapshotRequest: _TypeAlias = CreateSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_NS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    snapshot_id: _builtins.str
+    size_bytes: _builtins.int
+    created_unix_ns: _builtins.int
+    @_builtins.property
+    def source(self) -> Global___SnapshotRef:
+        """The replication snapshot the CSI snapshot was made from."""
+
+    def __init__(
+        self,
+        *,
+        snapshot_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        created_unix_ns: _builtins.int = ...,
+        source: Global___SnapshotRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ns", b"created_unix_ns", "size_bytes", b"size_bytes", "snapshot_id", b"snapshot_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotStatus: _TypeAlias = SnapshotStatus  # noqa: Y015
+
+@_typing.final
+class DeleteSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    snapshot_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        snapshot_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot_id", b"snapshot_id", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSnapshotRequest: _TypeAlias = DeleteSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSnapshotResponse: _TypeAlias = DeleteSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class ContentSource(_message.Message):
+    """What a new volume is made from (CSI restore or clone)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    """The volume whose replica holds the content: the snapshot's source volume, or the volume
+    being cloned.
+    """
+    snapshot_id: _builtins.str
+    """Set for a restore: the CSI snapshot of `volume_id`. Empty for a clone (the newest complete
+    replication snapshot of `volume_id` is copied).
+    """
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        snapshot_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot_id", b"snapshot_id", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContentSource: _TypeAlias = ContentSource  # noqa: Y015
+
+@_typing.final
 class ScrubRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -575,6 +701,7 @@ class VolumeSpec(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     PEER_ADDRESSES_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    CONTENT_SOURCE_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     size_bytes: _builtins.int
     kind: _builtins.str
@@ -597,6 +724,12 @@ class VolumeSpec(_message.Message):
         operator learns them from the agents' Leases. Merged over the agent's configured peers.
         """
 
+    @_builtins.property
+    def content_source(self) -> Global___ContentSource:
+        """A new volume's content: the agent that holds it locally makes the new replica a copy of
+        it; every other replica starts empty and receives a full copy from the primary.
+        """
+
     def __init__(
         self,
         *,
@@ -609,10 +742,11 @@ class VolumeSpec(_message.Message):
         epoch: _builtins.int = ...,
         peer_addresses: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         revision: _builtins.str = ...,
+        content_source: Global___ContentSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "kind", b"kind", "peer_addresses", b"peer_addresses", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "revision", b"revision", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "epoch", b"epoch", "kind", b"kind", "peer_addresses", b"peer_addresses", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "revision", b"revision", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -873,6 +1007,7 @@ class VolumeStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SPEC_REVISION_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     epoch: _builtins.int
     primary_node: _builtins.str
@@ -897,6 +1032,10 @@ class VolumeStatus(_message.Message):
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
     def last_snapshot(self) -> Global___SnapshotRef: ...
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotStatus]:
+        """The CSI snapshots this replica holds."""
+
     def __init__(
         self,
         *,
@@ -918,10 +1057,11 @@ class VolumeStatus(_message.Message):
         message: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         spec_revision: _builtins.str = ...,
+        snapshots: _abc.Iterable[Global___SnapshotStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_snapshot", b"last_snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "spec_revision", b"spec_revision", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -294,6 +294,16 @@ class AgentStub:
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.ScrubRequest.SerializeToString,
                 response_deserializer=replication__agent_dot_proto_dot_agent__pb2.ScrubResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/sharedsync.agent.v1.Agent/CreateSnapshot',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.SnapshotStatus.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/sharedsync.agent.v1.Agent/DeleteSnapshot',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -356,6 +366,23 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """Make a CSI snapshot (read-only, independent of the replication lineage) of this node's
+        replica. On the primary, without `source`: sync first (a new replication snapshot S that
+        every replica acknowledged), then snapshot S and return it as `source`. On a replica, with
+        `source` = S: snapshot this node's copy of S. Idempotent by snapshot_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Delete a CSI snapshot held on this node (also one of a removed volume). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -398,6 +425,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Scrub,
                     request_deserializer=replication__agent_dot_proto_dot_agent__pb2.ScrubRequest.FromString,
                     response_serializer=replication__agent_dot_proto_dot_agent__pb2.ScrubResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.SnapshotStatus.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.DeleteSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -619,6 +656,60 @@ class Agent:
             '/sharedsync.agent.v1.Agent/Scrub',
             replication__agent_dot_proto_dot_agent__pb2.ScrubRequest.SerializeToString,
             replication__agent_dot_proto_dot_agent__pb2.ScrubResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sharedsync.agent.v1.Agent/CreateSnapshot',
+            replication__agent_dot_proto_dot_agent__pb2.CreateSnapshotRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.SnapshotStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sharedsync.agent.v1.Agent/DeleteSnapshot',
+            replication__agent_dot_proto_dot_agent__pb2.DeleteSnapshotRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.DeleteSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

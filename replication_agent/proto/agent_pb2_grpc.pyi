@@ -146,6 +146,14 @@ class AgentStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetStatusRequest, _agent_pb2.AgentStatus]
     Scrub: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ScrubRequest, _agent_pb2.ScrubResponse]
     """Scrub this node's replica now: verify every checksum, and repair what is damaged."""
+    CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.SnapshotStatus]
+    """Make a CSI snapshot (read-only, independent of the replication lineage) of this node's
+    replica. On the primary, without `source`: sync first (a new replication snapshot S that
+    every replica acknowledged), then snapshot S and return it as `source`. On a replica, with
+    `source` = S: snapshot this node's copy of S. Idempotent by snapshot_id.
+    """
+    DeleteSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteSnapshotRequest, _agent_pb2.DeleteSnapshotResponse]
+    """Delete a CSI snapshot held on this node (also one of a removed volume). Idempotent."""
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -168,6 +176,14 @@ class AgentAsyncStub(AgentStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetStatusRequest, _agent_pb2.AgentStatus]  # type: ignore[assignment]
     Scrub: _aio.UnaryUnaryMultiCallable[_agent_pb2.ScrubRequest, _agent_pb2.ScrubResponse]  # type: ignore[assignment]
     """Scrub this node's replica now: verify every checksum, and repair what is damaged."""
+    CreateSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.SnapshotStatus]  # type: ignore[assignment]
+    """Make a CSI snapshot (read-only, independent of the replication lineage) of this node's
+    replica. On the primary, without `source`: sync first (a new replication snapshot S that
+    every replica acknowledged), then snapshot S and return it as `source`. On a replica, with
+    `source` = S: snapshot this node's copy of S. Idempotent by snapshot_id.
+    """
+    DeleteSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteSnapshotRequest, _agent_pb2.DeleteSnapshotResponse]  # type: ignore[assignment]
+    """Delete a CSI snapshot held on this node (also one of a removed volume). Idempotent."""
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -235,5 +251,25 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ScrubResponse, _abc.Awaitable[_agent_pb2.ScrubResponse]]:
         """Scrub this node's replica now: verify every checksum, and repair what is damaged."""
+
+    @_abc_1.abstractmethod
+    def CreateSnapshot(
+        self,
+        request: _agent_pb2.CreateSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.SnapshotStatus, _abc.Awaitable[_agent_pb2.SnapshotStatus]]:
+        """Make a CSI snapshot (read-only, independent of the replication lineage) of this node's
+        replica. On the primary, without `source`: sync first (a new replication snapshot S that
+        every replica acknowledged), then snapshot S and return it as `source`. On a replica, with
+        `source` = S: snapshot this node's copy of S. Idempotent by snapshot_id.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSnapshot(
+        self,
+        request: _agent_pb2.DeleteSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DeleteSnapshotResponse, _abc.Awaitable[_agent_pb2.DeleteSnapshotResponse]]:
+        """Delete a CSI snapshot held on this node (also one of a removed volume). Idempotent."""
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

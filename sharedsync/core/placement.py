@@ -189,11 +189,13 @@ def _check_inputs(desired: int, size_bytes: int, nodes: Sequence[NodeView],
 
 def place(policy: Policy, desired: int, size_bytes: int, nodes: Sequence[NodeView],
           current: Sequence[str], *, keep: Collection[str] = (), consumer: str | None = None,
-          protect: Collection[str] = ()) -> Placement:
+          protect: Collection[str] = (), prefer: str | None = None) -> Placement:
     """The replica set for a volume of ``size_bytes`` that should have ``desired`` replicas.
 
     See the module docstring for the rules. Raises :class:`InvalidArgument` for inputs that
     cannot be meant (duplicate names, more protected replicas than ``desired``).
+    ``prefer`` is a node to add before any other eligible one whatever the policy says (the
+    node holding a new volume's content source, which must become its primary).
     """
     _check_inputs(desired, size_bytes, nodes, current)
     by_name = {node.name: node for node in nodes}
@@ -235,7 +237,8 @@ def place(policy: Policy, desired: int, size_bytes: int, nodes: Sequence[NodeVie
     candidates = sorted(
         (node for node in nodes
          if node.name not in current_set and _why_not(node, policy, size_bytes) is None),
-        key=lambda node: (node.name != local, -node.available_bytes, node.name))
+        key=lambda node: (node.name != prefer, node.name != local, -node.available_bytes,
+                          node.name))
     added: list[str] = []
 
     def take(node: NodeView) -> None:

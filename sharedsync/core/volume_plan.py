@@ -93,6 +93,8 @@ class Intent:
     desired_replicas: int
     consumer: str | None = None
     switchover_to: str | None = None
+    #: The node that must be the primary of a new volume (it holds the content source).
+    prefer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +224,8 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
     first = not layout.placed
     placement = place(policy, intent.desired_replicas, intent.size_bytes, nodes, current,
                       keep=keep, consumer=intent.consumer,
-                      protect=() if first else (layout.primary,))
+                      protect=() if first else (layout.primary,),
+                      prefer=intent.prefer if first else None)
     if first and placement.shortfall:
         # a new volume is placed whole or not at all: half a volume would look provisioned
         return Plan(layout=Layout(), actions=(), problem=placement.reason,
@@ -230,7 +233,8 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
                     events=(Event("Warning", "PlacementFailed", placement.reason),))
     replicas = placement.nodes
     if first:
-        primary = intent.consumer if intent.consumer in replicas else replicas[0]
+        primary = intent.prefer if intent.prefer in replicas else (
+            intent.consumer if intent.consumer in replicas else replicas[0])
         layout = Layout(replicas=replicas, primary=primary, epoch=1)
         events.append(Event("Normal", "Placed",
                             f"replicas on {', '.join(replicas)}; primary {primary}"))

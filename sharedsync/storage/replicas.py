@@ -81,10 +81,16 @@ class ReplicaMeta:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """Where a new replica's content comes from: a snapshot of a volume, or a volume itself."""
+    """Where a new replica's content comes from: a snapshot of a volume, or a volume itself.
+
+    ``subvolume`` names a read-only subvolume inside the source's filesystem (relative to its
+    root, e.g. the replication agent's ``sync/<name>``) to copy instead of the live data: a
+    replica's ``live`` is not what it holds, its newest complete replication snapshot is.
+    """
 
     volume_id: str
     snapshot_id: str | None = None
+    subvolume: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +309,10 @@ class ReplicaStore:
         with self.locked(source.volume_id):
             self._check_source(source, size_bytes, kind)  # again, now that the source is locked
             with self._mounted(source.volume_id):
-                if source.snapshot_id is None:
+                if source.subvolume is not None:
+                    snap = self._inner_subvolume(source.volume_id, source.subvolume)
+                    btrfs.send_receive(snap, dest)
+                elif source.snapshot_id is None:
                     snap = self._clone_point_path(source.volume_id, volume_id)
                     btrfs.delete_subvolume(snap)  # left by an interrupted clone
                     btrfs.snapshot(self.live_path(source.volume_id), snap, read_only=True)
@@ -323,6 +332,16 @@ class ReplicaStore:
         if kind is VolumeKind.BLOCK:
             with open(self.block_file(volume_id), "r+b") as disk:
                 disk.truncate(size_bytes)
+
+    def _inner_subvolume(self, volume_id: str, relative: str) -> Path:
+        """A read-only subvolume inside an open replica, refusing any path that leaves it."""
+        parts = Path(relative).parts
+        if not parts or relative.startswith("/") or ".." in parts or parts[0] == SNAPSHOTS:
+            raise InvalidArgument(f"{relative!r} is not a subvolume path inside the replica")
+        path = self.mount_point(volume_id) / relative
+        if not btrfs.is_subvolume(path) or not btrfs.subvolume_info(path).read_only:
+            raise NotFound(f"{relative} is not a complete snapshot of volume {volume_id}")
+        return path
 
     def delete(self, volume_id: str) -> None:
         """Delete the replica; its image outlives it while CSI snapshots still live in it."""
@@ -487,15 +506,21 @@ class ReplicaStore:
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def snapshot(self, volume_id: str, snapshot_id: str) -> int:
-        """Take a read-only snapshot of the live subvolume (idempotent); returns its size."""
+    def snapshot(self, volume_id: str, snapshot_id: str, of: str | None = None) -> int:
+        """Take a read-only snapshot (idempotent) of the live subvolume, or of the read-only
+        subvolume ``of`` inside the replica (see :class:`Source`); returns its size.
+
+        A btrfs snapshot is a subvolume of its own: deleting ``of`` later leaves it intact.
+        """
         with self.locked(volume_id):
             meta = self._require(volume_id)
             with self._mounted(volume_id):
                 dest = self._snapshot_path(volume_id, snapshot_id)
                 if not btrfs.is_subvolume(dest):
+                    origin = self.live_path(volume_id) if of is None else \
+                        self._inner_subvolume(volume_id, of)
                     dest.parent.mkdir(exist_ok=True)
-                    btrfs.snapshot(self.live_path(volume_id), dest, read_only=True)
+                    btrfs.snapshot(origin, dest, read_only=True)
             return meta.size_bytes
 
     def has_snapshot(self, volume_id: str, snapshot_id: str) -> bool:

@@ -33,13 +33,15 @@ class OperatorProcess:
     """``python -m sharedsync_operator`` with the admin kubeconfig (or one given)."""
 
     def __init__(self, workdir: Path, kubeconfig: Path, tls: Any, identity: str = "op-1",
-                 metrics_port: int = 0, lease_seconds: int = LEASE_SECONDS) -> None:
+                 metrics_port: int = 0, lease_seconds: int = LEASE_SECONDS,
+                 health_port: int = 0) -> None:
         self.workdir = workdir
         self.kubeconfig = kubeconfig
         self.tls = tls
         self.identity = identity
         self.metrics_port = metrics_port
         self.lease_seconds = lease_seconds
+        self.health_port = health_port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,6 +57,8 @@ class OperatorProcess:
                 "--agent-key", str(self.tls.key), "--log-format", "json"]
         if self.metrics_port:
             args += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
+        if self.health_port:
+            args += ["--health-address", f"127.0.0.1:{self.health_port}"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=log,
                                             env={**os.environ}, start_new_session=True)

@@ -18,7 +18,7 @@ import pytest
 
 from replication_agent.proto import agent_pb2 as pb
 from tests.cluster.netns import netns_unavailable
-from tests.controlplane.controlplane import ControlPlane
+from tests.controlplane.controlplane import ControlPlane, free_port
 from tests.controlplane.operator_harness import OperatorCluster, OperatorProcess, policy, volume
 from tests.integration.agent_harness import tree_digest, wait_until
 
@@ -207,19 +207,32 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
         assert len(primaries) == 1, (name, primaries)
 
 
+def leader(cluster: OperatorCluster) -> str | None:
+    done = cluster.cp.kubectl("get", "lease", "-n", "sharedsync-system", "sharedsync-operator",
+                              "-o", "json", check=False)
+    if done.returncode != 0:
+        return None
+    holder = json.loads(done.stdout)["spec"].get("holderIdentity")
+    return str(holder) if holder else None
+
+
 def test_two_operators_one_leader_and_takeover(cluster: OperatorCluster) -> None:
+    wait_until(lambda: leader(cluster) == "op-1", timeout=60, what="op-1 leads")
     standby = OperatorProcess(cluster.workdir, cluster.operator_kubeconfig,
-                              cluster.agents.client_tls["operator"], identity="op-2").start()
+                              cluster.agents.client_tls["operator"], identity="op-2",
+                              health_port=free_port()).start()
+
+    def health() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{standby.health_port}/healthz",
+                                    timeout=5) as page:
+            return str(page.read().decode().strip())
     try:
-        lease = json.loads(cluster.cp.kubectl(
-            "get", "lease", "-n", "sharedsync-system", "sharedsync-operator", "-o",
-            "json").stdout)
-        assert lease["spec"]["holderIdentity"] == "op-1"
+        # a standby is alive while it waits: the kubelet must not restart it for waiting
+        wait_until(lambda: health() == "standby", timeout=60, what="the standby's /healthz")
+        assert leader(cluster) == "op-1"
         cluster.operator.kill()
-        wait_until(lambda: json.loads(cluster.cp.kubectl(
-            "get", "lease", "-n", "sharedsync-system", "sharedsync-operator", "-o",
-            "json").stdout)["spec"].get("holderIdentity") == "op-2", timeout=60,
-            what="the standby takes over")
+        wait_until(lambda: leader(cluster) == "op-2", timeout=60, what="the standby takes over")
+        wait_until(lambda: health() == "leader", timeout=60, what="the new leader's /healthz")
         cluster.apply(policy("after-takeover", replicas=2))
         name = "vol-" + "07" * 12
         cluster.apply(volume(name, "after-takeover"))
