@@ -19,7 +19,21 @@ from .config import (
     Role,
     StateStoreKind,
 )
+from .registration import RegistrationSetupError
 from .server import serve
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _env_flag(name: str) -> bool | None:
+    """A boolean environment variable; None when its value is neither true nor false."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kubelet-dir", type=Path, default=DEFAULT_KUBELET_DIR,
                         help="kubelet's root directory: staging and target paths must be "
                              "inside it")
+    registration = parser.add_argument_group(
+        "kubelet registration", "without a node-driver-registrar sidecar, the node plugin can "
+        "register itself: it serves kubelet's plugin registration API on "
+        "<kubelet-dir>/plugins_registry/<driver-name>-reg.sock")
+    registration.add_argument("--kubelet-registration", action="store_true",
+                              default=_env_flag("SHAREDSYNC_KUBELET_REGISTRATION"),
+                              help="serve the registration socket (node or all role; env "
+                                   "SHAREDSYNC_KUBELET_REGISTRATION=true)")
+    registration.add_argument("--kubelet-endpoint", type=Path, default=None,
+                              help="the CSI socket's path as kubelet sees it, reported to "
+                                   "kubelet (default <kubelet-dir>/plugins/"
+                                   f"{DRIVER_NAME}/csi.sock)")
     parser.add_argument("--allowed-path-root", type=Path, action="append", default=[],
                         help="another directory under which staging and target paths are "
                              "accepted (repeatable; for tests and non-kubelet COs)")
@@ -88,6 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--agent-ca, --agent-cert and --agent-key go together")
     if args.operator_timeout <= 0:
         parser.error("--operator-timeout must be positive")
+    if args.kubelet_registration is None:
+        parser.error("SHAREDSYNC_KUBELET_REGISTRATION must be true or false, got "
+                     f"{os.environ.get('SHAREDSYNC_KUBELET_REGISTRATION')!r}")
+    if args.kubelet_registration and args.role is Role.CONTROLLER:
+        parser.error("--kubelet-registration registers a node plugin: use --role node or all")
+    if args.kubelet_endpoint is not None and not args.kubelet_endpoint.is_absolute():
+        parser.error(f"--kubelet-endpoint must be an absolute path, got {args.kubelet_endpoint}")
     configure_logging(args.log_level, args.log_format)
     roots = tuple(p.absolute() for p in [args.kubelet_dir, *args.allowed_path_root])
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id, role=args.role,
@@ -99,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           else None,
                           namespace=args.namespace, operator_timeout=args.operator_timeout,
                           agent_tls=(args.agent_ca.absolute(), args.agent_cert.absolute(),
-                                     args.agent_key.absolute()) if all(tls_files) else None)
+                                     args.agent_key.absolute()) if all(tls_files) else None,
+                          kubelet_registration=args.kubelet_registration,
+                          kubelet_dir=args.kubelet_dir.absolute(),
+                          kubelet_endpoint=args.kubelet_endpoint)
     if config.metrics_address:
         try:
             serve_metrics(config.metrics_address)
@@ -111,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         return 130
+    except RegistrationSetupError as exc:
+        print(f"sharedsync-csi: kubelet registration: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -54,6 +54,13 @@ class PluginConfig:
     #: Client certificate for the agents' mutual-TLS API (CA, certificate, key): lets the
     #: controller confirm an expansion on every replica. Optional.
     agent_tls: tuple[Path, Path, Path] | None = None
+    #: Node side: serve kubelet's plugin registration API ourselves (no registrar sidecar).
+    kubelet_registration: bool = False
+    #: kubelet's root directory; the registration socket goes in its ``plugins_registry/``.
+    kubelet_dir: Path = DEFAULT_KUBELET_DIR
+    #: The CSI socket's path as kubelet sees it (in the host's mount namespace), which is what
+    #: registration reports; None: ``<kubelet_dir>/plugins/<driver_name>/csi.sock``.
+    kubelet_endpoint: Path | None = None
 
     @property
     def cluster_controller(self) -> bool:
@@ -68,6 +75,16 @@ class PluginConfig:
     @property
     def serves_node(self) -> bool:
         return self.role in (Role.NODE, Role.ALL)
+
+    @property
+    def registers_with_kubelet(self) -> bool:
+        return self.kubelet_registration and self.serves_node
+
+    @property
+    def kubelet_csi_endpoint(self) -> Path:
+        if self.kubelet_endpoint is not None:
+            return self.kubelet_endpoint
+        return self.kubelet_dir / "plugins" / self.driver_name / "csi.sock"
 
     @property
     def replica_root(self) -> Path:

@@ -21,6 +21,7 @@ from .identity import IdentityService, ReadinessCheck
 from .interceptor import csi_interceptor
 from .node import NodeService, NodeServiceBase
 from .proto import csi_pb2_grpc
+from .registration import RegistrationServer
 from .state import StateStore, open_state_store
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,8 @@ class Plugin:
     state: StateStore | None
     #: Released after the server stopped (backend clients, agent channels).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: kubelet's registration socket (``--kubelet-registration``), else None.
+    registration: RegistrationServer | None = None
 
     async def start(self) -> None:
         path = socket_path(self.config.endpoint)
@@ -65,8 +68,17 @@ class Plugin:
         os.chmod(path, 0o660)
         log.info("serving", endpoint=self.config.endpoint, role=str(self.config.role),
                  node_id=self.config.node_id)
+        if self.registration is not None:
+            # after the CSI socket is up: kubelet calls NodeGetInfo on it as it registers us
+            try:
+                await self.registration.start()
+            except BaseException:
+                await self.stop()
+                raise
 
     async def stop(self) -> None:
+        if self.registration is not None:
+            await self.registration.stop()  # first: kubelet deregisters before the CSI socket goes
         await self.server.stop(SHUTDOWN_GRACE_SECONDS)
         if self.state is not None:
             await self.state.close()
@@ -141,7 +153,10 @@ async def build_plugin(config: PluginConfig) -> Plugin:
     identity = IdentityService(config.driver_name, controller=config.serves_controller,
                                readiness=_all_of(checks))
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
-    return Plugin(config, server, state, closers)
+    registration = (RegistrationServer.for_driver(config.kubelet_dir, config.driver_name,
+                                                  config.kubelet_csi_endpoint)
+                    if config.registers_with_kubelet else None)
+    return Plugin(config, server, state, closers, registration)
 
 
 async def serve(config: PluginConfig) -> None:

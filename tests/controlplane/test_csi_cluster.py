@@ -37,6 +37,7 @@ from sharedsync.core.quantity import parse_bytes
 from tests.cluster.netns import netns_unavailable
 from tests.controlplane.controlplane import TOOLS_BIN, ControlPlane
 from tests.controlplane.operator_harness import NAMESPACE, OperatorCluster, bind_component, policy
+from tests.controlplane.snapshot_crds import install_snapshot_crds
 from tests.integration.agent_harness import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
@@ -45,7 +46,7 @@ DRIVER = "csi.sharedsync.io"
 TOPOLOGY_KEY = "topology.sharedsync.io/node"
 #: Where this module's claims live (its own, so nothing else's events mix in).
 CLAIMS = "csi-cluster"
-SIDECARS = ("csi-provisioner", "csi-resizer")
+SIDECARS = ("csi-provisioner", "csi-resizer", "csi-snapshotter", "snapshot-controller")
 MiB = 1 << 20
 Code = grpc.StatusCode
 AccessMode = csi_pb2.VolumeCapability.AccessMode
@@ -210,8 +211,16 @@ def csi(cluster: OperatorCluster, tmp_path_factory: pytest.TempPathFactory) -> I
                       workdir / "csi-provisioner.log"),
         Process.start("csi-resizer", [str(binaries["csi-resizer"]), *common],
                       workdir / "csi-resizer.log"),
+        Process.start("csi-snapshotter", [str(binaries["csi-snapshotter"]), *common],
+                      workdir / "csi-snapshotter.log"),
+        # the cluster-wide half of the snapshot machinery (binds VolumeSnapshots to contents)
+        Process.start("snapshot-controller", [
+            str(binaries["snapshot-controller"]), f"--kubeconfig={cp.kubeconfig}",
+            "--leader-election=false", "--v=4"],
+            workdir / "snapshot-controller.log"),
     ]
     cp.kubectl("create", "namespace", CLAIMS, check=False)
+    created_crds = install_snapshot_crds(cp)
     csi = Csi(controller, sock, sidecars)
     try:
         with registered_node_plugins(cluster):
@@ -219,6 +228,9 @@ def csi(cluster: OperatorCluster, tmp_path_factory: pytest.TempPathFactory) -> I
     finally:
         for process in [*sidecars, controller]:
             process.stop()
+        if created_crds:
+            cp.kubectl("delete", "crd", *created_crds, "--ignore-not-found", "--timeout=300s",
+                       check=False, timeout=330)
 
 
 # -- Kubernetes objects ----------------------------------------------------------------------
@@ -598,3 +610,79 @@ def test_controller_reports_cluster_capabilities(csi: Csi) -> None:
             accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_KEY: "no-such-node"})),
             timeout=30)
         assert nowhere.available_capacity == 0
+
+
+def snapshot(name: str, claim_name: str, class_name: str) -> dict[str, Any]:
+    return {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": name, "namespace": CLAIMS},
+            "spec": {"volumeSnapshotClassName": class_name,
+                     "source": {"persistentVolumeClaimName": claim_name}}}
+
+
+def claim_from(name: str, storage_class_name: str, kind: str, source: str,
+               size: str = "256Mi") -> dict[str, Any]:
+    made = claim(name, storage_class_name, size)
+    made["spec"]["dataSource"] = (
+        {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": source}
+        if kind == "snapshot" else {"kind": "PersistentVolumeClaim", "name": source})
+    return made
+
+
+def test_snapshot_restore_and_clone_through_the_external_snapshotter(
+        cluster: OperatorCluster, csi: Csi) -> None:
+    """VolumeSnapshot -> ReadyToUse; a claim from it holds the data of the snapshot moment;
+    a clone of the claim holds the data of the clone moment; everything reclaimed after."""
+    cluster.apply(policy("csi-snap", mode="Asynchronous", replicas=2, maxLag="1s"))
+    cluster.apply(storage_class("sharedsync-csi-snap", {"syncPolicy": "csi-snap"}))
+    cluster.apply({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+                   "metadata": {"name": "sharedsync-csi-snap"}, "driver": DRIVER,
+                   "deletionPolicy": "Delete"})
+    cluster.apply(claim("origin", "sharedsync-csi-snap"))
+    origin = bound_volume(cluster, csi, "origin")["spec"]["csi"]["volumeHandle"]
+    sv = get(cluster, "sv", origin)
+    assert sv is not None
+    live = cluster.agents.agents[sv["status"]["primary"]].live(origin)
+    first = random.Random(31).randbytes(256 << 10)
+    (live / "state.bin").write_bytes(first)
+    os.sync()
+
+    cluster.apply(snapshot("origin-snap", "origin", "sharedsync-csi-snap"))
+
+    def ready_to_use() -> bool:
+        found = get(cluster, "volumesnapshot", "origin-snap", CLAIMS)
+        return bool(found and (found.get("status") or {}).get("readyToUse"))
+    wait_until(ready_to_use, timeout=240, interval=1,
+               what=f"the VolumeSnapshot ReadyToUse\n{csi.logs()}")
+    # written after the snapshot: the restore must not see it, the clone must
+    second = random.Random(32).randbytes(256 << 10)
+    (live / "state.bin").write_bytes(second)
+    os.sync()
+
+    cluster.apply(claim_from("restored", "sharedsync-csi-snap", "snapshot", "origin-snap"))
+    restored = bound_volume(cluster, csi, "restored")["spec"]["csi"]["volumeHandle"]
+    cluster.apply(claim_from("cloned", "sharedsync-csi-snap", "claim", "origin"))
+    cloned = bound_volume(cluster, csi, "cloned")["spec"]["csi"]["volumeHandle"]
+    for volume_id, expected in ((restored, first), (cloned, second)):
+        found = get(cluster, "sv", volume_id)
+        assert found is not None
+        assert ready(found), found.get("status")
+        data = cluster.agents.agents[found["status"]["primary"]].live(volume_id) / "state.bin"
+        assert data.read_bytes() == expected, volume_id
+
+    for name in ("restored", "cloned"):
+        delete_claim(cluster, name)
+    cluster.cp.kubectl("delete", "volumesnapshot", "origin-snap", "-n", CLAIMS,
+                       "--timeout=240s", timeout=260)
+    delete_claim(cluster, "origin")
+    for volume_id in (restored, cloned, origin):
+        wait_until(lambda v=volume_id: get(cluster, "sv", v) is None, timeout=240, interval=1,
+                   what=f"SharedVolume {volume_id} deleted\n{csi.logs()}")
+        assert cluster.holders(volume_id) == set()
+    def snapshot_records() -> list[Any]:
+        items = json.loads(cluster.cp.kubectl("get", "svs", "-o", "json").stdout)["items"]
+        return [i for i in items if (i.get("spec") or {}).get("sourceVolume") == origin]
+    wait_until(lambda: not snapshot_records(), timeout=120, what="no SharedVolumeSnapshot left")
+    for agent in cluster.agents.agents.values():
+        assert not [v for v in agent.status().volumes if v.volume_id in (origin, restored, cloned)]
+    cluster.cp.kubectl("delete", "volumesnapshotclass", "sharedsync-csi-snap")
+    cluster.cp.kubectl("delete", "storageclass", "sharedsync-csi-snap")

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ import pytest
 import yaml
 
 from .controlplane import FIELD_MANAGER, REPO_ROOT, ControlPlane
+from .snapshot_crds import snapshot_crd_files
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -46,8 +45,6 @@ ORDER = (
     "snapshot.yaml",
     "restore-and-clone.yaml",
 )
-SNAPSHOT_MODULE = "github.com/kubernetes-csi/external-snapshotter/client/v8"
-SNAPSHOT_VERSION = "v8.7.0"
 SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
 WAIT_TIMEOUT = 120.0
 #: A CRD's deletion once took more than two minutes here, on a busy machine.
@@ -66,34 +63,6 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout: float = WAIT_TIM
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.5)
-
-
-def snapshot_crd_files(workdir: Path) -> tuple[list[Path], str]:
-    """The snapshot CRD files of the external-snapshotter client module in the Go module cache,
-    or ([], why not). GOPROXY=off: the test finds what build-tools fetched, never downloads."""
-    go = shutil.which("go")
-    if go is None:
-        return [], "no go on PATH to find the external-snapshotter client module"
-    probe = workdir / "probe"
-    probe.mkdir(exist_ok=True)
-    env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=mod", "GOWORK": "off"}
-    subprocess.run([go, "mod", "init", "sharedsync.test/probe"], cwd=probe, env=env,
-                   capture_output=True, check=False, timeout=60)
-    done = subprocess.run([go, "mod", "download", "-json", f"{SNAPSHOT_MODULE}@{SNAPSHOT_VERSION}"],
-                          cwd=probe, env=env, capture_output=True, text=True, check=False,
-                          timeout=120)
-    try:
-        info = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        info = {"Error": (done.stderr or done.stdout).strip()}
-    if done.returncode != 0 or info.get("Error") or not info.get("Dir"):
-        return [], (f"{SNAPSHOT_MODULE}@{SNAPSHOT_VERSION} is not in the Go module cache "
-                    f"(scripts/build-tools downloads it): {info.get('Error', '')}")
-    # the snapshot.storage.k8s.io CRDs; the module's group-snapshot ones serve no example here
-    files = sorted(Path(info["Dir"], "config", "crd").glob(f"{SNAPSHOT_GROUP}_*.yaml"))
-    if not files:
-        return [], f"no CRD in {info['Dir']}/config/crd"
-    return files, ""
 
 
 class Deployment:
@@ -209,7 +178,7 @@ def test_manifest_applies(deployment: Deployment, name: str) -> None:
 
 
 def install_snapshot_crds(deployment: Deployment) -> None:
-    files, reason = snapshot_crd_files(deployment.workdir)
+    files, reason = snapshot_crd_files()
     if not files:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must run scripts/build-tools first")

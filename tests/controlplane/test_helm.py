@@ -19,7 +19,6 @@ import base64
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from cryptography import x509
 from replication_agent.tls import PEER_SERVER_NAME
 
 from .controlplane import REPO_ROOT, TOOLS_BIN, ControlPlane
+from .snapshot_crds import SNAPSHOT_CRDS, snapshot_crd_files
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -41,8 +41,6 @@ CHART = REPO_ROOT / "charts"
 RELEASE = "helmtest"
 FULLNAME = f"{RELEASE}-sharedsync"
 INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
-SNAPSHOT_MODULE = "github.com/kubernetes-csi/external-snapshotter/client/v8"
-SNAPSHOT_CRDS = ("volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots")
 WAIT_TIMEOUT = 120.0
 
 Obj = dict[str, Any]
@@ -54,29 +52,6 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout: float = WAIT_TIM
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.5)
-
-
-def snapshot_crd_files() -> tuple[list[Path], str]:
-    """The VolumeSnapshot CRDs of the client module pinned in tools/external-snapshotter, from
-    the Go module cache (scripts/build-tools downloads it; GOPROXY=off: never fetched here),
-    or ([], why not)."""
-    go = shutil.which("go")
-    if go is None:
-        return [], "no go on PATH to find the external-snapshotter client module"
-    env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=readonly", "GOWORK": "off"}
-    done = subprocess.run([go, "mod", "download", "-json", SNAPSHOT_MODULE],
-                          cwd=REPO_ROOT / "tools" / "external-snapshotter", env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
-    try:
-        info = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        info = {"Error": (done.stderr or done.stdout).strip()}
-    if done.returncode != 0 or info.get("Error") or not info.get("Dir"):
-        return [], f"{SNAPSHOT_MODULE} not in the module cache (run scripts/build-tools): {info}"
-    files = [Path(info["Dir"], "config", "crd", f"snapshot.storage.k8s.io_{name}.yaml")
-             for name in SNAPSHOT_CRDS]
-    missing = [f.name for f in files if not f.exists()]
-    return ([], f"missing in {info['Dir']}: {missing}") if missing else (files, "")
 
 
 @dataclass

@@ -11,7 +11,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GEN_PROTOS = REPO_ROOT / "scripts" / "gen-protos"
-PROTOS = (Path("csi_driver/proto/csi.proto"), Path("replication_agent/proto/agent.proto"))
+PROTOS = (Path("csi_driver/proto/csi.proto"), Path("csi_driver/proto/pluginregistration.proto"),
+          Path("replication_agent/proto/agent.proto"))
 GENERATED = tuple(
     proto.parent / f"{proto.stem}{suffix}"
     for proto in PROTOS
