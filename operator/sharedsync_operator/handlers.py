@@ -19,9 +19,9 @@ import structlog
 from sharedsync.core.placement import NodeView
 
 from .agents import AgentInfo, Agents, agent_from_lease
-from .kube import GROUP, VERSION, Kube
+from .kube import GROUP, SYNC_POLICIES, VERSION, Kube
 from .metrics import LIVE_AGENTS, RECONCILE_ERRORS, RECONCILE_SECONDS
-from .policies import reconcile_policy, refuse_delete_in_use
+from .policies import IN_USE_FINALIZER, reconcile_policy, refuse_delete_in_use, volumes_using
 from .snapshots import NotYetError, SnapshotReconciler
 from .volumes import VolumeReconciler
 
@@ -96,7 +96,10 @@ def _emitter(body: Any) -> Any:
 
 
 def _plain(body: Any) -> dict[str, Any]:
-    return {"metadata": dict(body.get("metadata", {})), "spec": dict(body.get("spec", {})),
+    """A detached copy (kopf's body views change under us), complete enough for events."""
+    return {"apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": body.get("kind", ""),
+            "metadata": dict(body.get("metadata", {})), "spec": dict(body.get("spec", {})),
             "status": dict(body.get("status", {}))}
 
 
@@ -142,12 +145,18 @@ async def shutdown(memo: Any, **_: Any) -> None:
 
 
 async def _poll_agents(state: Runtime) -> None:
-    """Refresh every live agent's status, and remove replicas no SharedVolume claims."""
+    """Refresh every live agent's status, remove replicas no SharedVolume claims, keep the
+    policies' finalizers and status current."""
+    last_policy_resync = 0.0
     while True:
         try:
             LIVE_AGENTS.set(len(state.agents.alive()))
+            await _guard_policies(state)
             await state.agents.poll_once()
             await _sweep_orphans(state)
+            if time.monotonic() - last_policy_resync >= POLICY_RESYNC_SECONDS:
+                last_policy_resync = time.monotonic()
+                await _resync_policies(state)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -329,17 +338,41 @@ async def policy_changed(body: Any, memo: Any, **_: Any) -> None:
     await _reconcile_policy("policy", body, memo)
 
 
-@kopf.timer(GROUP, VERSION, "syncpolicies", interval=POLICY_RESYNC_SECONDS, sharp=False)
-async def policy_timer(body: Any, memo: Any, **_: Any) -> None:
-    await _reconcile_policy("policy_timer", body, memo)
+async def _resync_policies(state: Runtime) -> None:
+    """Every policy's status, again (volume counts, lag, eligible nodes change without the
+    policy changing). Not a kopf timer: a timer puts kopf's finalizer on every policy, and a
+    policy that nothing uses must stay deletable even when no operator runs (helm uninstall
+    removes the operator with the policies)."""
+    volumes = list(state.shared_volumes.values())
+    for body in list(state.policies.values()):
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        with RECONCILE_SECONDS.labels("policy_resync").time():
+            try:
+                await reconcile_policy(state.kube, body, state.node_views(), volumes,
+                                       _emitter(body))
+            except Exception:
+                RECONCILE_ERRORS.labels("policy_resync").inc()
+                log.exception("policy resync failed", policy=body["metadata"].get("name"))
 
 
-@kopf.on.delete(GROUP, VERSION, "syncpolicies")
-async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:
-    state = runtime(memo)
-    users = await refuse_delete_in_use(state.kube, _plain(body),
-                                       list(state.shared_volumes.values()))
-    if users:
-        raise kopf.TemporaryError(f"still used by {len(users)} volume(s)", delay=5)
+async def _guard_policies(state: Runtime) -> None:
+    """Keep the in-use finalizer exactly on the SyncPolicies that volumes use.
+
+    A policy in use must not vanish under its volumes, so it carries
+    ``sharedsync.io/in-use`` and its deletion waits (Ready=False, reason InUse, naming the
+    volumes) until the last volume is gone. An unused policy carries no finalizer, so that
+    deleting it, or uninstalling the chart with the operator, never leaves it stuck.
+    """
+    volumes = list(state.shared_volumes.values())
+    for name, body in list(state.policies.items()):
+        users = volumes_using(name, volumes)
+        finalizers = list(body.get("metadata", {}).get("finalizers") or ())
+        deleting = bool(body.get("metadata", {}).get("deletionTimestamp"))
+        if deleting and users:
+            await refuse_delete_in_use(state.kube, body, volumes)
+        held = IN_USE_FINALIZER in finalizers
+        if held != bool(users) and not (deleting and not held):
+            await state.kube.set_finalizer(SYNC_POLICIES, name, IN_USE_FINALIZER, bool(users))
 
 

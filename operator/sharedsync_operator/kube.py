@@ -34,6 +34,31 @@ class Kube:
             raise
         return True
 
+    async def set_finalizer(self, plural: str, name: str, finalizer: str,
+                            present: bool) -> None:
+        """Add or remove one finalizer, keeping everyone else's; a conflict (the object
+        changed since we read it) is left to the next round, which reads it anew."""
+        try:
+            current = await self.custom.get_cluster_custom_object(GROUP, VERSION, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        metadata = current.get("metadata", {})
+        finalizers = [f for f in metadata.get("finalizers") or () if f != finalizer]
+        if present:
+            finalizers.append(finalizer)
+        if finalizers == list(metadata.get("finalizers") or ()):
+            return
+        patch = {"metadata": {"finalizers": finalizers,
+                              "resourceVersion": metadata.get("resourceVersion")}}
+        try:
+            await self.custom.patch_cluster_custom_object(GROUP, VERSION, plural, name, patch,
+                                                          **_MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
     async def remove_annotation(self, plural: str, name: str, key: str) -> None:
         try:
             await self.custom.patch_cluster_custom_object(

@@ -15,7 +15,9 @@ from sharedsync.core.policy import policy_from_spec
 
 from . import conditions as cond
 from .kube import SYNC_POLICIES, Kube
-from .volumes import EmitEvent
+from .volumes import IN_USE_FINALIZER, EmitEvent
+
+__all__ = ["IN_USE_FINALIZER", "reconcile_policy", "refuse_delete_in_use", "volumes_using"]
 
 
 def volumes_using(policy_name: str, volumes: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -38,13 +38,15 @@ from sharedsync.core.volume_plan import (
 
 from . import conditions as cond
 from .agents import Agents
-from .kube import SHARED_VOLUMES, Kube
+from .kube import SHARED_VOLUMES, SYNC_POLICIES, Kube
 from .metrics import AGENT_CALL_ERRORS
 from .snapshots import content_source
 
 log = structlog.get_logger(__name__)
 
 SYNC_NOW = "sharedsync.io/sync-now"
+#: Held by a SyncPolicy while volumes use it (the operator's handlers remove it when unused).
+IN_USE_FINALIZER = "sharedsync.io/in-use"
 SWITCHOVER = "sharedsync.io/switchover"
 REBUILD = "sharedsync.io/rebuild"
 
@@ -209,6 +211,10 @@ class VolumeReconciler:
             await self._not_ready(name, status, generation, "InvalidPolicy",
                                   f"SyncPolicy {policy_name}: {exc}", memory, emit)
             return
+        if IN_USE_FINALIZER not in (policy_body.get("metadata", {}).get("finalizers") or ()) \
+                and not policy_body.get("metadata", {}).get("deletionTimestamp"):
+            # before any replica exists: the policy must not be deleted under its volume
+            await self.kube.set_finalizer(SYNC_POLICIES, policy_name, IN_USE_FINALIZER, True)
         kind = "block" if spec.get("volumeMode") == "Block" else "filesystem"
         desired = int(spec.get("desiredReplicas") or policy.replicas)
         old_layout = memory.layout or layout_from_status(status)

@@ -34,7 +34,7 @@ class OperatorProcess:
 
     def __init__(self, workdir: Path, kubeconfig: Path, tls: Any, identity: str = "op-1",
                  metrics_port: int = 0, lease_seconds: int = LEASE_SECONDS,
-                 health_port: int = 0) -> None:
+                 health_port: int = 0, namespace: str = NAMESPACE) -> None:
         self.workdir = workdir
         self.kubeconfig = kubeconfig
         self.tls = tls
@@ -42,6 +42,7 @@ class OperatorProcess:
         self.metrics_port = metrics_port
         self.lease_seconds = lease_seconds
         self.health_port = health_port
+        self.namespace = namespace
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,10 +52,11 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "sharedsync_operator", "--kubeconfig", str(self.kubeconfig),
-                "--namespace", NAMESPACE, "--identity", self.identity,
-                "--lease-duration", str(self.lease_seconds),
-                "--agent-ca", str(self.tls.ca), "--agent-cert", str(self.tls.cert),
-                "--agent-key", str(self.tls.key), "--log-format", "json"]
+                "--namespace", self.namespace, "--identity", self.identity,
+                "--lease-duration", str(self.lease_seconds), "--log-format", "json"]
+        if self.tls is not None:
+            args += ["--agent-ca", str(self.tls.ca), "--agent-cert", str(self.tls.cert),
+                     "--agent-key", str(self.tls.key)]
         if self.metrics_port:
             args += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
         if self.health_port:

@@ -33,6 +33,7 @@ from cryptography import x509
 from replication_agent.tls import PEER_SERVER_NAME
 
 from .controlplane import REPO_ROOT, TOOLS_BIN, ControlPlane
+from .operator_harness import OperatorProcess
 from .snapshot_crds import SNAPSHOT_CRDS, snapshot_crd_files
 
 pytestmark = pytest.mark.timeout(600)
@@ -248,6 +249,33 @@ def test_service_accounts_have_their_components_rights(release: Release, account
         args = [a.replace("{ns}", rel.namespace) for a in verb_and_resource]
         done = rel.cp.kubectl("auth", "can-i", *args, "--as", user, check=False)
         assert done.stdout.strip() == want, (user, args, done.stdout, done.stderr)
+
+
+def test_the_operator_runs_with_the_charts_service_account(release: Release) -> None:
+    """The operator, as the ServiceAccount and RBAC the chart made, leads in the release's
+    namespace and reconciles the chart's SyncPolicies (no agent runs in this tier, so they are
+    valid but cannot be placed: Ready=False, InsufficientNodes, with a Warning event)."""
+    rel = release
+    if not rel.exists("deployment", f"{FULLNAME}-operator", "-n", rel.namespace):
+        pytest.skip("needs the installed release (test_install_creates_every_object)")
+    kubeconfig = rel.cp.service_account_kubeconfig(rel.namespace, f"{FULLNAME}-operator")
+    operator = OperatorProcess(rel.workdir, kubeconfig, None, identity="chart-operator",
+                               namespace=rel.namespace).start()
+    try:
+        def reconciled() -> bool:
+            policy = rel.get("syncpolicy", f"{rel.namespace}-async")
+            return any(c["type"] == "Ready" for c in
+                       (policy.get("status") or {}).get("conditions") or ())
+        wait_for(f"the chart's policy reconciled\n{operator.log_tail()}", reconciled)
+        policy = rel.get("syncpolicy", f"{rel.namespace}-async")
+        [ready] = [c for c in policy["status"]["conditions"] if c["type"] == "Ready"]
+        assert ready["reason"] in ("InsufficientNodes", "Valid"), ready
+        lease = rel.get("lease", "sharedsync-operator", "-n", rel.namespace)
+        assert lease["spec"]["holderIdentity"] == "chart-operator"
+        assert operator.alive(), operator.log_tail()
+        assert "Forbidden" not in operator.log_path.read_text(), operator.log_tail()
+    finally:
+        operator.stop()
 
 
 def test_upgrade_keeps_certificates_and_rolls_what_changed(release: Release) -> None:

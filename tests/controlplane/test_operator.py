@@ -86,8 +86,9 @@ def test_volume_is_placed_replicated_and_ready(cluster: OperatorCluster) -> None
     printed = cluster.cp.kubectl("get", "sv", name).stdout
     assert "async-2" in printed, printed
     assert "2/2" in printed, printed
-    sp = cluster.get("sp", "async-2")["status"]
-    assert sp["volumes"] >= 1
+    # the policy's summary counts its volume (refreshed every few seconds)
+    wait_until(lambda: (cluster.get("sp", "async-2").get("status") or {}).get("volumes", 0) >= 1,
+               timeout=60, what="the policy counts its volume")
     # the operator's Prometheus endpoint reports its reconciles
     with urllib.request.urlopen(
             f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics", timeout=10) as page:
