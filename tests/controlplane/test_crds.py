@@ -513,9 +513,11 @@ def test_snapshot_record_is_accepted_and_listed(cp: ControlPlane) -> None:
         "requestName": "snapshot-1f2e", "sourceVolume": "vol-1234", "sizeBytes": 1 << 30,
         "createdAtNs": 1_900_000_000_000_000_000, "accessibleNodes": ["node-a"]})
     try:
+        # the operator sets readyToUse; until it does the READY cell is empty
+        patch_status(cp, "svs", name, {"readyToUse": False})
         row = table(cp, "svs", name)
         assert row | {"AGE": ""} == {"NAME": name, "SOURCE": "vol-1234",
-                                     "SIZEBYTES": str(1 << 30), "AGE": ""}
+                                     "SIZEBYTES": str(1 << 30), "READY": "false", "AGE": ""}
     finally:
         cp.kubectl("delete", "svs", name)
     done = create(cp, "SharedVolumeSnapshot", unique("snap"), {"sizeBytes": -1}, check=False)
