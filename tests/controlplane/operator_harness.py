@@ -9,12 +9,14 @@ dials the agents over mutual TLS with a client certificate from the agents' CA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,24 @@ class OperatorCluster:
 
 
 BRIDGE_ADDRESS = "10.77.0.254"
+
+
+@contextlib.contextmanager
+def started_cluster(cp: ControlPlane, tmp_path_factory: Any, name: str,
+                    zones: dict[str, str] | None = None) -> Iterator[OperatorCluster]:
+    """A started OperatorCluster for a test module (skipped where network namespaces are not
+    available), closed when the module is done."""
+    from tests.cluster.netns import netns_unavailable
+
+    reason = netns_unavailable()
+    if reason:
+        import pytest
+        pytest.skip(reason)
+    cluster = OperatorCluster(cp, Path(tmp_path_factory.mktemp(name)), zones=zones)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
 
 
 def bind_component(cp: ControlPlane, component: str, namespace: str = NAMESPACE) -> Path:

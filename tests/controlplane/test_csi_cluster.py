@@ -34,9 +34,14 @@ import pytest
 
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from sharedsync.core.quantity import parse_bytes
-from tests.cluster.netns import netns_unavailable
 from tests.controlplane.controlplane import TOOLS_BIN, ControlPlane
-from tests.controlplane.operator_harness import NAMESPACE, OperatorCluster, bind_component, policy
+from tests.controlplane.operator_harness import (
+    NAMESPACE,
+    OperatorCluster,
+    bind_component,
+    policy,
+    started_cluster,
+)
 from tests.controlplane.snapshot_crds import install_snapshot_crds
 from tests.integration.agent_harness import wait_until
 
@@ -144,16 +149,9 @@ class Csi:
 @pytest.fixture(scope="module")
 def cluster(control_plane: ControlPlane,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorCluster]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
     sidecar_binaries()
-    workdir = Path(tmp_path_factory.mktemp("csi-cluster"))
-    cluster = OperatorCluster(control_plane, workdir)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    with started_cluster(control_plane, tmp_path_factory, "csi-cluster") as cluster:
+        yield cluster
 
 
 def controller_kubeconfig(cp: ControlPlane) -> Path:

@@ -17,9 +17,14 @@ from pathlib import Path
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
-from tests.cluster.netns import netns_unavailable
 from tests.controlplane.controlplane import ControlPlane, free_port
-from tests.controlplane.operator_harness import OperatorCluster, OperatorProcess, policy, volume
+from tests.controlplane.operator_harness import (
+    OperatorCluster,
+    OperatorProcess,
+    policy,
+    started_cluster,
+    volume,
+)
 from tests.integration.agent_harness import tree_digest, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
@@ -30,15 +35,9 @@ ZONE = "topology.kubernetes.io/zone"
 @pytest.fixture(scope="module")
 def cluster(control_plane: ControlPlane,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorCluster]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    workdir = Path(tmp_path_factory.mktemp("operator"))
-    cluster = OperatorCluster(control_plane, workdir, zones={"a": "z1", "b": "z1", "c": "z2"})
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    with started_cluster(control_plane, tmp_path_factory, "operator",
+                         zones={"a": "z1", "b": "z1", "c": "z2"}) as cluster:
+        yield cluster
 
 
 def write(root: Path, name: str, size: int = 256 << 10, seed: int = 0) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.netns import netns_unavailable
 from tests.controlplane.controlplane import ControlPlane
-from tests.controlplane.operator_harness import OperatorCluster, policy, volume
+from tests.controlplane.operator_harness import OperatorCluster, policy, started_cluster, volume
 from tests.controlplane.test_operator import write
 from tests.integration.agent_harness import tree_digest, wait_until
 
@@ -31,15 +30,8 @@ SNAPSHOT = "snap-" + "5d" * 12
 @pytest.fixture(scope="module")
 def cluster(control_plane: ControlPlane,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorCluster]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    workdir = Path(tmp_path_factory.mktemp("operator-snapshots"))
-    cluster = OperatorCluster(control_plane, workdir)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    with started_cluster(control_plane, tmp_path_factory, "operator-snapshots") as cluster:
+        yield cluster
 
 
 def snapshot_object(name: str, source: str) -> dict[str, object]:
