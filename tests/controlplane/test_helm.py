@@ -341,3 +341,20 @@ def test_uninstall_leaves_the_crds_and_nothing_else(release: Release) -> None:
     for crd in ("syncpolicies", "sharedvolumes", "sharedvolumesnapshots"):
         assert rel.exists("crd", f"{crd}.sharedsync.io"), f"uninstall removed the {crd} CRD"
     assert rel.helm("status", RELEASE, check=False).returncode != 0
+
+
+def test_rendered_manifests_apply_on_a_real_api_server(control_plane: ControlPlane) -> None:
+    """The plain manifests for users without helm pass the API server's validation (a
+    server-side dry run, in their namespace, which must exist first)."""
+    manifest = REPO_ROOT / "deploy" / "install" / "sharedsync.yaml"
+    created = control_plane.kubectl("create", "namespace", "sharedsync", check=False)
+    try:
+        done = control_plane.kubectl("apply", "--server-side", "--dry-run=server",
+                                     "--field-manager=sharedsync-tests", "--force-conflicts",
+                                     "-f", str(manifest), check=False, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "CSIDriver" in done.stdout or "csidriver" in done.stdout, done.stdout
+    finally:
+        if created.returncode == 0:
+            control_plane.kubectl("delete", "namespace", "sharedsync", "--wait=false",
+                                  check=False)

@@ -813,3 +813,17 @@ def test_sidecar_flags_exist_in_the_pinned_sidecars(default_docs: list[Obj]) -> 
                 _assert_gates_accepted(path, arg)
         checked += 1
     assert checked >= 2
+
+
+def test_rendered_manifests_are_current() -> None:
+    """deploy/install/sharedsync.yaml is what the chart renders now (scripts/render-manifests)."""
+    _helm_or_skip()
+    done = subprocess.run([str(REPO_ROOT / "scripts" / "render-manifests"), "--check"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    text = (REPO_ROOT / "deploy" / "install" / "sharedsync.yaml").read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    # no private key is baked into a file everyone applies: TLS comes from the user's Secret
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert {d["kind"] for d in docs} >= {"Namespace", "CustomResourceDefinition", "CSIDriver",
+                                         "Deployment", "DaemonSet", "SyncPolicy"}
