@@ -8,8 +8,11 @@ seconds, and releasing it would make the operator fail its volumes over for noth
 """
 
 import asyncio
+import contextlib
 import shutil
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
@@ -39,9 +42,16 @@ def advertised(config: AgentConfig, data_dir: Path) -> Mapping[str, str]:
             "sharedsync.io/version": __version__}
 
 
-async def announce_forever(config: AgentConfig) -> None:
+#: A main event loop that has not ticked for this long is wedged, not busy: stop renewing
+#: so that the operator fails the node's volumes over.
+WEDGED_AFTER_SECONDS = 120.0
+
+
+async def announce_forever(config: AgentConfig,
+                           heartbeat: Callable[[], float] | None = None) -> None:
     """Renew the Lease until cancelled; API errors are logged and retried, never fatal (the
-    data path must not depend on the API server being up)."""
+    data path must not depend on the API server being up). With ``heartbeat`` (the monotonic
+    time the agent's main loop last ticked), renewal stops while that loop is wedged."""
     kube = config.kubernetes
     assert kube is not None
     period = kube.lease_duration_seconds / 3
@@ -52,12 +62,59 @@ async def announce_forever(config: AgentConfig) -> None:
         annotations=lambda: advertised(config, config.data_dir))
     try:
         while True:
-            try:
-                await keeper.renew(take_over=True)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - keep announcing through API outages
-                log.warning("could not renew the agent lease", error=str(exc)[:300])
+            stalled = time.monotonic() - heartbeat() if heartbeat is not None else 0.0
+            if stalled > WEDGED_AFTER_SECONDS:
+                log.error("the agent's main loop is stuck; not renewing the lease",
+                          stalled_seconds=round(stalled))
+            else:
+                try:
+                    await keeper.renew(take_over=True)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - keep announcing through API outages
+                    log.warning("could not renew the agent lease", error=str(exc)[:300])
             await asyncio.sleep(period)
     finally:
         await connection.close()
+
+
+class Announcer:
+    """The Lease renewal on a thread of its own, with its own event loop.
+
+    An agent formatting, mounting and syncing hundreds of replicas keeps its main loop busy
+    for seconds at a time; a renewal queued behind that work would let the Lease expire and
+    the operator fail every volume of a healthy node over. The thread renews on time as long
+    as the main loop still ticks (a heartbeat task), and stops when it is really wedged.
+    """
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.beat = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="heartbeat")
+        self._thread.start()
+
+    async def _tick(self) -> None:
+        while True:
+            self.beat = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._task = loop.create_task(announce_forever(self.config, lambda: self.beat))
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(self._task)
+        loop.close()
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._loop is not None and self._task is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        await asyncio.to_thread(self._thread.join, 10)

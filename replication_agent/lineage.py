@@ -131,6 +131,10 @@ class Lineage:
         """
         kept = None
         if btrfs.is_subvolume(self.live):
+            if btrfs.subvolume_info(self.live).read_only:
+                # a fenced primary's live was made read-only; it can be neither renamed aside
+                # nor replaced while it is (EROFS), and it is ours to retire now
+                btrfs.set_read_only(self.live, False)
             if self.changed_since(ref):
                 kept = f"{DIVERGED_PREFIX}{time.time_ns()}"
                 os.rename(self.live, self.directory / kept)

@@ -52,17 +52,16 @@ async def serve(config: AgentConfig) -> None:
     await local.start()
     announcer = None
     if config.kubernetes is not None:
-        from .announce import announce_forever
-        announcer = asyncio.create_task(announce_forever(config), name="lease")
+        from .announce import Announcer
+        announcer = Announcer(config)
+        announcer.start()
     log.info("agent serving", node=config.node, listen=config.listen,
              control_socket=str(config.control_socket), volumes=len(agent.engines),
              tls=config.tls is not None, kubernetes=config.kubernetes is not None)
     await until_terminated()
     log.info("agent stopping")
     if announcer is not None:
-        announcer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await announcer
+        await announcer.stop()
     await asyncio.gather(network.stop(SHUTDOWN_GRACE_SECONDS),
                          local.stop(SHUTDOWN_GRACE_SECONDS))
     await agent.stop()

@@ -161,6 +161,45 @@ def test_failover_promotes_a_replica_and_fences_the_old_primary(cluster: AgentCl
     assert_replicas_match(cluster, "b", ["a", "c"])
 
 
+def test_a_fenced_old_primary_can_be_promoted_again(cluster: AgentCluster) -> None:
+    """Two failovers in a row (the operator saw a's Lease lapse, then b's): a was fenced
+    (its live made read-only) and must still take the primary role back, writable."""
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    live_a = cluster.agents["a"].live(VOLUME)
+    write_files(live_a, 3, 32 << 10, seed=11)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="initial sync")
+    # b is promoted while a is alive and cannot hear from b (b -> a cut): a's next push is
+    # refused by b, and a fences itself (its live becomes read-only)
+    cluster.proxies[("b", "a")].client.partition()
+    cluster.agents["b"].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
+    write_files(live_a, 1, 32 << 10, seed=12)
+    wait_until(lambda: cluster.agents["a"].volume(VOLUME).fenced, timeout=60,
+               what="a fenced")
+    assert btrfs.subvolume_info(live_a).read_only
+    cluster.proxies[("b", "a")].client.heal()
+    # then a learns of epoch 2 and follows b as a replica, as the operator tells it to
+    cluster.apply(volume_spec(VOLUME, ["a", "b"], "b", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                              epoch=2))
+    wait_until(lambda: cluster.agents["a"].volume(VOLUME).epoch == 2
+               and cluster.agents["a"].volume(VOLUME).role == "replica", timeout=60,
+               what="a follows b")
+    write_files(cluster.agents["b"].live(VOLUME), 1, 32 << 10, seed=14)
+    wait_until(lambda: in_sync(cluster, "b", ["a"]), timeout=60, what="a receives from b")
+    # now a is promoted back at a newer epoch
+    promoted = cluster.agents["a"].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=3))
+    assert promoted.role == "primary"
+    assert promoted.epoch == 3
+    assert not promoted.fenced
+    live_a = cluster.agents["a"].live(VOLUME)
+    assert not btrfs.subvolume_info(live_a).read_only
+    write_files(live_a, 1, 32 << 10, seed=13)  # writable again
+    cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                              epoch=3))
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="b follows a again")
+    assert_replicas_match(cluster, "a", ["b"])
+
+
 def test_incremental_receive_killed_midway_leaves_previous_snapshot(
         cluster: AgentCluster) -> None:
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
