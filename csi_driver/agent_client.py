@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from replication_agent.config import TlsConfig
-from replication_agent.peers import CHANNEL_OPTIONS
+from replication_agent.peers import open_channel
 from replication_agent.proto import agent_pb2 as pb
 from replication_agent.proto import agent_pb2_grpc
-from replication_agent.tls import PEER_SERVER_NAME, channel_credentials
 from sharedsync.core.errors import (
     Aborted,
     AlreadyExists,
@@ -71,11 +70,10 @@ def agent_error(exc: grpc.aio.AioRpcError, where: str) -> SharedsyncError:
 class AgentClient:
     """One agent's Agent API on one channel (opened on first use, in the running loop)."""
 
-    def __init__(self, target: str, where: str, *,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, target: str, where: str, *, tls: TlsConfig | None = None) -> None:
         self.target = target
         self.where = where
-        self._credentials = credentials
+        self._tls = tls
         self._channel: grpc.aio.Channel | None = None
 
     @classmethod
@@ -86,17 +84,11 @@ class AgentClient:
     @classmethod
     def remote(cls, node: str, address: str, tls: TlsConfig) -> AgentClient:
         """Another node's agent, on its mutual-TLS API (``address`` from its Lease)."""
-        return cls(address, f"of node {node} ({address})", credentials=channel_credentials(tls))
+        return cls(address, f"of node {node} ({address})", tls=tls)
 
     def _stub(self) -> AgentAsyncStub:
         if self._channel is None:
-            if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-            else:
-                self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials,
-                    options=[*CHANNEL_OPTIONS,
-                             ("grpc.ssl_target_name_override", PEER_SERVER_NAME)])
+            self._channel = open_channel(self.target, self._tls)
         return agent_pb2_grpc.AgentStub(self._channel)
 
     async def attach(self, volume_id: str) -> str:

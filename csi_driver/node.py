@@ -98,6 +98,17 @@ class NodeServiceBase(csi_pb2_grpc.NodeServicer):
         """Whether a mount shows this volume (its filesystem, or its block loop device)."""
         raise NotImplementedError
 
+    def _bind_staging(self, volume_id: str, source: str | Path, staging: Path) -> bool:
+        """Bind ``source`` at ``staging``; False when this volume is already staged there
+        (idempotent), AlreadyExists when something else is."""
+        present = mounts.mounts_at(staging)
+        if present:
+            if not self._owns(present[-1], volume_id):
+                raise AlreadyExists(f"{staging} already holds another mount")
+            return False
+        mounts.bind(source, staging)
+        return True
+
     def _volume_kind(self, volume_id: str) -> VolumeKind:
         """The volume's kind; NotFound when this node has nothing of it."""
         raise NotImplementedError
@@ -403,13 +414,8 @@ class NodeService(NodeServiceBase):
         if cap.kind is VolumeKind.BLOCK:
             loop.attach(self.store.block_file(volume_id))
             return
-        present = mounts.mounts_at(staging)
-        if present:
-            if not self._owns(present[-1], volume_id):
-                raise AlreadyExists(f"{staging} already holds another mount")
-            return
-        mounts.bind(self.store.live_path(volume_id), staging)
-        log.info("volume staged", volume_id=volume_id, staging_target_path=str(staging))
+        if self._bind_staging(volume_id, self.store.live_path(volume_id), staging):
+            log.info("volume staged", volume_id=volume_id, staging_target_path=str(staging))
 
     async def _unstage_volume(self, volume_id: str, staging: Path) -> None:
         await asyncio.to_thread(self._unstage, volume_id, staging)

@@ -204,14 +204,9 @@ class AgentNodeService(NodeServiceBase):
                 loop.attach(source)
             log.info("volume staged", volume_id=volume_id, source=source)
             return
-        present = mounts.mounts_at(staging)
-        if present:
-            if not self._owns(present[-1], volume_id):
-                raise AlreadyExists(f"{staging} already holds another mount")
-            return
-        mounts.bind(source, staging)
-        log.info("volume staged", volume_id=volume_id, staging_target_path=str(staging),
-                 source=source)
+        if self._bind_staging(volume_id, source, staging):
+            log.info("volume staged", volume_id=volume_id, staging_target_path=str(staging),
+                     source=source)
 
     async def _unstage_volume(self, volume_id: str, staging: Path) -> None:
         await asyncio.to_thread(self._unstage_mounts, volume_id, staging)

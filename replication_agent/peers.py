@@ -35,6 +35,17 @@ SERVER_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
+def open_channel(address: str, tls: TlsConfig | None) -> grpc.aio.Channel:
+    """A channel to an agent's network API: mutual TLS verified against the agents' shared
+    name (peers dial by address), or plaintext in loopback development mode. Peers, the
+    operator and the CSI controller all dial agents this one way."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(
+        address, channel_credentials(tls),
+        options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", PEER_SERVER_NAME)])
+
+
 class PeerPool:
     """Lazily opened channels to peers by node name."""
 
@@ -49,13 +60,7 @@ class PeerPool:
             address = self.addresses.get(node)
             if address is None:
                 raise KeyError(f"no address known for peer {node}")
-            if self.tls is None:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.secure_channel(
-                    address, channel_credentials(self.tls),
-                    options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override",
-                                                PEER_SERVER_NAME)])
+            channel = open_channel(address, self.tls)
             self._channels[node] = channel
         return agent_pb2_grpc.ReplicationStub(channel)
 

@@ -19,10 +19,9 @@ import grpc
 import structlog
 
 from replication_agent.config import TlsConfig
-from replication_agent.peers import CHANNEL_OPTIONS
+from replication_agent.peers import open_channel
 from replication_agent.proto import agent_pb2 as pb
 from replication_agent.proto import agent_pb2_grpc
-from replication_agent.tls import PEER_SERVER_NAME, channel_credentials
 from sharedsync.leases import expires_at
 
 if TYPE_CHECKING:
@@ -146,13 +145,7 @@ class Agents:
         if known is None or known[0] != info.address:
             if known is not None:
                 asyncio.get_running_loop().create_task(known[1].close())
-            if self.tls is None:
-                channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.secure_channel(
-                    info.address, channel_credentials(self.tls),
-                    options=[*CHANNEL_OPTIONS,
-                             ("grpc.ssl_target_name_override", PEER_SERVER_NAME)])
+            channel = open_channel(info.address, self.tls)
             known = (info.address, channel)
             self._channels[node] = known
         return agent_pb2_grpc.AgentStub(known[1])
