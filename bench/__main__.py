@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "rebuild": ("agent_rebuild", 4),
     "qos": ("agent_qos", 5),
     "operator": ("operator_scale", 6),
+    "cluster": ("cluster_pod", 7),
 }
 ALIASES = {**{m: n for n, (m, _) in BENCHMARKS.items()},
            **{str(i): n for n, (_, i) in BENCHMARKS.items()}}

@@ -5,9 +5,13 @@ data path (the FUSE daemon in front of the replica) is what makes fsync wait for
 Synchronous mode. So Stage asks the local agent to ``Attach`` the volume and binds what it
 names at the staging path: a directory for a filesystem volume, or a file (attached to a loop
 device here) or device for a block volume. An agent that is not the primary refuses with
-FAILED_PRECONDITION and its own message, which reaches the CO as is. Unstage unmounts and
-``Detach``es. Publish, Unpublish, stats and health work on the staged mount as in standalone
-mode (:class:`csi_driver.node.NodeServiceBase`).
+FAILED_PRECONDITION and its own message, which reaches the CO as is. The exception is a
+multi-writer volume (ReadWriteMany on several nodes, ``VolumeSpec.multi_writer``): every agent
+holding a replica serves it, ``Attach`` answering with that replica's live directory, so a pod
+can be staged on any replica node (and each node's writes are merged by the agents); health
+then does not report a non-primary replica as degraded. Unstage unmounts and ``Detach``es.
+Publish, Unpublish, stats and health work on the staged mount as in standalone mode
+(:class:`csi_driver.node.NodeServiceBase`).
 
 What Attach returned is kept in a small file per staged volume under the plugin's data
 directory: it is how later calls (and a restarted plugin) recognise the volume's mounts, from
@@ -257,7 +261,7 @@ class AgentNodeService(NodeServiceBase):
                     status=csi_pb2.DEGRADED, reason="Fenced",
                     message=f"a newer primary exists ({volume.primary_node}); this copy "
                             "refuses writes"))
-            elif volume.role != "primary":
+            elif volume.role != "primary" and not volume.multi_writer:
                 entries.append(HealthEntry(
                     status=csi_pb2.DEGRADED, reason="NotPrimary",
                     message=f"volume {volume_id} is served by {volume.primary_node}, "

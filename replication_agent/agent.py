@@ -1,6 +1,7 @@
 """The agent: every volume replica this node holds, and the two gRPC services over them.
 
-``Replication`` is what peers call (Holdings, Push); ``Agent`` is what the operator, the CSI
+``Replication`` is what peers call (Holdings, Push; PullChanges and FetchContents for
+multi-writer volumes); ``Agent`` is what the operator, the CSI
 node plugin and the CLI call (apply, remove, promote, sync now, attach, status). Both are thin:
 they validate, find the volume's :class:`VolumeEngine`, and ask it.
 """
@@ -26,6 +27,7 @@ from .audit import AuditLog
 from .config import AgentConfig, VolumeConfig
 from .fuse.mount import abort_connection, fuse_mounts, unmount
 from .lineage import SYNC_DIR, SnapRef
+from .multiwriter import MultiWriter
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
@@ -61,7 +63,8 @@ def spec_from_config(volume: VolumeConfig) -> pb.VolumeSpec:
         auto_repair=p.auto_repair)
     return pb.VolumeSpec(volume_id=volume.volume_id, size_bytes=volume.size, kind=volume.kind,
                          policy=policy, replica_nodes=volume.replicas,
-                         primary_node=volume.primary, epoch=volume.epoch)
+                         primary_node=volume.primary, epoch=volume.epoch,
+                         multi_writer=volume.multi_writer)
 
 
 def validate_spec(spec: pb.VolumeSpec, node: str) -> None:
@@ -87,6 +90,10 @@ def validate_spec(spec: pb.VolumeSpec, node: str) -> None:
     if policy.write_quorum > len(spec.replica_nodes):
         raise InvalidArgument(f"policy.write_quorum {policy.write_quorum} exceeds the "
                               f"{len(spec.replica_nodes)} replicas")
+    if spec.multi_writer and spec.kind == "block":
+        raise InvalidArgument("multi_writer needs a filesystem volume: concurrent writers on "
+                              "several nodes are merged file by file, and a block device has "
+                              "no files")
     if policy.mode == pb.SYNCHRONOUS and spec.kind == "block":
         raise InvalidArgument("Synchronous mode needs a filesystem volume: the agent cannot "
                               "see fsync on a raw block device")
@@ -217,6 +224,14 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             if origin is None:
                 raise FailedPrecondition(f"volume {content.volume_id} has no replica on "
                                          f"{self.node} to clone")
+            if origin.multiwriter is not None:
+                # no replication snapshots: clone the live data, merged with the peers first
+                await origin.multiwriter.sync_now()
+                source = Source(volume_id=content.volume_id)
+                await asyncio.to_thread(self.store.ensure_layout)
+                await asyncio.to_thread(self.store.create, spec.volume_id, spec.size_bytes,
+                                        VolumeKind(spec.kind or "filesystem"), source)
+                return
             if origin.role is Role.PRIMARY and not origin.fenced:
                 point = await origin.cycle()  # everything written until now
             else:
@@ -267,6 +282,9 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
 
     async def _sync(self, engine: VolumeEngine, trigger: str) -> SnapRef | None:
         """One sync cycle, returned once every replica acknowledged it."""
+        if engine.multiwriter is not None:
+            await engine.multiwriter.sync_now()  # audited there
+            return None
         if engine.role is not Role.PRIMARY:
             raise FailedPrecondition(f"{self.node} is not the primary of {engine.volume_id}")
         target = await engine.cycle()
@@ -307,7 +325,17 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
 
     async def _snapshot_sync_point(self, engine: VolumeEngine,
                                    request: pb.CreateSnapshotRequest) -> tuple[SnapRef, int]:
-        """Snapshot the requested sync point, or (primary) a fresh one every replica holds."""
+        """Snapshot the requested sync point, or (primary) a fresh one every replica holds.
+
+        A multi-writer replica has no sync point shared with its peers: each node merges
+        with its peers first, then snapshots its own live data (``source`` is ignored, and the
+        answer names the empty SnapshotRef).
+        """
+        if engine.multiwriter is not None:
+            await engine.multiwriter.sync_now()
+            size = await asyncio.to_thread(self.store.snapshot, request.volume_id,
+                                           request.snapshot_id)
+            return SnapRef(0, 0), size
         attempt = 0
         while True:
             attempt += 1
@@ -346,9 +374,10 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
 
     async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
         engine = self.engine(request.volume_id)
-        if engine.role is not Role.PRIMARY or engine.fenced:
+        if engine.multiwriter is None and (engine.role is not Role.PRIMARY or engine.fenced):
             raise FailedPrecondition(
-                f"volume {request.volume_id} is served by {engine.primary}, not {self.node}")
+                f"volume {request.volume_id} is served by {engine.primary}, not {self.node} "
+                "(only multi-writer volumes are served by every replica)")
         return pb.AttachResponse(path=str(await engine.attach()))
 
     async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:
@@ -390,6 +419,26 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
                 for frame in encoder.feed(chunk):
                     yield frame_message(frame).frame
         yield frame_message(encoder.finish()).frame
+
+    def _multiwriter(self, volume_id: str, from_node: str) -> MultiWriter:
+        engine = self.engine(volume_id)
+        if engine.multiwriter is None:
+            raise FailedPrecondition(f"volume {volume_id} is not multi-writer on {self.node}")
+        if from_node not in engine.spec.replica_nodes:
+            raise FailedPrecondition(f"{from_node!r} is not a replica of {volume_id}")
+        return engine.multiwriter
+
+    async def PullChanges(self, request: pb.PullChangesRequest,
+                          context: Any) -> AsyncIterator[pb.PullChangesMessage]:
+        writer = self._multiwriter(request.volume_id, request.from_node)
+        async for message in writer.serve_changes(request):
+            yield message
+
+    async def FetchContents(self, request: pb.FetchContentsRequest,
+                            context: Any) -> AsyncIterator[pb.ContentMessage]:
+        writer = self._multiwriter(request.volume_id, request.from_node)
+        async for message in writer.serve_contents(request):
+            yield message
 
     async def Holdings(self, request: pb.HoldingsRequest, context: Any) -> pb.HoldingsResponse:
         engine = self.engine(request.volume_id)

@@ -74,6 +74,8 @@ class VolumeConfig(_Strict):
     replicas: list[str]
     primary: str
     epoch: int = Field(1, ge=1)
+    #: ReadWriteMany on several nodes: every replica writable, files merged by version vectors.
+    multi_writer: bool = Field(False, alias="multiWriter")
 
     @field_validator("size", mode="before")
     @classmethod

@@ -10,6 +10,12 @@ what lag, quorum and retention are computed from.
 A replica only receives: it refuses a stream from an older epoch (fencing), adopts a newer
 epoch (a failover happened elsewhere, so it is no longer primary), and applies each stream
 atomically. Promotion turns the newest complete snapshot into ``live`` at a new epoch.
+
+A multi-writer volume (``spec.multi_writer``, ReadWriteMany on several nodes) has none of this:
+every replica is writable, and :class:`~replication_agent.multiwriter.MultiWriter` merges file
+changes between them with version vectors. Its "primary" is only the coordinator that the
+operator asks first for sync-now and CSI snapshots; epochs and promotion move that role and
+nothing else.
 """
 
 import asyncio
@@ -66,6 +72,7 @@ from . import metrics
 from .audit import AuditLog
 from .fuse import FuseServer
 from .lineage import Lineage, SnapRef
+from .multiwriter import MultiWriter
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .qos import NodeBandwidth
@@ -387,6 +394,8 @@ class VolumeEngine:
         self._pruning = False
         self._scrubber: asyncio.Task[None] | None = None
         self.fuse_root = state_dir.parent / "fuse"
+        self.multiwriter: MultiWriter | None = None
+        self.multiwriter_db = state_dir.parent / "multiwriter" / f"{self.volume_id}.sqlite"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -402,9 +411,16 @@ class VolumeEngine:
         await asyncio.to_thread(self.lineage.discard_partial)
         self.persist()
         metrics.EPOCH.labels(self.volume_id).set(self.epoch)
-        self._sync_links()
-        if self.role is Role.PRIMARY and not self.fenced:
-            self._start_primary_loop()
+        if self.spec.multi_writer:
+            if kind is VolumeKind.BLOCK:
+                raise InvalidArgument("multi_writer needs a filesystem volume: files are merged "
+                                      "one by one, which a raw block device does not have")
+            self.multiwriter = MultiWriter(self, self.lineage.live, self.multiwriter_db)
+            await self.multiwriter.start()
+        else:
+            self._sync_links()
+            if self.role is Role.PRIMARY and not self.fenced:
+                self._start_primary_loop()
         self._scrubber = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.volume_id}")
 
     async def stop(self) -> None:
@@ -421,9 +437,13 @@ class VolumeEngine:
             self._loop_task = None
         for link in self.links.values():
             await link.stop()
+        if self.multiwriter is not None:
+            await self.multiwriter.stop()
 
     async def remove(self) -> None:
         await self.stop()
+        if self.multiwriter is not None:
+            self.multiwriter.remove_state()
         self.spool.clear()
         await asyncio.to_thread(self._remove_replica)
         self.state_path.unlink(missing_ok=True)
@@ -447,7 +467,13 @@ class VolumeEngine:
     async def apply(self, spec: pb.VolumeSpec) -> None:
         """Take a new spec (policy, peers, size) live, without touching the data path."""
         old = self.spec
-        if spec.epoch > self.epoch:
+        if spec.multi_writer != old.multi_writer:
+            raise FailedPrecondition(
+                f"volume {self.volume_id} was made with multi_writer={old.multi_writer}; it "
+                "cannot change on an existing volume (make a new volume and copy the data)")
+        if spec.multi_writer:
+            self._follow_coordinator(spec.epoch, spec.primary_node)
+        elif spec.epoch > self.epoch:
             await self.adopt_epoch(spec.epoch, spec.primary_node)
         self.spec = spec
         if spec.size_bytes > old.size_bytes:
@@ -457,17 +483,21 @@ class VolumeEngine:
         if spec.policy.manual_trigger != self._manual_trigger:
             self._manual_trigger = spec.policy.manual_trigger
             self._wake.set()
+            if self.multiwriter is not None:
+                self.multiwriter.wake()
         if json_format.MessageToDict(old.policy) != json_format.MessageToDict(spec.policy):
             self.audit(AuditKind.POLICY, mode=pb.Mode.Name(spec.policy.mode),
                        bandwidth=spec.policy.bandwidth_bytes_per_second,
                        write_quorum=spec.policy.write_quorum)
         self._sync_links()
+        if self.multiwriter is not None:
+            self.multiwriter.sync_peers()
         self.persist()
         self._wake.set()
 
     def _sync_links(self) -> None:
         wanted = {n for n in self.spec.replica_nodes if n != self.node} \
-            if self.role is Role.PRIMARY else set()
+            if self.role is Role.PRIMARY and not self.spec.multi_writer else set()
         for node in set(self.links) - wanted:
             link = self.links.pop(node)
             self._background(link.stop())
@@ -479,8 +509,24 @@ class VolumeEngine:
 
     # -- epochs ------------------------------------------------------------------------------
 
+    def _follow_coordinator(self, epoch: int, primary: str) -> None:
+        """Multi-writer: the operator's epoch and coordinator, taken as they come (no data
+        moves, nothing is fenced: every replica stays writable)."""
+        if epoch < self.epoch or (epoch == self.epoch and primary == self.primary):
+            return
+        previous = self.primary
+        self.epoch, self.primary = epoch, primary
+        self.role = Role.PRIMARY if primary == self.node else Role.REPLICA
+        self.persist()
+        metrics.EPOCH.labels(self.volume_id).set(epoch)
+        if previous != primary:
+            self.audit(AuditKind.EPOCH, epoch=epoch, primary=primary, multi_writer=True)
+
     async def adopt_epoch(self, epoch: int, primary: str) -> None:
         """A newer epoch exists: someone else is primary now; this replica follows it."""
+        if self.spec.multi_writer:
+            self._follow_coordinator(epoch, primary)
+            return
         if epoch <= self.epoch:
             return
         was_primary = self.role is Role.PRIMARY
@@ -516,6 +562,11 @@ class VolumeEngine:
             raise FailedPrecondition(
                 f"promotion needs an epoch newer than {self.epoch}, got {epoch}")
         if self.role is Role.PRIMARY and epoch == self.epoch and not self.fenced:
+            return
+        if self.spec.multi_writer:
+            # every replica is writable already: only the coordinator role moves here
+            self._follow_coordinator(epoch, self.node)
+            self.audit(AuditKind.PROMOTION, epoch=epoch, multi_writer=True)
             return
         async with self._receive_lock:
             newest = await asyncio.to_thread(self.lineage.newest)
@@ -581,6 +632,9 @@ class VolumeEngine:
 
     async def cycle(self) -> SnapRef | None:
         """Snapshot ``live`` if it changed and make that the snapshot every peer wants."""
+        if self.spec.multi_writer:
+            raise FailedPrecondition(f"volume {self.volume_id} is multi-writer: it ships no "
+                                     "replication snapshots")
         if self.role is not Role.PRIMARY or self.fenced:
             raise FailedPrecondition(f"volume {self.volume_id} is not primary on {self.node}")
         async with self._cycle_lock:
@@ -727,7 +781,13 @@ class VolumeEngine:
         close of a written file reach the daemon, which in Synchronous mode answers only once
         the write quorum holds the change. Because the daemon is always in the path, a policy
         change between modes applies live, without remounting anything in the pod.
+
+        A multi-writer volume is served straight from the replica's live directory on every
+        node that holds one (a bind mount, native speed): there is no quorum to wait for, and
+        the merge loop finds changes by scanning.
         """
+        if self.spec.multi_writer:
+            return self.lineage.live
         if self.spec.kind == "block":
             return self.store.block_file(self.volume_id)
         if self._fuse is None:
@@ -759,6 +819,9 @@ class VolumeEngine:
 
     async def receive(self, header: pb.StreamHeader,
                       messages: AsyncIterator[pb.PushMessage]) -> pb.PushResult:
+        if self.spec.multi_writer:
+            raise FailedPrecondition(f"volume {self.volume_id} is multi-writer here: a snapshot "
+                                     "stream would overwrite local writes")
         self.check_epoch(header.epoch, header.sender_node)
         if header.epoch > self.epoch:
             await self.adopt_epoch(header.epoch, header.sender_node)
@@ -813,6 +876,14 @@ class VolumeEngine:
             return pb.ScrubResponse(errors=0, message="no errors")
         log.warning("scrub found damage", volume_id=self.volume_id, errors=errors,
                     counters=counters)
+        if self.multiwriter is not None:
+            damaged = await asyncio.to_thread(self._damaged_files)
+            repaired = await self.multiwriter.repair(damaged) if self.spec.policy.auto_repair \
+                else []
+            self.audit(AuditKind.REPAIR, errors=errors, repaired=len(repaired),
+                       files=",".join(repaired)[:500], multi_writer=True)
+            return pb.ScrubResponse(errors=errors, repaired_files=repaired,
+                                    message=f"repaired {len(repaired)} file(s) from peers")
         if self.role is Role.REPLICA:
             await self._request_resync(f"scrub found {errors} errors")
             return pb.ScrubResponse(errors=errors, resync_requested=True,
@@ -836,6 +907,9 @@ class VolumeEngine:
 
     def resync(self, node: str, reason: str) -> None:
         """A replica lost its copy: forget what it held and rebuild it from scratch."""
+        if self.spec.multi_writer:
+            raise FailedPrecondition(f"volume {self.volume_id} is multi-writer: damaged files "
+                                     "are repaired file by file, not by a rebuild")
         link = self.links.get(node)
         if link is None:
             raise FailedPrecondition(f"{node} is not a replica of {self.volume_id} here")
@@ -978,6 +1052,8 @@ class VolumeEngine:
         return value
 
     def status(self) -> pb.VolumeStatus:
+        if self.multiwriter is not None:
+            return self._multiwriter_status(self.multiwriter)
         newest = self.lineage.newest()
         lat = list(self.latencies)
         replicas = [pb.ReplicaStatus(
@@ -1002,6 +1078,28 @@ class VolumeEngine:
             conflicts=self.conflicts, snapshot_bytes=self.snapshot_bytes(),
             last_snapshot=ref_message(newest), fenced=self.fenced,
             size_bytes=self.spec.size_bytes, spec_revision=self.spec.revision)
+
+    def _multiwriter_status(self, writer: MultiWriter) -> pb.VolumeStatus:
+        """Each peer's state is how current this replica is with that peer's writes."""
+        replicas = [pb.ReplicaStatus(node=self.node, role=str(self.role), state=pb.IN_SYNC,
+                                     last_sync_unix_ns=writer.last_change_ns),
+                    *writer.peer_statuses()]
+        for replica in replicas[1:]:
+            metrics.LAG.labels(self.volume_id, replica.node).set(replica.lag_seconds)
+            for state, value in STATE_TO_PROTO.items():
+                metrics.REPLICA_STATE.labels(self.volume_id, replica.node, str(state)).set(
+                    1 if value == replica.state else 0)
+        lat = list(writer.latencies)
+        return pb.VolumeStatus(
+            volume_id=self.volume_id, epoch=self.epoch, primary_node=self.primary,
+            role=str(self.role), mode=self.spec.policy.mode, replicas=replicas,
+            sync_latency_p50_seconds=percentile(lat, 0.5),
+            sync_latency_p90_seconds=percentile(lat, 0.9),
+            sync_latency_p99_seconds=percentile(lat, 0.99),
+            bytes_shipped=writer.bytes_sent, bytes_received=writer.bytes_received,
+            conflicts=writer.conflicts, snapshot_bytes=self.snapshot_bytes(),
+            size_bytes=self.spec.size_bytes, spec_revision=self.spec.revision,
+            multi_writer=True)
 
 
 class _CommitHooks:

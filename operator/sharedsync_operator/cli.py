@@ -148,8 +148,11 @@ async def run(args: argparse.Namespace) -> int:
     state = handlers.Runtime(kube=Kube(connection), agents=agents, namespace=args.namespace,
                              volumes=VolumeReconciler(Kube(connection), agents))
     holder = asyncio.create_task(_hold_leadership(keeper, stop))
+    # kopf would name itself after getpass.getuser(), which fails for a uid with no passwd
+    # entry (the chart's runAsUser, OpenShift's random uids); leadership is ours anyway
     operator = asyncio.create_task(kopf.operator(
-        clusterwide=True, standalone=True, memo=kopf.Memo(runtime=state), stop_flag=stop))
+        clusterwide=True, standalone=True, memo=kopf.Memo(runtime=state), stop_flag=stop,
+        identity=args.identity))
     health.operator = operator
     await asyncio.wait([operator, holder], return_when=asyncio.FIRST_COMPLETED)
     lost = not terminated.done()

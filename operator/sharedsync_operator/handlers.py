@@ -95,6 +95,32 @@ def _emitter(body: Any) -> Any:
     return emit
 
 
+#: Where events about cluster-scoped objects go (where kopf posts them too).
+EVENTS_NAMESPACE = "default"
+
+
+def _background_emitter(state: Runtime, body: Any) -> Any:
+    """Events from the background loop, where kopf.event cannot post (see Kube.post_event);
+    posted in the background too, so a slow API server does not stall the loop."""
+    plain = _plain(body)
+
+    def emit(type_: str, reason: str, message: str) -> None:
+        task = asyncio.create_task(
+            state.kube.post_event(plain, type_, reason, message, namespace=EVENTS_NAMESPACE))
+        state.tasks.append(task)
+        task.add_done_callback(_forget(state))
+    return emit
+
+
+def _forget(state: Runtime) -> Any:
+    def done(task: asyncio.Task[None]) -> None:
+        if task in state.tasks:
+            state.tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("posting an event failed", error=str(task.exception())[:200])
+    return done
+
+
 def _plain(body: Any) -> dict[str, Any]:
     """A detached copy (kopf's body views change under us), complete enough for events."""
     return {"apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
@@ -350,7 +376,7 @@ async def _resync_policies(state: Runtime) -> None:
         with RECONCILE_SECONDS.labels("policy_resync").time():
             try:
                 await reconcile_policy(state.kube, body, state.node_views(), volumes,
-                                       _emitter(body))
+                                       _background_emitter(state, body))
             except Exception:
                 RECONCILE_ERRORS.labels("policy_resync").inc()
                 log.exception("policy resync failed", policy=body["metadata"].get("name"))

@@ -1,6 +1,7 @@
 """The operator's writes to the API server that kopf does not make for it: status patches of
 our custom resources and the removal of handled day-2 annotations."""
 
+import datetime
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,30 @@ class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api_client = api_client
         self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    async def post_event(self, body: Mapping[str, Any], type_: str, reason: str,
+                         message: str, *, namespace: str) -> None:
+        """An Event about a cluster-scoped object, from work outside kopf's handlers (kopf
+        posts events only from the task of the object being handled)."""
+        metadata = body.get("metadata", {})
+        now = datetime.datetime.now(datetime.UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{metadata.get('name', 'object')}.",
+                                         namespace=namespace),
+            involved_object=client.V1ObjectReference(
+                api_version=body.get("apiVersion"), kind=body.get("kind"),
+                name=metadata.get("name"), uid=metadata.get("uid"),
+                resource_version=metadata.get("resourceVersion")),
+            type=type_, reason=reason, message=message[:1024],
+            first_timestamp=now, last_timestamp=now, count=1,
+            source=client.V1EventSource(component="sharedsync-operator"),
+            reporting_component="sharedsync-operator")
+        try:
+            await self.core.create_namespaced_event(namespace, event)
+        except ApiException as exc:
+            if exc.status not in (403, 404, 409, 422):
+                raise
 
     async def patch_status(self, plural: str, name: str, status: Mapping[str, Any]) -> bool:
         """Merge ``status`` into the object's status; False when the object is gone."""

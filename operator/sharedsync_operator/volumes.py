@@ -86,16 +86,24 @@ def agent_policy(policy: Policy, write_quorum: int) -> pb.VolumePolicy:
         scrub_interval_seconds=policy.scrub_interval_seconds, auto_repair=policy.auto_repair)
 
 
+def multi_writer(spec: Mapping[str, Any]) -> bool:
+    """A ReadWriteMany filesystem volume may be written on several nodes at once: every replica
+    is writable and the agents merge file-level changes (the policy's conflictResolution)."""
+    return ("ReadWriteMany" in (spec.get("accessModes") or ())
+            and (spec.get("volumeMode") or "Filesystem") == "Filesystem")
+
+
 def volume_spec(volume_id: str, size: int, kind: str, policy: Policy, layout: Layout,
                 write_quorum: int, addresses: Mapping[str, str],
-                content: pb.ContentSource | None = None) -> pb.VolumeSpec:
+                content: pb.ContentSource | None = None, *,
+                many_writers: bool = False) -> pb.VolumeSpec:
     """The spec every replica of the volume gets, with its revision (a fingerprint of it)."""
     spec = pb.VolumeSpec(
         volume_id=volume_id, size_bytes=size, kind=kind,
         policy=agent_policy(policy, write_quorum), replica_nodes=list(layout.replicas),
         primary_node=layout.primary, epoch=layout.epoch,
         peer_addresses={n: addresses[n] for n in layout.replicas if n in addresses},
-        content_source=content)
+        content_source=content, multi_writer=many_writers)
     spec.revision = spec_fingerprint({"spec": spec.SerializeToString(deterministic=True).hex()})
     return spec
 
@@ -236,12 +244,18 @@ class VolumeReconciler:
 
         def fingerprint(layout: Layout, quorum: int) -> str:
             return volume_spec(name, size, kind, policy, layout, quorum, addresses,
-                               content).revision
+                               content, many_writers=multi_writer(spec)).revision
 
         plan = plan_volume(intent, old_layout, nodes, reports, down_for,
                            last_primary_view=_view_from_status(status), fingerprint=fingerprint)
         for event in plan.events:
             self._warn_once(memory, emit, event)
+        if multi_writer(spec) and policy.mode is Mode.SYNCHRONOUS:
+            self._warn_once(memory, emit, Event(
+                "Warning", "MultiWriterNotSynchronous",
+                "a ReadWriteMany volume is written on several nodes and merged file by file: "
+                "fsync returns once this node's replica holds the write, and peers receive it "
+                "within about a second (there is no write quorum)"))
         if not plan.layout.placed:
             await self._not_ready(name, status, generation, plan.problem_reason or "Pending",
                                   plan.problem or "no node can hold a replica", memory, emit)
@@ -265,7 +279,7 @@ class VolumeReconciler:
                 return
             memory.layout = plan.layout
         spec_message = volume_spec(name, size, kind, policy, plan.layout, plan.write_quorum,
-                                   addresses, content)
+                                   addresses, content, many_writers=multi_writer(spec))
         for action in plan.actions:
             if action.kind is ActionKind.PROMOTE:
                 if not await self._call(emit, "Promote", action.node,

@@ -426,6 +426,331 @@ class PushResult(_message.Message):
 Global___PushResult: _TypeAlias = PushResult  # noqa: Y015
 
 @_typing.final
+class PullChangesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    SINCE_SEQ_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    MAX_CHANGES_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    since_seq: _builtins.int
+    """Changes recorded after this sequence number of the peer's change log (0: everything)."""
+    from_node: _builtins.str
+    """The node asking (a replica of the volume)."""
+    max_changes: _builtins.int
+    """At most this many changes in one answer (0: the peer's default); ask again from the last
+    sequence received while it is below PullChangesHeader.head_seq.
+    """
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        since_seq: _builtins.int = ...,
+        from_node: _builtins.str = ...,
+        max_changes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node", b"from_node", "max_changes", b"max_changes", "since_seq", b"since_seq", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullChangesRequest: _TypeAlias = PullChangesRequest  # noqa: Y015
+
+@_typing.final
+class PullChangesHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    incarnation: _builtins.str
+    """Identifies this peer's change log: a new value (the replica was removed and made again)
+    means sequence numbers started over, and the caller pulls from 0.
+    """
+    head_seq: _builtins.int
+    """The newest sequence number in the peer's change log when the answer was made."""
+    def __init__(
+        self,
+        *,
+        incarnation: _builtins.str = ...,
+        head_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_seq", b"head_seq", "incarnation", b"incarnation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullChangesHeader: _TypeAlias = PullChangesHeader  # noqa: Y015
+
+@_typing.final
+class ConflictNote(_message.Message):
+    """A conflict this version resolved: two concurrent versions of `path` and what became of the
+    one that lost. Carried with the winning version so that every replica learns of (and counts,
+    once, by `id`) a conflict resolved elsewhere.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    WINNER_NODE_FIELD_NUMBER: _builtins.int
+    WINNER_DIGEST_FIELD_NUMBER: _builtins.int
+    LOSER_NODE_FIELD_NUMBER: _builtins.int
+    LOSER_DIGEST_FIELD_NUMBER: _builtins.int
+    KEPT_AS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    path: _builtins.str
+    resolution: _builtins.str
+    """LastWriterWins or KeepBoth (the volume's conflict_resolution when it was resolved)."""
+    winner_node: _builtins.str
+    winner_digest: _builtins.str
+    """Content digests (BLAKE3, hex; empty for a deletion)."""
+    loser_node: _builtins.str
+    loser_digest: _builtins.str
+    kept_as: _builtins.str
+    """KeepBoth: where the losing version is kept; empty when it was discarded (LastWriterWins)
+    or was a deletion.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+        winner_node: _builtins.str = ...,
+        winner_digest: _builtins.str = ...,
+        loser_node: _builtins.str = ...,
+        loser_digest: _builtins.str = ...,
+        kept_as: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kept_as", b"kept_as", "loser_digest", b"loser_digest", "loser_node", b"loser_node", "path", b"path", "resolution", b"resolution", "winner_digest", b"winner_digest", "winner_node", b"winner_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConflictNote: _TypeAlias = ConflictNote  # noqa: Y015
+
+@_typing.final
+class FileChange(_message.Message):
+    """One version of one file (or symlink) of a multi-writer volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class VectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MTIME_NS_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    WRITER_FIELD_NUMBER: _builtins.int
+    CONFLICT_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Relative to the volume's root, "/"-separated, without `..`."""
+    seq: _builtins.int
+    """Its position in the sending peer's change log."""
+    digest: _builtins.str
+    """BLAKE3 of the content (of the target, for a symlink), hex; empty when deleted."""
+    size: _builtins.int
+    mode: _builtins.int
+    """st_mode: file type (regular file or symlink) and permission bits."""
+    mtime_ns: _builtins.int
+    deleted: _builtins.bool
+    """A tombstone: the file was deleted (at mtime_ns, by `writer`)."""
+    writer: _builtins.str
+    """The node whose write made this version."""
+    uid: _builtins.int
+    """Owner of the file (numeric, as the pods that write it see it)."""
+    gid: _builtins.int
+    @_builtins.property
+    def vector(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Version vector: writer node -> number of writes of this file on that node seen here."""
+
+    @_builtins.property
+    def conflict(self) -> Global___ConflictNote: ...
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        vector: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        digest: _builtins.str = ...,
+        size: _builtins.int = ...,
+        mode: _builtins.int = ...,
+        mtime_ns: _builtins.int = ...,
+        deleted: _builtins.bool = ...,
+        writer: _builtins.str = ...,
+        conflict: Global___ConflictNote | None = ...,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conflict", b"conflict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflict", b"conflict", "deleted", b"deleted", "digest", b"digest", "gid", b"gid", "mode", b"mode", "mtime_ns", b"mtime_ns", "path", b"path", "seq", b"seq", "size", b"size", "uid", b"uid", "vector", b"vector", "writer", b"writer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChange: _TypeAlias = FileChange  # noqa: Y015
+
+@_typing.final
+class PullChangesMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___PullChangesHeader: ...
+    @_builtins.property
+    def change(self) -> Global___FileChange: ...
+    def __init__(
+        self,
+        *,
+        header: Global___PullChangesHeader | None = ...,
+        change: Global___FileChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "change", b"change", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "change", b"change", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "change"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___PullChangesMessage: _TypeAlias = PullChangesMessage  # noqa: Y015
+
+@_typing.final
+class ContentWanted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    digest: _builtins.str
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContentWanted: _TypeAlias = ContentWanted  # noqa: Y015
+
+@_typing.final
+class FetchContentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    from_node: _builtins.str
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentWanted]: ...
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        files: _abc.Iterable[Global___ContentWanted] | None = ...,
+        from_node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "from_node", b"from_node", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchContentsRequest: _TypeAlias = FetchContentsRequest  # noqa: Y015
+
+@_typing.final
+class ContentHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    digest: _builtins.str
+    available: _builtins.bool
+    """False when the peer no longer holds this version (the file changed since): no frames
+    follow, and the caller asks again after its next pull.
+    """
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        available: _builtins.bool = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "digest", b"digest", "path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContentHeader: _TypeAlias = ContentHeader  # noqa: Y015
+
+@_typing.final
+class ContentMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ContentHeader: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    def __init__(
+        self,
+        *,
+        header: Global___ContentHeader | None = ...,
+        frame: Global___Frame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "frame", b"frame", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "frame", b"frame", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "frame"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___ContentMessage: _TypeAlias = ContentMessage  # noqa: Y015
+
+@_typing.final
 class CreateSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -702,6 +1027,7 @@ class VolumeSpec(_message.Message):
     PEER_ADDRESSES_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     CONTENT_SOURCE_FIELD_NUMBER: _builtins.int
+    MULTI_WRITER_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     size_bytes: _builtins.int
     kind: _builtins.str
@@ -711,6 +1037,13 @@ class VolumeSpec(_message.Message):
     revision: _builtins.str
     """Opaque revision of this spec chosen by the operator; echoed in VolumeStatus.spec_revision so
     the operator knows which replicas still need the newest spec.
+    """
+    multi_writer: _builtins.bool
+    """ReadWriteMany on several nodes: every replica is writable and file-level changes are
+    merged with version vectors (policy.conflict_resolution settles concurrent writes to one
+    file). No snapshot streams, epochs or promotion apply to the data; `primary_node` only
+    names the coordinator that CSI snapshots and sync-now are asked of first. Filesystem
+    volumes only; fixed when the volume is created.
     """
     @_builtins.property
     def policy(self) -> Global___VolumePolicy: ...
@@ -743,10 +1076,11 @@ class VolumeSpec(_message.Message):
         peer_addresses: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         revision: _builtins.str = ...,
         content_source: Global___ContentSource | None = ...,
+        multi_writer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "epoch", b"epoch", "kind", b"kind", "peer_addresses", b"peer_addresses", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "revision", b"revision", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "epoch", b"epoch", "kind", b"kind", "multi_writer", b"multi_writer", "peer_addresses", b"peer_addresses", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "revision", b"revision", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1008,6 +1342,7 @@ class VolumeStatus(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SPEC_REVISION_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    MULTI_WRITER_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     epoch: _builtins.int
     primary_node: _builtins.str
@@ -1020,6 +1355,9 @@ class VolumeStatus(_message.Message):
     bytes_shipped: _builtins.int
     bytes_received: _builtins.int
     conflicts: _builtins.int
+    """Multi-writer volumes: concurrent writes to one file resolved by conflict_resolution,
+    each counted once (by its ConflictNote id) whichever replica resolved it.
+    """
     snapshot_bytes: _builtins.int
     """Space held by replication snapshots beyond the live data."""
     fenced: _builtins.bool
@@ -1028,6 +1366,8 @@ class VolumeStatus(_message.Message):
     size_bytes: _builtins.int
     spec_revision: _builtins.str
     """The revision of the spec this replica runs with (VolumeSpec.revision)."""
+    multi_writer: _builtins.bool
+    """VolumeSpec.multi_writer as this replica runs it."""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
@@ -1058,10 +1398,11 @@ class VolumeStatus(_message.Message):
         size_bytes: _builtins.int = ...,
         spec_revision: _builtins.str = ...,
         snapshots: _abc.Iterable[Global___SnapshotStatus] | None = ...,
+        multi_writer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_snapshot", b"last_snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "multi_writer", b"multi_writer", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

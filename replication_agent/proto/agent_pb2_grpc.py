@@ -57,6 +57,16 @@ class ReplicationStub:
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.PushMessage.SerializeToString,
                 response_deserializer=replication__agent_dot_proto_dot_agent__pb2.PushResult.FromString,
                 _registered_method=True)
+        self.PullChanges = channel.unary_stream(
+                '/sharedsync.agent.v1.Replication/PullChanges',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.PullChangesRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.PullChangesMessage.FromString,
+                _registered_method=True)
+        self.FetchContents = channel.unary_stream(
+                '/sharedsync.agent.v1.Replication/FetchContents',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.FetchContentsRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.ContentMessage.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -96,6 +106,26 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullChanges(self, request, context):
+        """Multi-writer volumes (VolumeSpec.multi_writer): the file versions this peer recorded after
+        `since_seq` in its change log (its own writes and the versions it merged from others),
+        oldest first, one header then metadata only. The caller decides with version vectors what
+        it lacks and fetches only that content with FetchContents, so a version it already holds
+        (one it sent itself) never crosses the wire again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchContents(self, request, context):
+        """Multi-writer volumes: the current content of some files, each as a ContentHeader followed
+        (when available) by checksummed Frames until `last`; the last frame's stream digest is the
+        BLAKE3 content digest the caller asked for, so what it applies is exactly that version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +148,16 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=replication__agent_dot_proto_dot_agent__pb2.PushMessage.FromString,
                     response_serializer=replication__agent_dot_proto_dot_agent__pb2.PushResult.SerializeToString,
+            ),
+            'PullChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullChanges,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.PullChangesRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.PullChangesMessage.SerializeToString,
+            ),
+            'FetchContents': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchContents,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.FetchContentsRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.ContentMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +271,60 @@ class Replication:
             '/sharedsync.agent.v1.Replication/Push',
             replication__agent_dot_proto_dot_agent__pb2.PushMessage.SerializeToString,
             replication__agent_dot_proto_dot_agent__pb2.PushResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sharedsync.agent.v1.Replication/PullChanges',
+            replication__agent_dot_proto_dot_agent__pb2.PullChangesRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.PullChangesMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchContents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sharedsync.agent.v1.Replication/FetchContents',
+            replication__agent_dot_proto_dot_agent__pb2.FetchContentsRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.ContentMessage.FromString,
             options,
             channel_credentials,
             insecure,

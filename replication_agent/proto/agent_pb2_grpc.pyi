@@ -55,6 +55,18 @@ class ReplicationStub:
     """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
     The peer applies it atomically (all of it or nothing) and answers with what it now holds.
     """
+    PullChanges: _grpc.UnaryStreamMultiCallable[_agent_pb2.PullChangesRequest, _agent_pb2.PullChangesMessage]
+    """Multi-writer volumes (VolumeSpec.multi_writer): the file versions this peer recorded after
+    `since_seq` in its change log (its own writes and the versions it merged from others),
+    oldest first, one header then metadata only. The caller decides with version vectors what
+    it lacks and fetches only that content with FetchContents, so a version it already holds
+    (one it sent itself) never crosses the wire again.
+    """
+    FetchContents: _grpc.UnaryStreamMultiCallable[_agent_pb2.FetchContentsRequest, _agent_pb2.ContentMessage]
+    """Multi-writer volumes: the current content of some files, each as a ContentHeader followed
+    (when available) by checksummed Frames until `last`; the last frame's stream digest is the
+    BLAKE3 content digest the caller asked for, so what it applies is exactly that version.
+    """
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -76,6 +88,18 @@ class ReplicationAsyncStub(ReplicationStub):
     Push: _aio.StreamUnaryMultiCallable[_agent_pb2.PushMessage, _agent_pb2.PushResult]  # type: ignore[assignment]
     """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
     The peer applies it atomically (all of it or nothing) and answers with what it now holds.
+    """
+    PullChanges: _aio.UnaryStreamMultiCallable[_agent_pb2.PullChangesRequest, _agent_pb2.PullChangesMessage]  # type: ignore[assignment]
+    """Multi-writer volumes (VolumeSpec.multi_writer): the file versions this peer recorded after
+    `since_seq` in its change log (its own writes and the versions it merged from others),
+    oldest first, one header then metadata only. The caller decides with version vectors what
+    it lacks and fetches only that content with FetchContents, so a version it already holds
+    (one it sent itself) never crosses the wire again.
+    """
+    FetchContents: _aio.UnaryStreamMultiCallable[_agent_pb2.FetchContentsRequest, _agent_pb2.ContentMessage]  # type: ignore[assignment]
+    """Multi-writer volumes: the current content of some files, each as a ContentHeader followed
+    (when available) by checksummed Frames until `last`; the last frame's stream digest is the
+    BLAKE3 content digest the caller asked for, so what it applies is exactly that version.
     """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
@@ -119,6 +143,30 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.PushResult, _abc.Awaitable[_agent_pb2.PushResult]]:
         """Ship one snapshot of a volume to this peer: a StreamHeader, then Frames until `last`.
         The peer applies it atomically (all of it or nothing) and answers with what it now holds.
+        """
+
+    @_abc_1.abstractmethod
+    def PullChanges(
+        self,
+        request: _agent_pb2.PullChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.PullChangesMessage], _abc.AsyncIterator[_agent_pb2.PullChangesMessage]]:
+        """Multi-writer volumes (VolumeSpec.multi_writer): the file versions this peer recorded after
+        `since_seq` in its change log (its own writes and the versions it merged from others),
+        oldest first, one header then metadata only. The caller decides with version vectors what
+        it lacks and fetches only that content with FetchContents, so a version it already holds
+        (one it sent itself) never crosses the wire again.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchContents(
+        self,
+        request: _agent_pb2.FetchContentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ContentMessage], _abc.AsyncIterator[_agent_pb2.ContentMessage]]:
+        """Multi-writer volumes: the current content of some files, each as a ContentHeader followed
+        (when available) by checksummed Frames until `last`; the last frame's stream digest is the
+        BLAKE3 content digest the caller asked for, so what it applies is exactly that version.
         """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

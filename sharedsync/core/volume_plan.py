@@ -123,7 +123,8 @@ def spec_fingerprint(parts: Mapping[str, object]) -> str:
 
 
 def _best_candidate(candidates: Sequence[str], reports: Mapping[str, Report],
-                    primary_view: Mapping[str, ReplicaState], synchronous: bool) -> str | None:
+                    primary_view: Mapping[str, ReplicaState], synchronous: bool, *,
+                    layout: Layout, write_quorum: int) -> str | None:
     """The replica to promote: InSync in the primary's last view first, then the newest
     received snapshot, then the name (so every operator replica picks the same one)."""
     # a replica the primary last saw Rebuilding may hold nothing yet: promoting it could
@@ -131,8 +132,13 @@ def _best_candidate(candidates: Sequence[str], reports: Mapping[str, Report],
     usable = [n for n in candidates if n in reports and not reports[n].fenced
               and primary_view.get(n) != ReplicaState.REBUILDING]
     if synchronous and primary_view:
-        # only a replica the primary last saw InSync holds every acknowledged write
-        usable = [n for n in usable if primary_view.get(n) == ReplicaState.IN_SYNC]
+        in_sync = [n for n in usable if primary_view.get(n) == ReplicaState.IN_SYNC]
+        if in_sync:
+            # a replica the primary last saw InSync holds every acknowledged write
+            usable = in_sync
+        else:
+            usable = _holding_every_acknowledged_write(usable, reports, primary_view, layout,
+                                                       write_quorum)
     if not usable:
         return None
 
@@ -140,6 +146,32 @@ def _best_candidate(candidates: Sequence[str], reports: Mapping[str, Report],
         epoch, seq = reports[node].last_received
         return (primary_view.get(node) != ReplicaState.IN_SYNC, -epoch, -seq, node)
     return min(usable, key=rank)
+
+
+def _holding_every_acknowledged_write(usable: Sequence[str], reports: Mapping[str, Report],
+                                      primary_view: Mapping[str, ReplicaState],
+                                      layout: Layout, write_quorum: int) -> list[str]:
+    """Synchronous, no replica seen InSync (the primary died mid-write, its last view showed
+    the others catching up): the candidates that still certainly hold every acknowledged write.
+
+    An acknowledged write is on ``write_quorum`` replicas, the primary included, so on at least
+    ``write_quorum - 1`` of the others, and replicas receive snapshots in order: whichever of
+    them holds the newest snapshot holds every write any of them holds. So when at most
+    ``write_quorum - 2`` of the replicas that may have acknowledged (the primary last saw them
+    InSync or Lagging, not Stale, Failed or Rebuilding) are out of reach, the newest reachable
+    one holds every acknowledged write; otherwise none is certain to, and failover waits.
+    """
+    may_hold = {n for n in layout.replicas if n != layout.primary
+                and primary_view.get(n, ReplicaState.LAGGING) in (ReplicaState.IN_SYNC,
+                                                                   ReplicaState.LAGGING)}
+    out_of_reach = may_hold - set(usable)
+    if len(out_of_reach) > write_quorum - 2:
+        return []
+    reachable = [n for n in usable if n in may_hold]
+    if not reachable:
+        return []
+    newest = max(reports[n].last_received for n in reachable)
+    return [n for n in reachable if reports[n].last_received == newest]
 
 
 def _serving(report: Report | None, layout: Layout) -> bool:
@@ -173,7 +205,9 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
     # -- 1. failover ---------------------------------------------------------------------
     if layout.placed and layout.primary not in alive:
         others = [n for n in layout.replicas if n != layout.primary and n in alive]
-        chosen = _best_candidate(others, reports, primary_view, policy.mode is Mode.SYNCHRONOUS)
+        chosen = _best_candidate(others, reports, primary_view, policy.mode is Mode.SYNCHRONOUS,
+                                 layout=layout,
+                                 write_quorum=min(policy.write_quorum, intent.desired_replicas))
         if chosen is not None:
             epoch = max([layout.epoch, *(r.epoch for r in reports.values())]) + 1
             events.append(Event("Warning", "Failover",

@@ -23,30 +23,24 @@ import base64
 import contextlib
 import ctypes
 import datetime
-import ipaddress
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from localcluster.pki import Pki, write_file
+from localcluster.probe import http_get
 from tests.cluster.netns import GATEWAY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -153,102 +147,6 @@ def free_port() -> int:
         return port
 
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _http_get(url: str, *, ca_file: Path | None = None, token: str | None = None,
-              timeout: float = 5.0) -> tuple[int, str]:
-    """(HTTP status, body) of a GET, or (0, why) when nothing answered."""
-    request = urllib.request.Request(url)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-    if url.startswith("https://"):
-        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    opener = urllib.request.build_opener(*handlers) if len(handlers) > 1 else _NO_PROXY
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return response.status, response.read().decode(errors="replace")
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as error:
-        return 0, str(error)
-
-
-# -- certificates and keys -----------------------------------------------------------------------
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption())
-
-
-def _write(path: Path, data: bytes, mode: int = 0o600) -> Path:
-    path.write_bytes(data)
-    path.chmod(mode)
-    return path
-
-
-@dataclass
-class _Pki:
-    """A throwaway CA, serving certs signed by it, and the service-account signing key."""
-
-    dir: Path
-
-    def __post_init__(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.UTC)
-        self._not_before = now - datetime.timedelta(hours=1)
-        self._not_after = now + datetime.timedelta(days=30)
-        self._ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sharedsync-test-ca")])
-        self._ca_name = name
-        self._ca_cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(self._ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(self._not_before).not_valid_after(self._not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._ca_key.public_key()),
-                           critical=False)
-            .sign(self._ca_key, hashes.SHA256()))
-        self.ca_file = _write(self.dir / "ca.crt",
-                              self._ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        self.ca_key_file = _write(self.dir / "ca.key", _pem_key(self._ca_key))
-        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.sa_key_file = _write(self.dir / "sa.key", _pem_key(sa_key))
-        self.sa_pub_file = _write(self.dir / "sa.pub", sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
-
-    def serving_cert(self, name: str, dns: Sequence[str], ips: Sequence[str]) -> tuple[Path, Path]:
-        """A server certificate for ``dns``/``ips``; returns (cert file, key file)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self._ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._not_before).not_valid_after(self._not_after)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                self._ca_key.public_key()), critical=False)
-            .sign(self._ca_key, hashes.SHA256()))
-        return (_write(self.dir / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM),
-                       0o644),
-                _write(self.dir / f"{name}.key", _pem_key(key)))
-
-
 # -- the control plane ---------------------------------------------------------------------------
 
 
@@ -270,7 +168,7 @@ class ControlPlane:
         self.server = ""
         self._admin_token = secrets.token_hex(24)
         self._processes: list[_Process] = []
-        self._pki: _Pki | None = None
+        self._pki: Pki | None = None
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -283,7 +181,7 @@ class ControlPlane:
                                     "(run scripts/build-tools)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self._pki = _Pki(self.workdir / "pki")
+            self._pki = Pki(self.workdir / "pki")
             self.ca_file = self._pki.ca_file
             etcd_url = self._start_etcd()
             self._start_apiserver(etcd_url)
@@ -353,7 +251,7 @@ class ControlPlane:
                     "--log-level=warn"]
 
         def ready() -> bool:
-            status, body = _http_get(f"http://127.0.0.1:{ports['client']}/health")
+            status, body = http_get(f"http://127.0.0.1:{ports['client']}/health")
             return status == 200 and '"true"' in body
 
         self._launch("etcd", argv, ready, "etcd /health")
@@ -367,7 +265,7 @@ class ControlPlane:
             ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
              "kubernetes.default.svc.cluster.local"],
             [*SERVER_ADDRESSES, SERVICE_IP])
-        tokens = _write(self.workdir / "tokens.csv",
+        tokens = write_file(self.workdir / "tokens.csv",
                         f'{self._admin_token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
                         .encode())
         cert_dir = self.workdir / "apiserver-certs"
@@ -398,7 +296,7 @@ class ControlPlane:
             ]
 
         def ready() -> bool:
-            status, _ = _http_get(f"{self.server}/readyz", ca_file=pki.ca_file,
+            status, _ = http_get(f"{self.server}/readyz", ca_file=pki.ca_file,
                                   token=self._admin_token)
             return status == 200
 
@@ -434,12 +332,12 @@ class ControlPlane:
             ]
 
         def healthy() -> bool:
-            status, _ = _http_get(f"https://127.0.0.1:{port}/healthz", ca_file=pki.ca_file)
+            status, _ = http_get(f"https://127.0.0.1:{port}/healthz", ca_file=pki.ca_file)
             return status == 200
 
         def default_service_account() -> bool:
             # the serviceaccount controller works: namespaces get their default ServiceAccount
-            status, _ = _http_get(
+            status, _ = http_get(
                 f"{self.server}/api/v1/namespaces/default/serviceaccounts/default",
                 ca_file=pki.ca_file, token=self._admin_token)
             return status == 200
@@ -461,7 +359,7 @@ class ControlPlane:
             "current-context": user,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _write(path, yaml.safe_dump(config, sort_keys=False).encode())
+        return write_file(path, yaml.safe_dump(config, sort_keys=False).encode())
 
     # -- using it ----------------------------------------------------------------------------
 

@@ -159,7 +159,8 @@ def test_build_image_installs_exactly_the_package_list() -> None:
 
 def test_build_image_reads_the_list_file_itself(tmp_path: Path) -> None:
     """A copy of the script in a tree whose list names one more package plans to install it."""
-    for rel in ("scripts/build-image", "Dockerfile", "sharedsync/__init__.py"):
+    for rel in ("scripts/build-image", "scripts/oci_image.py", "Dockerfile",
+                "sharedsync/__init__.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, tmp_path / rel)
     (tmp_path / "packaging").mkdir()

@@ -269,7 +269,10 @@ def test_synchronous_failover_takes_only_a_replica_that_was_in_sync() -> None:
     p = plan(intent(SYNC), ABC, nodes, reports, down, {"b": LAGGING, "c": IN_SYNC})
     assert (p.layout.primary, p.layout.epoch) == ("c", 4)
 
-    blocked = plan(intent(SYNC), ABC, nodes, reports, down, {"b": LAGGING, "c": REBUILDING})
+    # c died too: an acknowledged write may be on c alone (b was catching up), so b may lack it
+    two_dead = cluster("a", "b", "c", dead=["a", "c"])
+    blocked = plan(intent(SYNC), ABC, two_dead, {"b": reports["b"]}, {"a": 5.0, "c": 5.0},
+                   {"b": LAGGING, "c": LAGGING})
     assert blocked.layout == ABC
     assert not any(a.kind is PROMOTE for a in blocked.actions)
     assert reasons(blocked) == ["FailoverBlocked"]
@@ -278,6 +281,24 @@ def test_synchronous_failover_takes_only_a_replica_that_was_in_sync() -> None:
     # without any view of the old primary there is nothing to refuse by: the newest wins
     unknown = plan(intent(SYNC), ABC, nodes, reports, down, {})
     assert unknown.layout.primary == "b"
+
+
+def test_synchronous_failover_by_quorum_when_no_replica_was_seen_in_sync() -> None:
+    """The primary died mid-write, its last view showing the others catching up. Every
+    acknowledged write is on writeQuorum (2) replicas, the primary included: with every
+    replica that may have acknowledged within reach, the newest one holds them all."""
+    reports = {"b": Report(node="b", role="replica", epoch=3, primary="a", last_received=(3, 9)),
+               "c": Report(node="c", role="replica", epoch=3, primary="a", last_received=(3, 8))}
+    nodes, down = cluster("a", "b", "c", dead=["a"]), {"a": 5.0}
+    both = plan(intent(SYNC), ABC, nodes, reports, down, {"b": LAGGING, "c": LAGGING})
+    assert (both.layout.primary, both.layout.epoch) == ("b", 4)
+    # a replica seen Rebuilding cannot have acknowledged: the one catching up holds every write
+    one = plan(intent(SYNC), ABC, nodes, reports, down, {"b": LAGGING, "c": REBUILDING})
+    assert one.layout.primary == "b"
+    # and a Rebuilding one is never promoted, even the only one left
+    alone = plan(intent(SYNC), ABC, nodes, reports, down, {"b": REBUILDING, "c": REBUILDING})
+    assert alone.layout == ABC
+    assert reasons(alone) == ["FailoverBlocked"]
 
 
 @pytest.mark.parametrize("reports", [
@@ -430,13 +451,16 @@ def test_replaced_replica_that_returns_is_removed() -> None:
 
 
 def test_stale_primary_is_never_replaced() -> None:
-    # a Synchronous volume whose primary is gone for good and no replica was in sync: the
-    # primary stays (it holds the only complete copy) and only its replicas move
-    reports = settled(ABC, 2, nodes=["b", "c"])
-    nodes = cluster("a", "b", "c", "d", dead=["a"])
-    p = plan(intent(SYNC), ABC, nodes, reports, {"a": 10_000.0}, {"b": LAGGING, "c": LAGGING})
-    assert p.layout == ABC
-    assert reasons(p) == ["FailoverBlocked"]
+    # a Synchronous volume whose primary is gone for good, no replica was in sync and a
+    # replica that may hold the last acknowledged writes is gone too: the primary stays (it
+    # holds the only complete copy known) and only its replicas move
+    reports = settled(ABC, 2, nodes=["b"])
+    nodes = cluster("a", "b", "c", "d", dead=["a", "c"])
+    p = plan(intent(SYNC), ABC, nodes, reports, {"a": 10_000.0, "c": 10_000.0},
+             {"b": LAGGING, "c": LAGGING})
+    assert p.layout.primary == "a"
+    assert p.layout.epoch == ABC.epoch
+    assert "FailoverBlocked" in reasons(p)
 
 
 # -- fewer or more replicas ------------------------------------------------------------------------

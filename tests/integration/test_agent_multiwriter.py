@@ -1,0 +1,261 @@
+"""Multi-writer (ReadWriteMany) volumes: three real agents, every replica writable.
+
+The agents run in three network namespaces and talk mutual TLS through fault proxies, as in
+test_agent_replication.py. Files are written straight into each node's live directory (what a
+pod's bind mount writes to) and compared, content and metadata, across the nodes; conflicts are
+made for real by cutting a node off, writing the same file on both sides and healing. Waits are
+bounded, and what is checked is which data ended where, never how fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import grpc
+import pytest
+
+from replication_agent.audit import read_records
+from replication_agent.proto import agent_pb2 as pb
+from sharedsync.core.file_merge import TEMP_PREFIX
+from sharedsync.core.version_vectors import conflict_name
+from tests.cluster.netns import netns_unavailable
+from tests.integration.agent_harness import AgentCluster, volume_spec, wait_until
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
+
+VOLUME = "vol-" + "4d" * 12
+PLAIN = "vol-" + "4e" * 12
+NODES = ["a", "b", "c"]
+
+
+@pytest.fixture
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = AgentCluster(Path(tmp_path_factory.mktemp("multiwriter")))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+def mw_spec(*, resolution: pb.ConflictResolution.ValueType = pb.LAST_WRITER_WINS,
+            max_lag: float = 1.0, bandwidth: int = 0, paused: bool = False,
+            primary: str = "a") -> pb.VolumeSpec:
+    spec = volume_spec(VOLUME, NODES, primary, mode=pb.ASYNCHRONOUS, max_lag=max_lag,
+                       bandwidth=bandwidth)
+    spec.multi_writer = True
+    spec.policy.conflict_resolution = resolution
+    spec.policy.paused = paused
+    return spec
+
+
+def live(cluster: AgentCluster, node: str) -> Path:
+    return cluster.agents[node].live(VOLUME)
+
+
+def write(path: Path, data: bytes, *, mtime_s: float | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    if mtime_s is not None:
+        os.utime(path, (mtime_s, mtime_s))
+
+
+def files(root: Path) -> dict[str, tuple[str, int]]:
+    """Relative path -> (content sha256 or symlink target, permission bits) of every file and
+    symlink; our own temporary files must never be visible here."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            rel = str(path.relative_to(root))
+            assert not name.startswith(TEMP_PREFIX), f"temporary file left: {rel}"
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = ("link:" + os.readlink(path), 0)
+            else:
+                found[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                              stat.S_IMODE(st.st_mode))
+    return found
+
+
+def same_everywhere(cluster: AgentCluster, nodes: list[str] = NODES) -> bool:
+    trees = [files(live(cluster, n)) for n in nodes]
+    return all(tree == trees[0] for tree in trees[1:])
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def conflict_records(cluster: AgentCluster, node: str) -> list[dict[str, str]]:
+    return [{k: str(v) for k, v in r.detail_map.items()}
+            for r in read_records([p for p in cluster.audit_files(node) if p.exists()])
+            if r.kind == "conflict" and r.volume == VOLUME]
+
+
+def test_writes_and_deletes_on_every_node_reach_every_node(cluster: AgentCluster) -> None:
+    cluster.apply(mw_spec())
+    rng = random.Random(1)
+    expected: dict[str, bytes] = {}
+    for node in NODES:
+        for i in range(5):
+            rel = f"{node}/dir-{i % 2}/file-{i}.bin"
+            expected[rel] = rng.randbytes(rng.randint(0, 300_000))
+            write(live(cluster, node) / rel, expected[rel])
+    (live(cluster, "a") / "shared-link").symlink_to("a/dir-0/file-0.bin")
+    os.chmod(live(cluster, "c") / "c/dir-1/file-1.bin", 0o600)
+    wait_until(lambda: same_everywhere(cluster) and len(files(live(cluster, "b"))) == 16,
+               timeout=120, what="every node's files on every node")
+    tree = files(live(cluster, "c"))
+    assert {rel: digest for rel, (digest, _) in tree.items() if rel != "shared-link"} == \
+        {rel: sha(data) for rel, data in expected.items()}
+    assert tree["shared-link"] == ("link:a/dir-0/file-0.bin", 0)
+    assert tree["c/dir-1/file-1.bin"][1] == 0o600
+    # deletions and overwrites travel too, from any node
+    (live(cluster, "b") / "a/dir-0/file-0.bin").unlink()
+    write(live(cluster, "c") / "b/dir-1/file-1.bin", b"rewritten on c")
+    wait_until(lambda: same_everywhere(cluster)
+               and "a/dir-0/file-0.bin" not in files(live(cluster, "a"))
+               and files(live(cluster, "a")).get("b/dir-1/file-1.bin", ("",))[0]
+               == sha(b"rewritten on c"), timeout=120, what="the delete and the overwrite")
+    status = cluster.agents["b"].volume(VOLUME)
+    assert status.multi_writer
+    assert status.role == "replica"
+    assert status.conflicts == 0
+    assert cluster.agents["a"].volume(VOLUME).role == "primary"
+
+
+def test_attach_serves_every_replica_of_a_multi_writer_volume_only(
+        cluster: AgentCluster) -> None:
+    cluster.apply(mw_spec())
+    attached = cluster.agents["b"].call("Attach", pb.AttachRequest(volume_id=VOLUME))
+    assert Path(attached.path) == live(cluster, "b")
+    write(Path(attached.path) / "from-b", b"written through b's attachment")
+    wait_until(lambda: (live(cluster, "a") / "from-b").exists(), timeout=60,
+               what="b's write on a")
+    assert (live(cluster, "a") / "from-b").read_bytes() == b"written through b's attachment"
+    cluster.agents["b"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+    # a volume that is not multi-writer is still served by its primary only
+    cluster.apply(volume_spec(PLAIN, NODES, "a", mode=pb.ASYNCHRONOUS))
+    with pytest.raises(grpc.RpcError) as refused:
+        cluster.agents["b"].call("Attach", pb.AttachRequest(volume_id=PLAIN))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # and a block volume cannot be multi-writer
+    block = volume_spec("vol-" + "4f" * 12, NODES, "a")
+    block.kind = "block"
+    block.multi_writer = True
+    with pytest.raises(grpc.RpcError) as invalid:
+        cluster.agents["a"].call("ApplyVolume", pb.ApplyVolumeRequest(spec=block))
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "filesystem" in (invalid.value.details() or "")
+    # a multi-writer volume refuses snapshot streams (they would overwrite local writes)
+    with pytest.raises(grpc.RpcError) as flipped:
+        cluster.agents["a"].call("ApplyVolume", pb.ApplyVolumeRequest(
+            spec=volume_spec(VOLUME, NODES, "a", mode=pb.ASYNCHRONOUS)))
+    assert flipped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _concurrent_writes(cluster: AgentCluster) -> tuple[bytes, bytes]:
+    """The same file written on a (cut off) and on b; returns (a's, b's) content. b's write
+    carries the later mtime, so it is the last writer."""
+    write(live(cluster, "a") / "doc.txt", b"first version, everywhere")
+    wait_until(lambda: same_everywhere(cluster) and "doc.txt" in files(live(cluster, "c")),
+               timeout=60, what="the first version everywhere")
+    cluster.partition("a")
+    ours, theirs = b"written on a while cut off", b"written on b meanwhile"
+    write(live(cluster, "a") / "doc.txt", ours, mtime_s=2_000_000_000)
+    write(live(cluster, "b") / "doc.txt", theirs, mtime_s=2_000_000_100)
+    wait_until(lambda: files(live(cluster, "c")).get("doc.txt", ("",))[0] == sha(theirs),
+               timeout=60, what="b's version on c")
+    cluster.heal("a")
+    return ours, theirs
+
+
+def test_concurrent_writes_last_writer_wins(cluster: AgentCluster) -> None:
+    import urllib.request
+
+    cluster.apply(mw_spec(resolution=pb.LAST_WRITER_WINS))
+    ours, theirs = _concurrent_writes(cluster)
+    wait_until(lambda: same_everywhere(cluster)
+               and files(live(cluster, "a")).get("doc.txt", ("",))[0] == sha(theirs)
+               and all(cluster.agents[n].volume(VOLUME).conflicts == 1 for n in NODES),
+               timeout=120, what="one version everywhere, the conflict known everywhere")
+    assert set(files(live(cluster, "a"))) == {"doc.txt"}  # the loser is gone, not copied
+    records = [r for n in NODES for r in conflict_records(cluster, n)]
+    assert records, "the conflict was not audited"
+    for record in records:
+        assert record["resolution"] == "LastWriterWins"
+        assert record["winner_digest"] == blake3.blake3(theirs).hexdigest()
+        assert record["loser_digest"] == blake3.blake3(ours).hexdigest()
+        assert record["winner_node"] == "b"
+        assert record["loser_node"] == "a"
+    assert any(r["action"] == "resolved" for r in records)
+    with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:
+        text = response.read().decode()
+    assert f'sharedsync_conflicts_total{{volume="{VOLUME}"}} 1.0' in text
+
+
+def test_concurrent_writes_keep_both(cluster: AgentCluster) -> None:
+    cluster.apply(mw_spec(resolution=pb.KEEP_BOTH))
+    ours, theirs = _concurrent_writes(cluster)
+    kept = conflict_name("doc.txt", "a", blake3.blake3(ours).hexdigest())
+    wait_until(lambda: same_everywhere(cluster) and kept in files(live(cluster, "b")),
+               timeout=120, what="both versions everywhere")
+    for node in NODES:
+        tree = files(live(cluster, node))
+        assert set(tree) == {"doc.txt", kept}
+        assert tree["doc.txt"][0] == sha(theirs)
+        assert tree[kept][0] == sha(ours)
+    wait_until(lambda: all(cluster.agents[n].volume(VOLUME).conflicts == 1 for n in NODES),
+               timeout=60, what="the conflict counted once on every node")
+    records = [r for n in NODES for r in conflict_records(cluster, n)]
+    assert records
+    assert all(r["kept_as"] == kept and r["resolution"] == "KeepBoth" for r in records)
+
+
+def test_sync_now_scans_and_pulls_at_once(cluster: AgentCluster) -> None:
+    # paused: nothing moves unless asked, so only SyncNow can have brought the file
+    cluster.apply(mw_spec(paused=True))
+    write(live(cluster, "a") / "asked-for", b"moved by sync-now")
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME))  # a records it
+    cluster.agents["b"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME))  # b pulls it
+    assert (live(cluster, "b") / "asked-for").read_bytes() == b"moved by sync-now"
+
+
+def test_killed_agent_restarts_and_converges_with_nothing_lost(cluster: AgentCluster) -> None:
+    # a bandwidth cap on the serving side, so that b can be killed in the middle of a pull
+    cluster.apply(mw_spec(bandwidth=2 << 20))
+    rng = random.Random(7)
+    expected: dict[str, bytes] = {}
+    for i in range(24):
+        expected[f"bulk/a-{i:02d}"] = rng.randbytes(512 << 10)
+    for rel, data in expected.items():
+        write(live(cluster, "a") / rel, data)
+    for i in range(10):
+        expected[f"small/b-{i}"] = rng.randbytes(4096)
+        write(live(cluster, "b") / f"small/b-{i}", expected[f"small/b-{i}"])
+    wait_until(lambda: cluster.agents["b"].volume(VOLUME).bytes_received > (2 << 20),
+               timeout=120, what="b pulling a's files")
+    cluster.agents["b"].kill()
+    # written while b is down, on both sides of it
+    expected["after/a"] = b"a, while b was down"
+    write(live(cluster, "a") / "after/a", expected["after/a"])
+    expected["after/b"] = b"b's disk, while its agent was down"
+    write(live(cluster, "b") / "after/b", expected["after/b"])
+    cluster.agents["b"].start()
+    want = {rel: sha(data) for rel, data in expected.items()}
+    wait_until(lambda: same_everywhere(cluster)
+               and {rel: d for rel, (d, _) in files(live(cluster, "c")).items()} == want,
+               timeout=240, what="every file on every node after the restart")
+    assert cluster.agents["b"].volume(VOLUME).conflicts == 0

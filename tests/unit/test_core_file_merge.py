@@ -1,0 +1,389 @@
+"""sharedsync.core.file_merge: scan planning and version-vector merging of multi-writer volumes.
+
+Besides the table tests, a small simulation drives several nodes through random local writes,
+deletions and pulls (the same loop the agent runs, with a dictionary for a disk): whatever the
+interleaving, every node ends with the same files, and no written version disappears unless a
+node overwrote or deleted it knowingly or a conflict note reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharedsync.core.errors import InvalidArgument
+from sharedsync.core.file_merge import (
+    MAX_INTERVAL_SECONDS,
+    MIN_INTERVAL_SECONDS,
+    RACY_NS,
+    TEMP_PREFIX,
+    TOMBSTONE,
+    ConflictNote,
+    Hashed,
+    Record,
+    StatKey,
+    Write,
+    check_path,
+    exchange_interval,
+    is_conflict_copy,
+    needs_hash,
+    plan_merge,
+    plan_scan,
+)
+from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
+
+REG = 0o100644
+SEC = 1_000_000_000
+
+
+def vv(**counters: int) -> VersionVector:
+    return VersionVector.of(counters)
+
+
+def rec(path: str = "f", vector: VersionVector | None = None, digest: str = "d1",
+        mtime_ns: int = 10 * SEC, writer: str = "a", size: int = 1, mode: int = REG,
+        stat: StatKey | None = None, hashed_at_ns: int = 0) -> Record:
+    return Record(path=path, vector=vector or vv(a=1), digest=digest, size=size, mode=mode,
+                  mtime_ns=mtime_ns, writer=writer, stat=stat, hashed_at_ns=hashed_at_ns)
+
+
+# -- interval, paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "max_lag", "expected"), [
+    ("Asynchronous", 1.0, 0.25), ("Asynchronous", 0.1, MIN_INTERVAL_SECONDS),
+    ("Asynchronous", 600.0, MAX_INTERVAL_SECONDS), ("Asynchronous", 0.0, 1.25),
+    ("Synchronous", 0.1, 1.0), ("Scheduled", 100.0, 1.0),
+])
+def test_exchange_interval_table(mode: str, max_lag: float, expected: float) -> None:
+    assert exchange_interval(mode, max_lag) == pytest.approx(expected)
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_async_interval_is_always_within_bounds(max_lag: float) -> None:
+    assert MIN_INTERVAL_SECONDS <= exchange_interval("Asynchronous", max_lag) \
+        <= MAX_INTERVAL_SECONDS
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(InvalidArgument):
+        exchange_interval("Sometimes", 1.0)
+
+
+@pytest.mark.parametrize("path", ["a", "dir/a.txt", "a/b/c", ".hidden", "x..y"])
+def test_safe_paths_pass(path: str) -> None:
+    assert check_path(path) == path
+
+
+@pytest.mark.parametrize("path", ["", "/abs", "a/../b", "..", "a//b", "a/./b", "a/", "a\0b",
+                                  f"dir/{TEMP_PREFIX}123", "x" * 256, "a/" * 3000 + "b"])
+def test_unsafe_paths_are_refused(path: str) -> None:
+    with pytest.raises(InvalidArgument):
+        check_path(path)
+
+
+# -- scanning ---------------------------------------------------------------------------------
+
+
+def test_needs_hash_for_new_changed_and_racy_files() -> None:
+    key = StatKey(size=1, mtime_ns=10 * SEC, inode=5, mode=REG)
+    settled = rec(stat=key, hashed_at_ns=10 * SEC + RACY_NS + 1)
+    assert needs_hash(None, key)
+    assert not needs_hash(settled, key)
+    assert needs_hash(settled, replace(key, size=2))
+    assert needs_hash(settled, replace(key, inode=6))
+    assert needs_hash(replace(settled, hashed_at_ns=10 * SEC + 1), key)  # hashed too soon
+    assert needs_hash(replace(settled, digest=TOMBSTONE), key)
+
+
+def test_scan_bumps_changed_files_and_tombstones_vanished_ones() -> None:
+    key = StatKey(size=1, mtime_ns=10 * SEC, inode=5, mode=REG)
+    records = {"same": rec("same", stat=key), "edited": rec("edited", vector=vv(b=2), stat=key),
+               "gone": rec("gone", vector=vv(a=1, b=1), stat=key),
+               "dead": rec("dead", digest=TOMBSTONE)}
+    observed = {"same": key, "edited": replace(key, size=2), "new": key}
+    hashed = {"same": Hashed(key, "d1"), "edited": Hashed(replace(key, size=2), "d2"),
+              "new": Hashed(key, "d3")}
+    result = plan_scan(records, observed, hashed, node="a", now_ns=99 * SEC, next_seq=7)
+    by_path = {r.path: r for r in result.changed}
+    assert [r.seq for r in result.changed] == [7, 8, 9]
+    assert result.next_seq == 10
+    assert by_path["edited"].vector == vv(a=1, b=2)
+    assert by_path["edited"].digest == "d2"
+    assert by_path["new"].vector == vv(a=1)
+    assert by_path["gone"].deleted
+    assert by_path["gone"].vector == vv(a=2, b=1)
+    assert by_path["gone"].mtime_ns == 99 * SEC
+    assert [r.path for r in result.refreshed] == ["same"]
+    assert result.refreshed[0].hashed_at_ns == 99 * SEC
+
+
+def test_scan_adopts_an_interrupted_apply_instead_of_bumping() -> None:
+    key = StatKey(size=1, mtime_ns=10 * SEC, inode=9, mode=REG)
+    records = {"f": rec("f", vector=vv(a=1), digest="old", stat=replace(key, inode=1)),
+               "g": rec("g", vector=vv(a=1), stat=key)}
+    pending = {"f": rec("f", vector=vv(a=1, b=3), digest="new", writer="b"),
+               "g": rec("g", vector=vv(a=1, b=1), digest=TOMBSTONE, writer="b", mode=0)}
+    result = plan_scan(records, {"f": key}, {"f": Hashed(key, "new")}, node="a",
+                       now_ns=50 * SEC, next_seq=1, pending=pending)
+    by_path = {r.path: r for r in result.changed}
+    assert by_path["f"].vector == vv(a=1, b=3)  # the peer's version, not a local write
+    assert by_path["f"].writer == "b"
+    assert by_path["f"].stat == key
+    assert by_path["g"].vector == vv(a=1, b=1)
+    assert by_path["g"].deleted
+
+
+# -- merging ------------------------------------------------------------------------------------
+
+
+LWW = ConflictPolicy.LAST_WRITER_WINS
+KEEP = ConflictPolicy.KEEP_BOTH
+
+
+def test_remote_dominates_is_applied() -> None:
+    local = rec(vector=vv(a=1), digest="d1", stat=StatKey(1, 1, 1, REG))
+    remote = rec(vector=vv(a=1, b=1), digest="d2", writer="b")
+    plan = plan_merge({"f": local}, remote, LWW)
+    (step,) = plan.steps
+    assert step.write is Write.CONTENT
+    assert step.record.vector == vv(a=1, b=1)
+    assert step.expect == local
+    assert step.source is not None
+    assert not step.source.local
+    assert not plan.resolved
+
+
+@pytest.mark.parametrize("remote_vector", [vv(a=1), vv()])
+def test_local_dominates_or_equal_is_skipped(remote_vector: VersionVector) -> None:
+    local = rec(vector=vv(a=1, b=1), digest="d1")
+    remote = rec(vector=remote_vector or vv(a=1), digest="d1")
+    assert plan_merge({"f": local}, remote, LWW).skip
+
+
+def test_same_content_from_another_writer_only_merges_the_vector() -> None:
+    local = rec(vector=vv(a=1), digest="d1", mtime_ns=5)
+    remote = rec(vector=vv(b=1), digest="d1", writer="b", mtime_ns=5)
+    plan = plan_merge({"f": local}, remote, LWW)
+    (step,) = plan.steps
+    assert step.write in (Write.NONE, Write.METADATA)
+    assert step.record.vector == vv(a=1, b=1)
+    assert not plan.resolved
+
+
+def test_tombstone_from_a_peer_deletes() -> None:
+    local = rec(vector=vv(a=1))
+    remote = rec(vector=vv(a=1, b=1), digest=TOMBSTONE, writer="b", size=0, mode=0)
+    (step,) = plan_merge({"f": local}, remote, LWW).steps
+    assert step.write is Write.DELETE
+    assert step.record.deleted
+
+
+def test_lww_conflict_keeps_the_later_write_and_reports_the_loser() -> None:
+    local = rec(vector=vv(a=1), digest="aaaa", mtime_ns=10 * SEC, writer="a")
+    remote = rec(vector=vv(b=1), digest="bbbb", mtime_ns=20 * SEC, writer="b")
+    plan = plan_merge({"f": local}, remote, LWW)
+    (step,) = plan.steps
+    assert step.write is Write.CONTENT
+    assert step.record.digest == "bbbb"
+    assert step.record.vector == vv(a=1, b=1)
+    (note,) = plan.resolved
+    assert (note.winner_digest, note.loser_digest, note.kept_as) == ("bbbb", "aaaa", "")
+    assert step.record.conflict == note
+    # the node that wrote the other side decides the same, with the same note
+    mirror = plan_merge({"f": remote}, local, LWW)
+    (mirror_step,) = mirror.steps
+    assert mirror_step.write is Write.NONE
+    assert mirror_step.record.vector == vv(a=1, b=1)
+    assert mirror.resolved == plan.resolved
+
+
+def test_keep_both_saves_the_local_loser_before_overwriting() -> None:
+    local = rec(vector=vv(a=1), digest="aaaa", mtime_ns=10 * SEC, writer="a")
+    remote = rec(vector=vv(b=1), digest="bbbb", mtime_ns=20 * SEC, writer="b")
+    plan = plan_merge({"f": local}, remote, KEEP)
+    copy, main = plan.steps
+    assert is_conflict_copy(copy.path)
+    assert copy.write is Write.CONTENT
+    assert copy.source is not None
+    assert copy.source.local
+    assert copy.source.path == "f"
+    assert copy.record.digest == "aaaa"
+    assert main.path == "f"
+    assert main.record.digest == "bbbb"
+    assert plan.resolved[0].kept_as == copy.path
+
+
+def test_keep_both_fetches_a_remote_loser() -> None:
+    local = rec(vector=vv(a=1), digest="aaaa", mtime_ns=30 * SEC, writer="a")
+    remote = rec(vector=vv(b=1), digest="bbbb", mtime_ns=20 * SEC, writer="b")
+    copy, main = plan_merge({"f": local}, remote, KEEP).steps
+    assert copy.record.digest == "bbbb"
+    assert copy.source is not None
+    assert not copy.source.local
+    assert copy.source.path == "f"
+    assert main.write is Write.NONE
+    assert main.record.digest == "aaaa"
+
+
+def test_keep_both_with_a_deletion_losing_keeps_nothing_extra() -> None:
+    local = rec(vector=vv(a=2), digest=TOMBSTONE, mtime_ns=10 * SEC, size=0, mode=0)
+    remote = rec(vector=vv(a=1, b=1), digest="bbbb", mtime_ns=20 * SEC, writer="b")
+    plan = plan_merge({"f": local}, remote, KEEP)
+    (step,) = plan.steps
+    assert step.write is Write.CONTENT
+    assert plan.resolved[0].kept_as == ""
+    assert plan.resolved[0].loser_digest == ""
+
+
+def test_a_taken_version_carries_its_conflict_note_to_be_learned() -> None:
+    note = ConflictNote(id="n1", path="f", resolution="LastWriterWins", winner_node="b",
+                        winner_digest="bbbb", loser_node="a", loser_digest="aaaa")
+    remote = replace(rec(vector=vv(a=1, b=1), digest="bbbb", writer="b"), conflict=note)
+    plan = plan_merge({}, remote, LWW)
+    assert plan.learned == (note,)
+    assert plan.steps[0].record.conflict == note
+
+
+def test_an_unsafe_remote_path_is_refused() -> None:
+    with pytest.raises(InvalidArgument):
+        plan_merge({}, rec(path="../etc/passwd"), LWW)
+
+
+# -- simulation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    name: str
+    disk: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # digest, mode, mtime
+    inodes: dict[str, int] = field(default_factory=dict)
+    records: dict[str, Record] = field(default_factory=dict)
+    next_seq: int = 1
+    cursors: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, ConflictNote] = field(default_factory=dict)
+
+
+class World:
+    def __init__(self, names: list[str], policy: ConflictPolicy) -> None:
+        self.nodes = {n: Node(n) for n in names}
+        self.policy = policy
+        self.clock = 100 * SEC
+        self.inode = 0
+        self.written: set[str] = set()
+        self.superseded: set[str] = set()
+
+    def tick(self) -> int:
+        self.clock += 3 * SEC
+        return self.clock
+
+    def stat(self, node: Node, path: str) -> StatKey:
+        digest, mode, mtime = node.disk[path]
+        return StatKey(size=len(digest), mtime_ns=mtime, inode=node.inodes[path], mode=mode)
+
+    def put(self, node: Node, path: str, digest: str, mode: int, mtime: int) -> None:
+        self.inode += 1
+        node.disk[path] = (digest, mode, mtime)
+        node.inodes[path] = self.inode
+
+    def write(self, name: str, path: str, digest: str) -> None:
+        node = self.nodes[name]
+        self.scan(node)  # what was there is known before it is overwritten
+        if path in node.disk:
+            self.superseded.add(node.disk[path][0])
+        self.put(node, path, digest, REG, self.tick())
+        self.written.add(digest)
+
+    def delete(self, name: str, path: str) -> None:
+        node = self.nodes[name]
+        self.scan(node)
+        if path in node.disk:
+            self.superseded.add(node.disk.pop(path)[0])
+
+    def scan(self, node: Node) -> None:
+        observed = {p: self.stat(node, p) for p in node.disk}
+        hashed = {p: Hashed(k, node.disk[p][0]) for p, k in observed.items()
+                  if needs_hash(node.records.get(p), k)}
+        result = plan_scan(node.records, observed, hashed, node=node.name, now_ns=self.tick(),
+                           next_seq=node.next_seq)
+        for r in (*result.changed, *result.refreshed):
+            node.records[r.path] = r
+        node.next_seq = result.next_seq
+
+    def pull(self, dst_name: str, src_name: str) -> int:
+        """One pull round; returns how many records changed at dst."""
+        dst, src = self.nodes[dst_name], self.nodes[src_name]
+        self.scan(dst)
+        self.scan(src)
+        cursor = dst.cursors.get(src_name, 0)
+        changes = sorted((r for r in src.records.values() if r.seq > cursor),
+                         key=lambda r: r.seq)
+        changed = 0
+        for remote in changes:
+            before = dict(dst.disk)
+            plan = plan_merge(dst.records, remote.traveling(), self.policy)
+            for note in (*plan.resolved, *plan.learned):
+                dst.notes.setdefault(note.id, note)
+            for step in plan.steps:
+                record = step.record
+                assert dst.records.get(step.path) == step.expect
+                if step.write is Write.CONTENT:
+                    assert step.source is not None
+                    origin = before if step.source.local else src.disk
+                    assert origin[step.source.path][0] == record.digest
+                    self.put(dst, step.path, record.digest, record.mode, record.mtime_ns)
+                elif step.write is Write.METADATA:
+                    self.put(dst, step.path, record.digest, record.mode, record.mtime_ns)
+                elif step.write is Write.DELETE:
+                    dst.disk.pop(step.path, None)
+                stat = self.stat(dst, step.path) if not record.deleted else None
+                dst.records[step.path] = replace(record, seq=dst.next_seq, stat=stat,
+                                                 hashed_at_ns=self.tick())
+                dst.next_seq += 1
+                changed += 1
+            dst.cursors[src_name] = remote.seq
+        return changed
+
+    def settle(self) -> None:
+        names = sorted(self.nodes)
+        for _ in range(12):
+            if sum(self.pull(d, s) for d in names for s in names if d != s) == 0:
+                return
+        raise AssertionError("the replicas did not settle")
+
+
+ops = st.lists(st.tuples(
+    st.sampled_from(["write", "write", "delete", "pull"]), st.sampled_from(["a", "b", "c"]),
+    st.sampled_from(["a", "b", "c"]), st.sampled_from(["x", "y", "d/z"])), max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, policy=st.sampled_from(list(ConflictPolicy)))
+def test_replicas_converge_and_lose_nothing_silently(
+        ops: list[tuple[str, str, str, str]], policy: ConflictPolicy) -> None:
+    world = World(["a", "b", "c"], policy)
+    for number, (op, node, other, path) in enumerate(ops):
+        if op == "write":
+            world.write(node, path, f"{node}{number:03d}")
+        elif op == "delete":
+            world.delete(node, path)
+        elif node != other:
+            world.pull(node, other)
+    world.settle()
+    disks = [n.disk for n in world.nodes.values()]
+    contents = [{p: (d, m) for p, (d, m, _) in disk.items()} for disk in disks]
+    assert contents[0] == contents[1] == contents[2]
+    versions = [{p: (r.vector, r.digest) for p, r in n.records.items()}
+                for n in world.nodes.values()]
+    assert versions[0] == versions[1] == versions[2]
+    present = {d for d, _, _ in disks[0].values()}
+    notes = [note for n in world.nodes.values() for note in n.notes.values()]
+    reported = {note.loser_digest for note in notes if not note.kept_as}
+    for digest in world.written:
+        assert digest in present or digest in world.superseded or digest in reported, \
+            f"{digest} vanished without a trace"
+    if policy is ConflictPolicy.KEEP_BOTH:
+        assert all(note.kept_as or not note.loser_digest for note in notes)

@@ -1,0 +1,30 @@
+"""What the operator tells the agents about a volume: the multi-writer switch."""
+
+from __future__ import annotations
+
+from sharedsync_operator.volumes import multi_writer, volume_spec
+
+from sharedsync.core.policy import policy_from_spec
+from sharedsync.core.volume_plan import Layout
+
+
+def test_read_write_many_filesystem_volumes_are_multi_writer() -> None:
+    assert multi_writer({"accessModes": ["ReadWriteMany"]})
+    assert multi_writer({"accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                         "volumeMode": "Filesystem"})
+    assert not multi_writer({"accessModes": ["ReadWriteMany"], "volumeMode": "Block"})
+    assert not multi_writer({"accessModes": ["ReadWriteOnce"]})
+    assert not multi_writer({"accessModes": ["ReadOnlyMany"]})
+    assert not multi_writer({})
+
+
+def test_the_switch_reaches_the_spec_and_its_revision() -> None:
+    policy = policy_from_spec({"mode": "Asynchronous", "replicas": 2})
+    layout = Layout(replicas=("a", "b"), primary="a", epoch=1)
+    single = volume_spec("vol-1", 1 << 30, "filesystem", policy, layout, 1, {})
+    many = volume_spec("vol-1", 1 << 30, "filesystem", policy, layout, 1, {},
+                       many_writers=True)
+    assert not single.multi_writer
+    assert many.multi_writer
+    # agents echo the revision: a changed switch must reach them as a new spec
+    assert single.revision != many.revision
