@@ -375,9 +375,13 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
         engine = self.engine(request.volume_id)
         if engine.multiwriter is None and (engine.role is not Role.PRIMARY or engine.fenced):
+            # a pod here wants it: status says so, and the operator moves the primary here
+            # (switchover) once that is safe; kubelet's next retry then succeeds
+            engine.want_attach()
             raise FailedPrecondition(
                 f"volume {request.volume_id} is served by {engine.primary}, not {self.node} "
-                "(only multi-writer volumes are served by every replica)")
+                "(only multi-writer volumes are served by every replica); the operator moves "
+                "it here once that is safe")
         return pb.AttachResponse(path=str(await engine.attach()))
 
     async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:

@@ -99,6 +99,9 @@ THROTTLE_MAX_WAIT_SECONDS = 30.0
 COMMIT_TIMEOUT_SECONDS = 30.0
 #: Sync latencies kept for the P50/P90/P99 in status.
 LATENCY_WINDOW = 1024
+#: How long an Attach refused here (another node is primary) keeps ``attach_wanted`` up:
+#: longer than kubelet's longest backoff between mount retries (about 2 minutes).
+ATTACH_WANTED_SECONDS = 180.0
 #: Consecutive non-network push failures after which a replica is Failed (and rebuilt).
 ERRORS_BEFORE_FAILED = 5
 #: Complete snapshots a replica keeps (the newest is the next parent; one more covers a lost ack).
@@ -381,6 +384,10 @@ class VolumeEngine:
         self.bytes_received = 0
         self.last_received_ns = 0
         self.conflicts = 0
+        #: Attach succeeded and no Detach since: pods here use the volume.
+        self.attached = False
+        #: When a pod here last asked for the volume while another node served it.
+        self.attach_wanted_at: float | None = None
         self.last_clean_check = time.time()
         self._cycle_lock = asyncio.Lock()
         self._receive_lock = asyncio.Lock()
@@ -786,6 +793,7 @@ class VolumeEngine:
         node that holds one (a bind mount, native speed): there is no quorum to wait for, and
         the merge loop finds changes by scanning.
         """
+        self.attached, self.attach_wanted_at = True, None
         if self.spec.multi_writer:
             return self.lineage.live
         if self.spec.kind == "block":
@@ -800,7 +808,17 @@ class VolumeEngine:
             self.audit(AuditKind.VOLUME, action="attach", passthrough=server.passthrough_active)
         return self._fuse.mountpoint
 
+    def want_attach(self) -> None:
+        """A pod here asked for the volume while another node serves it: say so in status
+        (``attach_wanted``) until it is served here or the asking stops."""
+        self.attach_wanted_at = time.monotonic()
+
+    def attach_wanted(self) -> bool:
+        return (self.attach_wanted_at is not None
+                and time.monotonic() - self.attach_wanted_at < ATTACH_WANTED_SECONDS)
+
     async def detach(self) -> None:
+        self.attached = False
         if self._fuse is not None:
             server, self._fuse = self._fuse, None
             await asyncio.to_thread(server.stop)
@@ -1077,7 +1095,8 @@ class VolumeEngine:
             bytes_shipped=self.bytes_shipped, bytes_received=self.bytes_received,
             conflicts=self.conflicts, snapshot_bytes=self.snapshot_bytes(),
             last_snapshot=ref_message(newest), fenced=self.fenced,
-            size_bytes=self.spec.size_bytes, spec_revision=self.spec.revision)
+            size_bytes=self.spec.size_bytes, spec_revision=self.spec.revision,
+            attached=self.attached, attach_wanted=self.attach_wanted())
 
     def _multiwriter_status(self, writer: MultiWriter) -> pb.VolumeStatus:
         """Each peer's state is how current this replica is with that peer's writes."""

@@ -31,6 +31,7 @@ from sharedsync.core.volume_plan import (
     Layout,
     Plan,
     Report,
+    consumer_switchover,
     plan_volume,
     replica_states,
     spec_fingerprint,
@@ -115,7 +116,8 @@ def report_of(node: str, status: pb.VolumeStatus) -> Report:
                   primary=status.primary_node, fenced=status.fenced,
                   spec_hash=status.spec_revision,
                   last_received=(status.last_snapshot.epoch, status.last_snapshot.seq),
-                  peer_states=peers)
+                  peer_states=peers, attached=status.attached,
+                  attach_wanted=status.attach_wanted)
 
 
 def layout_from_status(status: Mapping[str, Any]) -> Layout:
@@ -232,12 +234,20 @@ class VolumeReconciler:
             await self._not_ready(name, status, generation, "SourceNotReady",
                                   f"content source: {waiting}", memory, emit)
             return
-        intent = Intent(volume_id=name, size_bytes=size, policy=policy, desired_replicas=desired,
-                        consumer=spec.get("consumerNode") or None,
-                        switchover_to=annotations.get(SWITCHOVER) or None, prefer=holder)
-
         statuses = self.agents.volume_reports(name)
         reports = {node: report_of(node, s) for node, s in statuses.items()}
+        switchover_to = annotations.get(SWITCHOVER) or None
+        if switchover_to is None and not multi_writer(spec):
+            switchover_to = consumer_switchover(old_layout, reports)
+            following = ("FollowingConsumer",
+                         f"a pod on {switchover_to} waits for the volume: moving the primary "
+                         "there")
+            if switchover_to is not None and following not in memory.last_warnings:
+                memory.last_warnings.add(following)
+                emit("Normal", *following)
+        intent = Intent(volume_id=name, size_bytes=size, policy=policy, desired_replicas=desired,
+                        consumer=spec.get("consumerNode") or None,
+                        switchover_to=switchover_to, prefer=holder)
         down_for = self.agents.down_for(
             {n.name for n in nodes} | set(old_layout.replicas))
         addresses = self.agents.addresses()
@@ -314,7 +324,7 @@ class VolumeReconciler:
                                desired)
         if last_sync_now:
             final["lastSyncNow"] = last_sync_now
-        for event in _transitions(status, final):
+        for event in _transitions(status, final, policy.mode):
             self._warn_once(memory, emit, event)
         if _changed(status, final):
             await self.kube.patch_status(SHARED_VOLUMES, name, final)
@@ -454,8 +464,12 @@ def _volume_status(plan: Plan, status: Mapping[str, Any], reports: Mapping[str, 
     return result
 
 
-def _transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
-    """Events for replica state changes worth a human's attention (rebuild done, lag)."""
+def _transitions(old: Mapping[str, Any], new: Mapping[str, Any], mode: Mode) -> list[Event]:
+    """Events for replica state changes worth a human's attention (rebuild done, lag).
+
+    Lag is worth one only in Asynchronous mode, where Lagging means behind by more than maxLag;
+    a Synchronous replica shows Lagging whenever a write is in flight to it, every second.
+    """
     before = {e.get("node"): e.get("state") for e in old.get("replicas") or ()}
     events = []
     for entry in new.get("replicas") or ():
@@ -464,7 +478,8 @@ def _transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
                 and entry["role"] != "primary":
             events.append(Event("Normal", "RebuildCompleted",
                                 f"replica on {entry['node']} is in sync"))
-        elif was == ReplicaState.IN_SYNC and now == ReplicaState.LAGGING:
+        elif was == ReplicaState.IN_SYNC and now == ReplicaState.LAGGING \
+                and mode is Mode.ASYNCHRONOUS:
             events.append(Event("Warning", "LagExceeded",
                                 f"replica on {entry['node']} lags by {entry['lagSeconds']}s"))
     conflicts = int(new.get("conflicts") or 0) - int(old.get("conflicts") or 0)

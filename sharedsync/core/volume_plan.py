@@ -81,6 +81,26 @@ class Report:
     last_received: tuple[int, int] = (0, 0)
     #: The primary's view of each replica (only meaningful in the primary's report).
     peer_states: Mapping[str, ReplicaState] = field(default_factory=dict)
+    #: Pods on this node use the volume (it is attached here).
+    attached: bool = False
+    #: A pod on this node asked for the volume while another node was primary.
+    attach_wanted: bool = False
+
+
+def consumer_switchover(layout: Layout, reports: Mapping[str, Report]) -> str | None:
+    """The replica node a pod is waiting on, when the primary should move there.
+
+    An RWO volume's pod can be scheduled onto any node holding a replica (the PV's topology),
+    e.g. after its node died or it was rescheduled; only the primary serves the volume, so that
+    pod waits until the primary moves to its node. Not while pods on the primary still use it
+    (moving would fence them), and one node at a time (the first by name, deterministically).
+    """
+    primary = reports.get(layout.primary)
+    if primary is not None and primary.attached:
+        return None
+    wanting = sorted(n for n, r in reports.items()
+                     if r.attach_wanted and n != layout.primary and n in layout.replicas)
+    return wanting[0] if wanting else None
 
 
 @dataclass(frozen=True, slots=True)

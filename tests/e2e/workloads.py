@@ -3,7 +3,10 @@
 Data is checked where users see it, inside pods, with nothing but busybox: each record is one
 line ``<id> <payload> <sha256 of payload>``, appended and fsync'd (``sync FILE``) before the
 writer prints ``ack <id>``; the verifier recomputes every checksum in the pod. An id is
-``<tag>-<n>``, the tag naming the writer session, so sessions never collide in one file.
+``<tag>-<n>``, the tag naming the writer session, so sessions never collide in one file. A
+record is written as one ``write(2)`` of a newline and the line, so the unacknowledged tail of
+a writer cut off by a dead node (a torn line: too few fields, or a short checksum) can never
+glue itself to the next session's first record.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ while [ "$count" -eq 0 ] || [ "$i" -lt "$count" ]; do
   i=$((i + 1))
   p="$tag.$i.$RANDOM$RANDOM$RANDOM"
   s=$(printf '%s' "$p" | sha256sum | cut -d' ' -f1)
-  printf '%s %s %s\n' "$tag-$i" "$p" "$s" >> "$f" || exit 1
+  printf '\n%s %s %s' "$tag-$i" "$p" "$s" >> "$f" || exit 1
   sync "$f" || exit 1
   echo "ack $tag-$i"
   [ "$pause" = 0 ] || sleep "$pause"
@@ -38,8 +41,9 @@ VERIFY_SCRIPT = r"""
 f=$1
 if [ ! -f "$f" ]; then echo missing; echo end; exit 0; fi
 while IFS= read -r line || [ -n "$line" ]; do
+  [ -n "$line" ] || continue
   set -f; set -- $line; set +f
-  if [ "$#" -ne 3 ]; then echo "torn $line"; continue; fi
+  if [ "$#" -ne 3 ] || [ "${#3}" -ne 64 ]; then echo "torn $line"; continue; fi
   got=$(printf '%s' "$2" | sha256sum | cut -d' ' -f1)
   if [ "$got" = "$3" ]; then echo "ok $1"; else echo "bad $1"; fi
 done < "$f"

@@ -1181,3 +1181,26 @@ def test_world_lowered_replicas_wait_for_the_primary_before_data_goes() -> None:
     world.revive("n0")
     settle(world)
     assert [world.agents[n].replica for n in ("n1", "n2")] == [None, None]
+
+
+def test_the_primary_follows_a_waiting_pod_unless_pods_use_it_where_it_is() -> None:
+    from sharedsync.core.volume_plan import consumer_switchover
+
+    base = settled(ABC)
+    wanting = {**base, "c": dataclasses.replace(base["c"], attach_wanted=True)}
+    assert consumer_switchover(ABC, base) is None
+    assert consumer_switchover(ABC, wanting) == "c"
+    # pods on the primary still use it: moving would fence them
+    in_use = {**wanting, "a": dataclasses.replace(base["a"], attached=True)}
+    assert consumer_switchover(ABC, in_use) is None
+    # deterministic when two nodes ask; never a node without a replica, never the primary
+    both = {**wanting, "b": dataclasses.replace(base["b"], attach_wanted=True)}
+    assert consumer_switchover(ABC, both) == "b"
+    outsider = {**base, "d": dataclasses.replace(base["c"], node="d", attach_wanted=True),
+                "a": dataclasses.replace(base["a"], attach_wanted=True)}
+    assert consumer_switchover(ABC, outsider) is None
+    # and the plan carries it out as a switchover: the old primary syncs, the new one is
+    # promoted at the next epoch
+    p = plan(intent(switchover="c"), ABC, cluster("a", "b", "c"), wanting)
+    assert [a.kind for a in p.actions][:2] == [ActionKind.SYNC_NOW, PROMOTE]
+    assert (p.layout.primary, p.layout.epoch) == ("c", ABC.epoch + 1)
