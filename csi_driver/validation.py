@@ -5,6 +5,7 @@ a check changes nothing. Path checks are strict on purpose: kubelet only ever pa
 normalised paths under its own directory, so anything else is refused rather than interpreted.
 """
 
+import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -149,7 +150,17 @@ def check_path(value: str, field: str, roots: Sequence[Path]) -> Path:
         if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
             raise InvalidArgument(f"{field} {value!r} passes through {current}, "
                                   "which is not a plain directory")
-    if path.is_symlink():
+    try:
+        is_link = stat.S_ISLNK(path.lstat().st_mode)
+    except FileNotFoundError:
+        is_link = False
+    except OSError as exc:
+        # a FUSE mount whose daemon died answers ENOTCONN: a mount point, not a link, and
+        # exactly what an unstage or unpublish must be able to clean up
+        if exc.errno != errno.ENOTCONN:
+            raise
+        is_link = False
+    if is_link:
         raise InvalidArgument(f"{field} {value!r} is a symbolic link")
     return path
 

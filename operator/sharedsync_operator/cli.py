@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import kopf
@@ -35,6 +35,9 @@ from .volumes import VolumeReconciler
 log = structlog.get_logger(__name__)
 
 LEADER_LEASE = "sharedsync-operator"
+#: A leader that reconciled no SharedVolume for this long, while volumes exist (each one's timer
+#: fires every few seconds), has stopped working and exits (see _hold_leadership).
+WATCHDOG_SECONDS = 90.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,12 +98,23 @@ class HealthServer:
             await self._runner.cleanup()
 
 
-async def _hold_leadership(keeper: LeaseKeeper, stop: asyncio.Event) -> None:
-    """Renew the leader Lease; set ``stop`` when it is lost (or could not be renewed in time)."""
+async def _hold_leadership(keeper: LeaseKeeper, stop: asyncio.Event,
+                           handling: Callable[[], bool] = lambda: True) -> None:
+    """Renew the leader Lease; set ``stop`` when it is lost (or could not be renewed in time).
+
+    ``handling()`` is the watchdog: a leader whose kopf stopped handling SharedVolumes (a
+    watcher that died inside kopf, never surfacing) must not keep the Lease and the cluster's
+    volumes hostage. It exits at once; kubelet restarts it, and a standby takes over when the
+    Lease expires.
+    """
     period = keeper.duration_seconds / 3
     last_renewed = time.monotonic()
     while not stop.is_set():
         await asyncio.sleep(period)
+        if not handling():
+            log.error("no SharedVolume was reconciled for too long: exiting so that a "
+                      "standby takes over", seconds=WATCHDOG_SECONDS)
+            os._exit(70)
         try:
             if await keeper.renew(take_over=False):
                 last_renewed = time.monotonic()
@@ -147,7 +161,8 @@ async def run(args: argparse.Namespace) -> int:
     from . import handlers  # registers the handlers
     state = handlers.Runtime(kube=Kube(connection), agents=agents, namespace=args.namespace,
                              volumes=VolumeReconciler(Kube(connection), agents))
-    holder = asyncio.create_task(_hold_leadership(keeper, stop))
+    holder = asyncio.create_task(_hold_leadership(
+        keeper, stop, lambda: state.handling_volumes(WATCHDOG_SECONDS)))
     # kopf would name itself after getpass.getuser(), which fails for a uid with no passwd
     # entry (the chart's runAsUser, OpenShift's random uids); leadership is ours anyway
     operator = asyncio.create_task(kopf.operator(

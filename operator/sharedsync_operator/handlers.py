@@ -58,6 +58,17 @@ class Runtime:
     orphans_seen: dict[tuple[str, str], float] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     snapshots: SnapshotReconciler | None = None
+    #: When a SharedVolume was last reconciled (its timer fires every few seconds): the
+    #: leader's watchdog (cli) exits when kopf stops handling volumes while holding the lease.
+    last_volume_reconcile: float = field(default_factory=time.monotonic)
+    #: Volume reconciles running now (a long SyncNow is work, not a stall).
+    volume_reconciles: int = 0
+
+    def handling_volumes(self, within: float) -> bool:
+        """False when volumes exist, none is being reconciled and none was for ``within``
+        seconds."""
+        return (not self.shared_volumes or self.volume_reconciles > 0
+                or time.monotonic() - self.last_volume_reconcile < within)
 
     def __post_init__(self) -> None:
         # one view of the cluster: the reconcilers read the dicts the watch handlers fill
@@ -267,6 +278,8 @@ async def _reconcile_volume(handler: str, body: Any, memo: Any) -> None:
     state = runtime(memo)
     if body.get("metadata", {}).get("deletionTimestamp"):
         return
+    state.last_volume_reconcile = time.monotonic()
+    state.volume_reconciles += 1
     # renewals reach us as lease events; let time move the view along between them too
     state.agents.observe_leases(state.agents.leases.values())
     with RECONCILE_SECONDS.labels(handler).time():
@@ -276,6 +289,9 @@ async def _reconcile_volume(handler: str, body: Any, memo: Any) -> None:
         except Exception:
             RECONCILE_ERRORS.labels(handler).inc()
             raise
+        finally:
+            state.volume_reconciles -= 1
+            state.last_volume_reconcile = time.monotonic()
 
 
 @kopf.on.resume(GROUP, VERSION, "sharedvolumes")

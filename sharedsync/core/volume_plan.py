@@ -352,13 +352,19 @@ def replica_states(layout: Layout, reports: Mapping[str, Report],
                    down_for: Mapping[str, float],
                    primary_view: Mapping[str, ReplicaState]) -> dict[str, ReplicaState]:
     """The state shown for each replica: the primary's view where it has one, Stale for replicas
-    whose agent is gone, Rebuilding for a replica that does not exist yet."""
+    whose agent is gone, Rebuilding for a replica that does not exist yet.
+
+    A live agent whose report is missing for a moment (a status call that failed, a busy
+    node) keeps the state last seen: this status is what the next operator (or this one,
+    after its primary died) remembers as the primary's last view, and a replica wrongly shown
+    Rebuilding there could never be promoted.
+    """
     states: dict[str, ReplicaState] = {}
     for node in layout.replicas:
         if node in down_for:
             states[node] = ReplicaState.STALE
         elif node not in reports:
-            states[node] = ReplicaState.REBUILDING
+            states[node] = primary_view.get(node, ReplicaState.REBUILDING)
         elif node == layout.primary:
             report = reports[node]
             states[node] = ReplicaState.FAILED if report.fenced else ReplicaState.IN_SYNC

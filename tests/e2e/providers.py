@@ -20,6 +20,8 @@ from typing import Any
 
 from sharedsync import __version__
 
+from . import hostcheck
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS_BIN = Path(os.environ.get("SHAREDSYNC_TOOLS_BIN",
                                 Path.home() / ".cache" / "sharedsync" / "bin"))
@@ -172,6 +174,7 @@ class LocalCluster(Cluster):
         self.state_dir = Path(os.environ.get("SHAREDSYNC_CLUSTER_DIR",
                                              REPO_ROOT / "build" / "cluster"))
         self.kubeconfig = self.state_dir / "kubeconfig"
+        self.host_before: hostcheck.Snapshot | None = None
 
     def script(self, *args: str, timeout: float = 300,
                check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -183,6 +186,8 @@ class LocalCluster(Cluster):
         if not os.access(CLUSTER_SCRIPT, os.X_OK):
             raise UnavailableError(f"{CLUSTER_SCRIPT} is missing")
         if not keep_cluster():
+            # what `down` must give back (compared in stop())
+            self.host_before = hostcheck.snapshot()
             # idempotent; on a cold machine it builds the tools and images first
             run_logged([str(CLUSTER_SCRIPT), "up"], self.workdir / "cluster-up.log",
                        timeout=3600)
@@ -195,6 +200,13 @@ class LocalCluster(Cluster):
         if not keep_cluster():
             run_logged([str(CLUSTER_SCRIPT), "down"], self.workdir / "cluster-down.log",
                        timeout=600)
+            if self.host_before is not None:
+                # `down` puts the host back: no process, mount, loop device, namespace, link,
+                # route, cgroup, iptables rule, directory or sysctl of the cluster is left
+                left = hostcheck.differences(self.host_before, hostcheck.snapshot())
+                if left:
+                    raise ClusterError("scripts/cluster down left the host changed:\n"
+                                       + "\n".join(left))
 
     def node_exec(self, node: str, *argv: str,
                   check: bool = True) -> subprocess.CompletedProcess[str]:
