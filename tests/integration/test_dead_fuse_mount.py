@@ -39,7 +39,7 @@ def dead_fuse_mount(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_dead_fuse_mount_is_validated_and_unmounted(dead_fuse_mount: Path) -> None:
-    with pytest.raises(OSError) as dead:
+    with pytest.raises(OSError, match="not connected") as dead:
         dead_fuse_mount.lstat()
     assert dead.value.errno == errno.ENOTCONN
     assert mounts.is_mounted(dead_fuse_mount)
