@@ -172,8 +172,8 @@ def throughput(kube: Kube, quick: bool, result: Result) -> None:
                       met=(ratio(ours["mib_per_s"], local["mib_per_s"]) or 0) >= 0.8,
                       note="1 MiB writes, fsync every 64 MiB, 3 replicas, write quorum 2"))
     for q in (50, 99):
-        value = percentile(ours["fsync_seconds"], q)
-        base = percentile(local["fsync_seconds"], q)
+        value = percentile(ours["fsync_seconds"], q / 100)
+        base = percentile(local["fsync_seconds"], q / 100)
         result.add(Figure(f"fsync latency P{q} in a pod", (value or 0) * 1000, "ms",
                           baseline="emptyDir", baseline_value=(base or 0) * 1000,
                           ratio=ratio(value, base), note="4 KiB write + fsync"))

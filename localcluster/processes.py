@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 STOP_GRACE = 10.0
+#: Consecutive checks (0.25 s apart) that must find a process gone before a step fails on it.
+GONE_CHECKS = 4
 
 
 class StepError(RuntimeError):
@@ -52,7 +54,22 @@ def spawn(argv: Sequence[str], *, pid_file: Path, log_file: Path,
                                  stderr=subprocess.STDOUT, start_new_session=True,
                                  env=env, close_fds=True)
     pid_file.write_text(f"{popen.pid}\n")
+    _wait_for_exec(popen.pid)
     return popen.pid
+
+
+def _wait_for_exec(pid: int, timeout: float = 10.0) -> None:
+    """Until the child runs its own program: before its exec it still shows our command
+    line, which :func:`alive` would take for a reused pid."""
+    ours = os.path.realpath("/proc/self/exe")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.path.realpath(f"/proc/{pid}/exe") != ours:
+                return
+        except OSError:
+            return  # gone already: the caller's checks report it
+        time.sleep(0.01)
 
 
 def _gone(pid: int) -> bool:
@@ -102,11 +119,21 @@ def wait_for(what: str, ready: Callable[[], bool], *, timeout: float, log_file: 
     """Poll ``ready()``; a process that died meanwhile, or the deadline, fails the step with
     the log's last lines and its path."""
     deadline = time.monotonic() + timeout
+    # the process is identified once (a pid file trusted by its command line), then followed
+    # by pid: a command line read while the kernel swaps it in an exec can come back empty
+    watched = pid_file is not None and marker is not None
+    pid = alive(pid_file, marker) if pid_file is not None and marker is not None else None
+    missing = 0
     while True:
         if ready():
             return
-        if pid_file is not None and marker is not None and alive(pid_file, marker) is None:
-            raise StepError(f"{what}: the process exited; see {log_file}\n{tail(log_file)}")
+        if watched:
+            if pid is None and pid_file is not None and marker is not None:
+                pid = alive(pid_file, marker)
+            missing = missing + 1 if pid is None or _gone(pid) else 0
+            if missing >= GONE_CHECKS:
+                raise StepError(f"{what}: the process exited; see {log_file}\n"
+                                f"{tail(log_file)}")
         if time.monotonic() > deadline:
             raise StepError(f"{what}: not ready after {timeout:.0f}s; see {log_file}\n"
                             f"{tail(log_file)}")
