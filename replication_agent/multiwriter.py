@@ -57,6 +57,7 @@ from sharedsync.core.file_merge import (
 from sharedsync.core.framing import CorruptFrame, FrameDecoder, FrameEncoder
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 from sharedsync.storage import btrfs
+from sharedsync.tasks import cancel_and_wait
 
 from . import metrics
 from .livetree import Incoming, LiveTree
@@ -226,11 +227,8 @@ class _Puller:
             self._task = asyncio.create_task(self._run(), name=f"pull-{self.node}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def kick(self) -> int:
         """Ask for one more round; returns the ticket :meth:`wait` takes."""
@@ -319,11 +317,8 @@ class MultiWriter:
         self._task = asyncio.create_task(self._loop(), name=f"multiwriter-{self.volume_id}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for puller in list(self._pullers.values()):
             await puller.stop()
         self._pullers.clear()

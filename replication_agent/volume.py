@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -67,6 +68,7 @@ from sharedsync.core.token_bucket import TokenBucket
 from sharedsync.storage import btrfs
 from sharedsync.storage.files import atomic_write
 from sharedsync.storage.replicas import ReplicaStore, VolumeKind
+from sharedsync.tasks import cancel_and_wait
 
 from . import metrics
 from .audit import AuditLog
@@ -194,11 +196,8 @@ class PeerLink:
             self._task = asyncio.create_task(self._run(), name=f"peer-{self.node}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def event(self, event: Event) -> None:
         """Feed the replica state machine (sharedsync.core.replica_state)."""
@@ -437,11 +436,8 @@ class VolumeEngine:
                 await self._scrubber
             self._scrubber = None
         await self.detach()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        await cancel_and_wait(self._loop_task)
+        self._loop_task = None
         for link in self.links.values():
             await link.stop()
         if self.multiwriter is not None:
@@ -1086,17 +1082,24 @@ class VolumeEngine:
                 lag_seconds=self.lag_of(link), last_sync_unix_ns=link.last_sync_ns,
                 rebuild_progress=link.rebuild_progress, last_received=ref_message(link.acked),
                 message=link.message))
+        return self._status_message(
+            replicas, lat, shipped=self.bytes_shipped, received=self.bytes_received,
+            conflicts=self.conflicts, last_snapshot=ref_message(newest), fenced=self.fenced,
+            attached=self.attached, attach_wanted=self.attach_wanted())
+
+    def _status_message(self, replicas: list[pb.ReplicaStatus], latencies: list[float], *,
+                        shipped: int, received: int, conflicts: int,
+                        **extra: Any) -> pb.VolumeStatus:
+        """The status fields every volume reports, whichever way it replicates."""
         return pb.VolumeStatus(
             volume_id=self.volume_id, epoch=self.epoch, primary_node=self.primary,
             role=str(self.role), mode=self.spec.policy.mode, replicas=replicas,
-            sync_latency_p50_seconds=percentile(lat, 0.5),
-            sync_latency_p90_seconds=percentile(lat, 0.9),
-            sync_latency_p99_seconds=percentile(lat, 0.99),
-            bytes_shipped=self.bytes_shipped, bytes_received=self.bytes_received,
-            conflicts=self.conflicts, snapshot_bytes=self.snapshot_bytes(),
-            last_snapshot=ref_message(newest), fenced=self.fenced,
-            size_bytes=self.spec.size_bytes, spec_revision=self.spec.revision,
-            attached=self.attached, attach_wanted=self.attach_wanted())
+            sync_latency_p50_seconds=percentile(latencies, 0.5),
+            sync_latency_p90_seconds=percentile(latencies, 0.9),
+            sync_latency_p99_seconds=percentile(latencies, 0.99),
+            bytes_shipped=shipped, bytes_received=received, conflicts=conflicts,
+            snapshot_bytes=self.snapshot_bytes(), size_bytes=self.spec.size_bytes,
+            spec_revision=self.spec.revision, **extra)
 
     def _multiwriter_status(self, writer: MultiWriter) -> pb.VolumeStatus:
         """Each peer's state is how current this replica is with that peer's writes."""
@@ -1109,16 +1112,9 @@ class VolumeEngine:
                 metrics.REPLICA_STATE.labels(self.volume_id, replica.node, str(state)).set(
                     1 if value == replica.state else 0)
         lat = list(writer.latencies)
-        return pb.VolumeStatus(
-            volume_id=self.volume_id, epoch=self.epoch, primary_node=self.primary,
-            role=str(self.role), mode=self.spec.policy.mode, replicas=replicas,
-            sync_latency_p50_seconds=percentile(lat, 0.5),
-            sync_latency_p90_seconds=percentile(lat, 0.9),
-            sync_latency_p99_seconds=percentile(lat, 0.99),
-            bytes_shipped=writer.bytes_sent, bytes_received=writer.bytes_received,
-            conflicts=writer.conflicts, snapshot_bytes=self.snapshot_bytes(),
-            size_bytes=self.spec.size_bytes, spec_revision=self.spec.revision,
-            multi_writer=True)
+        return self._status_message(
+            replicas, lat, shipped=writer.bytes_sent, received=writer.bytes_received,
+            conflicts=writer.conflicts, multi_writer=True)
 
 
 class _CommitHooks:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +155,21 @@ def tree_digest(root: Path) -> dict[str, str]:
         elif path.is_dir():
             digests[rel] = "dir"
     return digests
+
+
+def started_cluster(tmp_path_factory: Any, name: str) -> Iterator[AgentCluster]:
+    """The body of a test module's ``cluster`` fixture: three agents in network namespaces,
+    started, and closed (with its leftover checks) afterwards; skipped where namespaces
+    cannot be made."""
+    import pytest
+
+    from tests.cluster.netns import netns_unavailable
+
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = AgentCluster(Path(tmp_path_factory.mktemp(name)))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()

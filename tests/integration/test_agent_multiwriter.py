@@ -24,8 +24,7 @@ from replication_agent.audit import read_records
 from replication_agent.proto import agent_pb2 as pb
 from sharedsync.core.file_merge import TEMP_PREFIX
 from sharedsync.core.version_vectors import conflict_name
-from tests.cluster.netns import netns_unavailable
-from tests.integration.agent_harness import AgentCluster, volume_spec, wait_until
+from tests.integration.agent_harness import AgentCluster, started_cluster, volume_spec, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -36,14 +35,7 @@ NODES = ["a", "b", "c"]
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    cluster = AgentCluster(Path(tmp_path_factory.mktemp("multiwriter")))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    yield from started_cluster(tmp_path_factory, "multiwriter")
 
 
 def mw_spec(*, resolution: pb.ConflictResolution.ValueType = pb.LAST_WRITER_WINS,

@@ -14,8 +14,13 @@ import grpc
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
-from tests.cluster.netns import netns_unavailable
-from tests.integration.agent_harness import AgentCluster, tree_digest, volume_spec, wait_until
+from tests.integration.agent_harness import (
+    AgentCluster,
+    started_cluster,
+    tree_digest,
+    volume_spec,
+    wait_until,
+)
 from tests.integration.test_agent_replication import write_files
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
@@ -29,14 +34,7 @@ NODES = ["a", "b", "c"]
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    cluster = AgentCluster(Path(tmp_path_factory.mktemp("agents")))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    yield from started_cluster(tmp_path_factory, "agents")
 
 
 def snapshot_dir(cluster: AgentCluster, node: str, volume_id: str) -> Path:

@@ -31,6 +31,7 @@ from typing import IO, Any, TypeVar, cast
 
 import pytest
 
+from tests.integration.test_image import HashingReader
 from tests.leaks import force_cleanup
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,21 +118,6 @@ class Image:
     config: dict[str, Any]
     members: dict[str, Member] = field(default_factory=dict)
     small_files: dict[str, bytes] = field(default_factory=dict)
-
-
-class HashingReader:
-    """Hashes what a reader reads, so the layer is checked and listed in one pass."""
-
-    def __init__(self, source: IO[bytes]) -> None:
-        self.source = source
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
 
 
 def read_member(archive: tarfile.TarFile, name: str | tarfile.TarInfo) -> bytes:
