@@ -11,7 +11,6 @@ a client certificate of its own and checks their serving certificates against th
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import yaml
@@ -22,7 +21,6 @@ from localcluster.layout import (
     ETCD_CLIENT_PORT,
     ETCD_PEER_PORT,
     HOST_ADDRESS,
-    REPO,
     SCHEDULER_PORT,
     SERVICE_CIDR,
     SERVICE_IP,
@@ -31,6 +29,7 @@ from localcluster.layout import (
 from localcluster.pki import Pki, write_file
 from localcluster.probe import http_get
 from localcluster.processes import StepError, alive, run, spawn, stop, wait_for
+from localcluster.snapshot_crds import snapshot_crd_files
 
 SERVER = f"https://{HOST_ADDRESS}:{APISERVER_PORT}"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -211,13 +210,9 @@ class ControlPlane:
     def _install_snapshot_crds(self) -> None:
         """The VolumeSnapshot API (snapshot-controller and the chart's csi-snapshotter need it),
         from the snapshot client module pinned beside external-snapshotter."""
-        info = run(["go", "mod", "download", "-json",
-                    "github.com/kubernetes-csi/external-snapshotter/client/v8"],
-                   cwd=REPO / "tools" / "external-snapshotter")
-        crd_dir = Path(json.loads(info.stdout)["Dir"]) / "config" / "crd"
-        files = sorted(crd_dir.glob("snapshot.storage.k8s.io_*.yaml"))
+        files, reason = snapshot_crd_files()
         if not files:
-            raise StepError(f"no VolumeSnapshot CRDs in {crd_dir}")
+            raise StepError(f"the VolumeSnapshot CRDs: {reason}")
         kubectl = [str(TOOLS_BIN / "kubectl"), f"--kubeconfig={self.kubeconfig}"]
         for file in files:
             run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(file)])

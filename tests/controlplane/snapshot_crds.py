@@ -7,42 +7,16 @@ GOPROXY=off, so a test never downloads anything. Several modules of the session 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from localcluster.snapshot_crds import SNAPSHOT_CRDS, SNAPSHOT_GROUP, snapshot_crd_files
 from tests.controlplane.controlplane import ControlPlane
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOT_MODULE = "github.com/kubernetes-csi/external-snapshotter/client/v8"
-SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
-SNAPSHOT_CRDS = ("volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots")
+__all__ = ["SNAPSHOT_CRDS", "SNAPSHOT_GROUP", "snapshot_crd_files"]
 WAIT_SECONDS = 120
-
-
-def snapshot_crd_files() -> tuple[list[Path], str]:
-    """The CRD files, or ([], why not)."""
-    go = shutil.which("go")
-    if go is None:
-        return [], "no go on PATH to find the external-snapshotter client module"
-    env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=readonly", "GOWORK": "off"}
-    done = subprocess.run([go, "mod", "download", "-json", SNAPSHOT_MODULE],
-                          cwd=REPO_ROOT / "tools" / "external-snapshotter", env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
-    try:
-        info = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        info = {"Error": (done.stderr or done.stdout).strip()}
-    if done.returncode != 0 or info.get("Error") or not info.get("Dir"):
-        return [], f"{SNAPSHOT_MODULE} not in the module cache (run scripts/build-tools): {info}"
-    files = [Path(info["Dir"], "config", "crd", f"{SNAPSHOT_GROUP}_{name}.yaml")
-             for name in SNAPSHOT_CRDS]
-    missing = [f.name for f in files if not f.exists()]
-    return ([], f"missing in {info['Dir']}: {missing}") if missing else (files, "")
 
 
 def require_snapshot_crd_files() -> list[Path]:
