@@ -855,7 +855,11 @@ class VolumeEngine:
 
                 await receive_snapshot(self.lineage, header, messages, self.spool, progress)
                 self.last_received_ns = time.time_ns()
-                self.snapshot_times[ref] = (header.snapshot_unix_ns, 0.0)
+                # a replica promoted later counts its peers' lag from these: the time the
+                # primary took the snapshot, not 0 (a lag of decades, LagExceeded at once)
+                self.snapshot_times[ref] = (
+                    header.snapshot_unix_ns,
+                    header.snapshot_unix_ns / 1e9 if header.snapshot_unix_ns else time.time())
                 self._background(asyncio.to_thread(self._prune_replica))
             return pb.PushResult(received=ref_message(ref), epoch=self.epoch,
                                  bytes_received=self.bytes_received)

@@ -238,6 +238,11 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
             events.append(Event("Warning", "FailoverBlocked",
                                 f"primary {layout.primary} is gone and no replica is known to "
                                 "hold every acknowledged write; waiting for it to return"))
+        else:
+            rest = ", ".join(n for n in layout.replicas if n != layout.primary) or "none"
+            events.append(Event("Warning", "FailoverBlocked",
+                                f"primary {layout.primary} is gone and no other replica's agent "
+                                f"is alive ({rest}); waiting for one"))
 
     # -- 2. planned switchover -----------------------------------------------------------
     target = intent.switchover_to

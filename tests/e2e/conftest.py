@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from .kube import NAMESPACE
 from .providers import PROVIDER_ENV, PROVIDERS, Cluster, UnavailableError, make
 
 
@@ -56,14 +57,45 @@ def pytest_runtest_makereport(item: pytest.Item,
     provider = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
     if not isinstance(provider, Cluster):
         return
-    for title, args in [
-        ("nodes", ["get", "nodes", "-o", "wide"]),
-        ("sharedsync objects", ["get", "sp,sv,svs,pvc,pods", "-A", "-o", "wide"]),
-        ("events", ["get", "events", "-A", "--sort-by=.lastTimestamp"]),
+    # most telling last: a CI log keeps the head and the tail of a long report
+    for title, args, keep in [
+        ("nodes", ["get", "nodes", "-o", "wide"], 3000),
+        ("sharedsync objects", ["get", "sp,sv,svs,pvc,pods", "-A", "-o", "wide"], 6000),
+        ("events", ["get", "events", "-A", "--sort-by=.lastTimestamp"], 5000),
+        ("shared volumes", ["get", "sv", "-o",
+                            "custom-columns=NAME:.metadata.name,PRIMARY:.status.primary,"
+                            "EPOCH:.status.epoch,REPLICAS:.status.replicas,"
+                            "CONDITIONS:.status.conditions"], 6000),
+        ("leases", ["get", "leases", "-n", NAMESPACE, "-o",
+                    "custom-columns=NAME:.metadata.name,HOLDER:.spec.holderIdentity,"
+                    "RENEWED:.spec.renewTime"], 2000),
+        ("shared volume events", ["get", "events", "--field-selector",
+                                  "involvedObject.kind=SharedVolume",
+                                  "--sort-by=.lastTimestamp"], 4000),
     ]:
-        try:
-            done = provider.kubectl(*args, check=False, timeout=60)
-            text = done.stdout[-8000:] + done.stderr[-2000:]
-        except subprocess.TimeoutExpired:
-            text = "(timed out)"
-        report.sections.append((f"cluster: {title}", text))
+        report.sections.append((f"cluster: {title}", _kubectl_text(provider, args, keep)))
+    report.sections.append(("cluster: operator logs", _operator_logs(provider)))
+
+
+def _kubectl_text(provider: Cluster, args: list[str], keep: int) -> str:
+    try:
+        done = provider.kubectl(*args, check=False, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "(timed out)"
+    return done.stdout[-keep:] + done.stderr[-1000:]
+
+
+def _operator_logs(provider: Cluster, lines: int = 15) -> str:
+    """The last lines of every operator replica (the leader's decisions, the standby's wait),
+    each clipped: which replica leads, and what it last did or failed at."""
+    names = _kubectl_text(provider, ["get", "pods", "-n", NAMESPACE, "-l",
+                                     "app.kubernetes.io/component=operator", "-o",
+                                     "custom-columns=:metadata.name,:spec.nodeName",
+                                     "--no-headers"], 2000)
+    parts = []
+    for row in names.splitlines():
+        pod, _, node = row.partition(" ")
+        log = _kubectl_text(provider, ["logs", "-n", NAMESPACE, pod, f"--tail={lines}"], 20000)
+        clipped = "\n".join(line[:300] for line in log.splitlines())
+        parts.append(f"--- {pod} on {node.strip()}\n{clipped}")
+    return "\n".join(parts)

@@ -128,6 +128,13 @@ def all_in_sync(sv: Obj, replicas: int | None = None) -> bool:
             and status.get("readyReplicas") == desired)
 
 
+def operator_leader_node(cluster: Cluster) -> str:
+    """The node of the operator replica that holds the leader Lease."""
+    lease = must_get(cluster, "lease", "sharedsync-operator", NAMESPACE)
+    holder = lease["spec"]["holderIdentity"]
+    return str(must_get(cluster, "pod", holder, NAMESPACE)["spec"]["nodeName"])
+
+
 def node_pod(cluster: Cluster, node: str) -> str:
     """The name of the chart's node pod (CSI node plugin + agent) on ``node``."""
     pods = [p for p in items(cluster, "pods", "-l", f"app.kubernetes.io/instance={RELEASE},"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,33 @@ def test_failover_promotes_a_replica_and_fences_the_old_primary(cluster: AgentCl
     assert status_a.epoch == 2
     assert status_a.role == "replica"
     assert_replicas_match(cluster, "b", ["a", "c"])
+
+
+def test_a_promoted_replica_reports_a_true_lag_for_a_new_peer(cluster: AgentCluster) -> None:
+    """The snapshots a promoted replica had received carry the time the old primary took them:
+    a new peer that holds none of them lags by minutes at most, not by decades (which would
+    mark it Lagging, and throttle an Asynchronous volume's writers, right after failover)."""
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    write_files(cluster.agents["a"].live(VOLUME), 3, 32 << 10, seed=21)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="initial sync")
+    started = time.time()
+    cluster.agents["a"].kill()
+    cluster.agents["b"].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
+    cluster.proxies[("b", "c")].client.partition()  # c cannot receive anything yet
+    cluster.apply(volume_spec(VOLUME, ["b", "c"], "b", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                              epoch=2), nodes=["b", "c"])
+
+    def lag_of_c() -> float | None:
+        found = [r for r in cluster.agents["b"].volume(VOLUME).replicas if r.node == "c"]
+        return found[0].lag_seconds if found else None
+    wait_until(lambda: lag_of_c() is not None, timeout=60, what="b tracks c")
+    lag = lag_of_c()
+    assert lag is not None
+    assert lag <= time.time() - started + 120, lag
+    cluster.proxies[("b", "c")].client.heal()
+    wait_until(lambda: in_sync(cluster, "b", ["c"]), timeout=120, what="c rebuilt from b")
+    cluster.agents["a"].start()  # a stopped agent takes its mounts down; a killed one cannot
 
 
 def test_a_fenced_old_primary_can_be_promoted_again(cluster: AgentCluster) -> None:

@@ -313,12 +313,13 @@ def test_failover_is_blocked_without_a_candidate(reports: dict[str, Report]) -> 
     assert not any(a.kind in (PROMOTE, REMOVE) for a in p.actions)
 
 
-def test_no_failover_and_no_event_when_no_replica_is_alive() -> None:
+def test_no_failover_when_no_replica_is_alive_and_the_wait_is_said() -> None:
     p = plan(intent(), ABC, cluster("a", "b", "c", dead=["a", "b", "c"]), {},
              {"a": 5.0, "b": 5.0, "c": 5.0})
     assert p.layout == ABC
     assert p.actions == ()
-    assert p.events == ()
+    assert reasons(p) == ["FailoverBlocked"]
+    assert "no other replica's agent is alive (b, c)" in p.events[0].message
 
 
 def test_old_primary_that_returns_is_demoted_not_promoted() -> None:
