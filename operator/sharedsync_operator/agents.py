@@ -82,6 +82,8 @@ class Agents:
     #: When each node's agent was last seen alive (monotonic), to say how long it is gone.
     last_alive: dict[str, float] = field(default_factory=dict)
     _channels: dict[str, tuple[str, grpc.aio.Channel]] = field(default_factory=dict)
+    #: The answer :meth:`alive` gave last, to log each agent that is lost or returns once.
+    _alive_before: frozenset[str] = frozenset()
 
     @classmethod
     def from_files(cls, ca: Path | None, cert: Path | None, key: Path | None) -> "Agents":
@@ -102,13 +104,24 @@ class Agents:
 
     def alive(self) -> set[str]:
         now = datetime.datetime.now(datetime.UTC)
-        return {node for node, info in self.leases.items() if info.alive(now)}
+        alive = {node for node, info in self.leases.items() if info.alive(now)}
+        if alive != self._alive_before:
+            # every failover and replacement decision starts here: say when it changes
+            for node in sorted(self._alive_before - alive):
+                info = self.leases.get(node)
+                log.info("agent lease expired", node=node,
+                         expired=info.expires.isoformat() if info and info.expires else None)
+            for node in sorted(alive - self._alive_before):
+                log.info("agent lease current", node=node)
+            self._alive_before = frozenset(alive)
+        return alive
 
-    def down_for(self, nodes: Iterable[str]) -> dict[str, float]:
+    def down_for(self, nodes: Iterable[str], alive: set[str] | None = None) -> dict[str, float]:
         """Seconds each of ``nodes`` whose agent is not alive has been gone (measured from its
-        Lease's expiry; a node never seen counts from the operator's start)."""
+        Lease's expiry; a node never seen counts from the operator's start). ``alive`` is the
+        caller's :meth:`alive`, so that both answers describe the same moment."""
         now = datetime.datetime.now(datetime.UTC)
-        alive = self.alive()
+        alive = self.alive() if alive is None else alive
         gone: dict[str, float] = {}
         for node in nodes:
             if node in alive:

@@ -10,7 +10,7 @@ the same epoch would be the worst outcome of all). A planned switchover syncs th
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -125,7 +125,8 @@ def report_of(node: str, status: pb.VolumeStatus) -> Report:
 def layout_from_status(status: Mapping[str, Any]) -> Layout:
     replicas = tuple(str(r["node"]) for r in status.get("replicas") or () if r.get("node"))
     return Layout(replicas=replicas, primary=str(status.get("primary") or ""),
-                  epoch=int(status.get("epoch") or 0))
+                  epoch=int(status.get("epoch") or 0),
+                  quorum_lowered_epoch=int(status.get("quorumLoweredAtEpoch") or 0))
 
 
 def _view_from_status(status: Mapping[str, Any]) -> dict[str, ReplicaState]:
@@ -250,8 +251,13 @@ class VolumeReconciler:
         intent = Intent(volume_id=name, size_bytes=size, policy=policy, desired_replicas=desired,
                         consumer=spec.get("consumerNode") or None,
                         switchover_to=switchover_to, prefer=holder)
+        # one moment's liveness for the node views and down_for: a Lease renewal seen between
+        # the two (the reconcile awaits in between) made a replica neither alive nor gone, and
+        # placement dropped it as if it were stale
+        alive = self.agents.alive()
+        nodes = [replace(n, agent_alive=n.name in alive) for n in nodes]
         down_for = self.agents.down_for(
-            {n.name for n in nodes} | set(old_layout.replicas))
+            {n.name for n in nodes} | set(old_layout.replicas), alive)
         addresses = self.agents.addresses()
 
         def fingerprint(layout: Layout, quorum: int) -> str:
@@ -286,6 +292,7 @@ class VolumeReconciler:
         if plan.layout != old_layout:
             layout_status = {
                 "primary": plan.layout.primary, "epoch": plan.layout.epoch,
+                "quorumLoweredAtEpoch": plan.layout.quorum_lowered_epoch,
                 "replicas": _replica_entries(plan, status, reports, down_for, statuses),
             }
             if not await self.kube.patch_status(SHARED_VOLUMES, name, layout_status):
@@ -368,8 +375,15 @@ class VolumeReconciler:
 
     async def delete(self, name: str, emit: EmitEvent) -> None:
         """Remove every replica a live agent holds; agents that are down are cleaned by the
-        orphan sweep when they return (see :func:`sweep_orphans`)."""
-        holders = sorted(self.agents.volume_reports(name))
+        orphan sweep when they return (see ``handlers._sweep_orphans``).
+
+        Every live agent is asked, not only those whose last report showed the volume: that
+        report is a few seconds old (a replica being created, or a status poll that failed),
+        and once the finalizer is gone nothing but the sweep would find what it missed, which
+        an uninstall right after never runs. RemoveVolume of a volume an agent does not hold
+        is a no-op.
+        """
+        holders = sorted(set(self.agents.volume_reports(name)) | self.agents.alive())
         results = await asyncio.gather(*(self._call(emit, "Remove", node,
                                                     self.agents.remove(node, name))
                                          for node in holders))
@@ -453,7 +467,8 @@ def _volume_status(plan: Plan, status: Mapping[str, Any], reports: Mapping[str, 
     result: dict[str, Any] = {
         "observedGeneration": generation, "phase": phase, "mode": str(policy.mode),
         "primary": plan.layout.primary,
-        "epoch": plan.layout.epoch, "replicas": entries, "readyReplicas": len(healthy),
+        "epoch": plan.layout.epoch, "quorumLoweredAtEpoch": plan.layout.quorum_lowered_epoch,
+        "replicas": entries, "readyReplicas": len(healthy),
         "desiredReplicas": desired, "replicasReady": f"{len(healthy)}/{desired}",
         "lag": _duration_text(lag), "lagSeconds": lag, "conditions": conditions,
     }

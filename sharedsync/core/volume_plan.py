@@ -12,8 +12,10 @@ is simply finished by the next run.
 Decisions, in order:
 
 1. Failover: the primary's agent is gone (Lease expired) -> the best live replica is promoted
-   at ``epoch + 1``: an InSync one for Synchronous volumes (it holds every acknowledged write),
-   else the one with the newest received snapshot. The old primary, if it returns, is told the
+   at ``epoch + 1``. For Synchronous volumes only one that holds every acknowledged write: the
+   newest within reach when the primary never went below writeQuorum at this epoch and few
+   enough replicas are out of reach, else one the primary last saw InSync. Otherwise the one
+   with the newest received snapshot. The old primary, if it returns, is told the
    newer epoch and rejoins as a replica (it is fenced by the agents meanwhile).
 2. Planned switchover (annotation): the target must be a live replica; the caller syncs the old
    primary first (:data:`ActionKind.SYNC_NOW` comes before the promotion). It waits while the
@@ -61,6 +63,11 @@ class Layout:
     replicas: tuple[str, ...] = ()
     primary: str = ""
     epoch: int = 0
+    #: The epoch at which a Synchronous primary was last told to acknowledge writes on fewer
+    #: replicas than writeQuorum (onQuorumLoss: Continue); 0: never. While it differs from
+    #: ``epoch``, every write the primary acknowledged is on writeQuorum replicas, whatever its
+    #: last view of them said.
+    quorum_lowered_epoch: int = 0
 
     @property
     def placed(self) -> bool:
@@ -151,14 +158,17 @@ def _best_candidate(candidates: Sequence[str], reports: Mapping[str, Report],
     # lose the whole volume, so it waits for the primary (or another replica) instead
     usable = [n for n in candidates if n in reports and not reports[n].fenced
               and primary_view.get(n) != ReplicaState.REBUILDING]
-    if synchronous and primary_view:
-        in_sync = [n for n in usable if primary_view.get(n) == ReplicaState.IN_SYNC]
-        if in_sync:
-            # a replica the primary last saw InSync holds every acknowledged write
-            usable = in_sync
-        else:
-            usable = _holding_every_acknowledged_write(usable, reports, primary_view, layout,
-                                                       write_quorum)
+    if synchronous and write_quorum >= 2 and layout.quorum_lowered_epoch != layout.epoch:
+        # the primary never went below its quorum at this epoch: every acknowledged write is
+        # on writeQuorum replicas, whatever its last view of them says (a Stale or Lagging one
+        # in it may be a moment out of date, and must not hold the volume hostage)
+        usable = _holding_every_acknowledged_write(
+            [n for n in usable if primary_view.get(n) != ReplicaState.FAILED], reports,
+            layout, write_quorum)
+    elif synchronous and primary_view:
+        # it acknowledged writes on fewer replicas (onQuorumLoss: Continue, or writeQuorum 1):
+        # only a replica it saw InSync is known to hold them all
+        usable = [n for n in usable if primary_view.get(n) == ReplicaState.IN_SYNC]
     if not usable:
         return None
 
@@ -169,29 +179,25 @@ def _best_candidate(candidates: Sequence[str], reports: Mapping[str, Report],
 
 
 def _holding_every_acknowledged_write(usable: Sequence[str], reports: Mapping[str, Report],
-                                      primary_view: Mapping[str, ReplicaState],
                                       layout: Layout, write_quorum: int) -> list[str]:
-    """Synchronous, no replica seen InSync (the primary died mid-write, its last view showed
-    the others catching up): the candidates that still certainly hold every acknowledged write.
+    """Synchronous, the primary never below ``write_quorum`` at this epoch: the candidates
+    that certainly hold every acknowledged write.
 
     An acknowledged write is on ``write_quorum`` replicas, the primary included, so on at least
     ``write_quorum - 1`` of the others, and replicas receive snapshots in order: whichever of
     them holds the newest snapshot holds every write any of them holds. So when at most
-    ``write_quorum - 2`` of the replicas that may have acknowledged (the primary last saw them
-    InSync or Lagging, not Stale, Failed or Rebuilding) are out of reach, the newest reachable
-    one holds every acknowledged write; otherwise none is certain to, and failover waits.
+    ``write_quorum - 2`` of the other replicas are out of reach, the newest reachable one holds
+    every acknowledged write; otherwise none is certain to, and failover waits. The primary's
+    last view is not consulted: it may be a few seconds old (a replica it saw Rebuilding may
+    have caught up and acknowledged since), and a wrong view must only ever delay a failover.
     """
-    may_hold = {n for n in layout.replicas if n != layout.primary
-                and primary_view.get(n, ReplicaState.LAGGING) in (ReplicaState.IN_SYNC,
-                                                                   ReplicaState.LAGGING)}
-    out_of_reach = may_hold - set(usable)
-    if len(out_of_reach) > write_quorum - 2:
-        return []
-    reachable = [n for n in usable if n in may_hold]
-    if not reachable:
+    others = [n for n in layout.replicas if n != layout.primary]
+    reachable = [n for n in others if n in reports]
+    if len(others) - len(reachable) > write_quorum - 2 or not reachable:
         return []
     newest = max(reports[n].last_received for n in reachable)
-    return [n for n in reachable if reports[n].last_received == newest]
+    # the newest may be one that cannot serve (fenced, Rebuilding, Failed): then wait
+    return [n for n in usable if n in reachable and reports[n].last_received == newest]
 
 
 def _serving(report: Report | None, layout: Layout) -> bool:
@@ -268,10 +274,17 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
             layout = replace(layout, primary=target, epoch=epoch)
 
     # -- 3. stale replicas ---------------------------------------------------------------
-    keep = [n for n in layout.replicas if n in down_for
-            and down_for[n] < policy.stale_replica_timeout_seconds]
-    stale = [n for n in layout.replicas if n != layout.primary and n in down_for
-             and down_for[n] >= policy.stale_replica_timeout_seconds]
+    # With the primary gone and no replica promoted (step 1 is waiting), no replica leaves for
+    # being out of reach: one whose agent looks gone may hold the only copy of acknowledged
+    # writes (or be back in a moment), and its replacement could only rebuild from the missing
+    # primary.
+    waiting = layout.placed and layout.primary not in alive
+    keep = list(layout.replicas) if waiting else [
+        n for n in layout.replicas
+        if n in down_for and down_for[n] < policy.stale_replica_timeout_seconds]
+    stale = [] if waiting else [n for n in layout.replicas if n != layout.primary
+                                and n in down_for
+                                and down_for[n] >= policy.stale_replica_timeout_seconds]
     current = [n for n in layout.replicas if n not in stale]
     for node in stale:
         events.append(Event("Warning", "ReplicaReplaced",
@@ -316,6 +329,8 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
         if live < write_quorum:
             if policy.on_quorum_loss == "Continue":
                 write_quorum = max(1, live)
+                if write_quorum < quorum:
+                    layout = replace(layout, quorum_lowered_epoch=layout.epoch)
             problem = problem or (f"only {live} of {len(layout.replicas)} replicas are live, "
                                   f"below writeQuorum {quorum}"
                                   + (": writes continue with the live ones"

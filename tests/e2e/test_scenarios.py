@@ -98,6 +98,10 @@ def remove_workloads(cluster: Cluster) -> None:
         if pv["spec"].get("csi", {}).get("driver") == DRIVER], timeout=900)
     wait_for("every SharedVolume gone",
              lambda: not items(cluster, "sharedvolumes.sharedsync.io"), timeout=900)
+    # kubelet unstages a volume (through our node plugin) a little after its pod is gone, and
+    # independently of the PV's deletion: as the chart's README says, uninstall only after
+    wait_for("every kubelet released our volumes", lambda: not volumes_in_use(cluster),
+             timeout=600)
     wait_for("every SharedVolumeSnapshot gone",
              lambda: not items(cluster, "sharedvolumesnapshots.sharedsync.io"), timeout=900)
     for kind in ("storageclass", "syncpolicies.sharedsync.io"):
@@ -105,6 +109,13 @@ def remove_workloads(cluster: Cluster) -> None:
                  if o["metadata"]["name"].startswith(E2E_PREFIX)]
         if names:
             cluster.kubectl("delete", kind, *names, "--wait=true", timeout=300)
+
+
+def volumes_in_use(cluster: Cluster) -> list[str]:
+    """Our volumes some kubelet still has mounted (a node's status.volumesInUse)."""
+    return [f"{node['metadata']['name']}: {volume}" for node in items(cluster, "nodes")
+            for volume in node.get("status", {}).get("volumesInUse") or ()
+            if f"/{DRIVER}^" in volume]
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sharedsync.core.placement import NodeView
@@ -262,11 +262,15 @@ def test_failover_never_promotes_a_replica_the_primary_saw_rebuilding() -> None:
     assert reasons(blocked) == ["FailoverBlocked"]
 
 
-def test_synchronous_failover_takes_only_a_replica_that_was_in_sync() -> None:
+#: ABC after its primary acknowledged writes below writeQuorum (onQuorumLoss: Continue)
+ABC_LOWERED = replace(ABC, quorum_lowered_epoch=ABC.epoch)
+
+
+def test_synchronous_failover_after_quorum_loss_takes_only_a_replica_that_was_in_sync() -> None:
     reports = {"b": Report(node="b", role="replica", epoch=3, primary="a", last_received=(3, 9)),
                "c": Report(node="c", role="replica", epoch=3, primary="a", last_received=(3, 2))}
     nodes, down = cluster("a", "b", "c", dead=["a"]), {"a": 5.0}
-    p = plan(intent(SYNC), ABC, nodes, reports, down, {"b": LAGGING, "c": IN_SYNC})
+    p = plan(intent(SYNC), ABC_LOWERED, nodes, reports, down, {"b": LAGGING, "c": IN_SYNC})
     assert (p.layout.primary, p.layout.epoch) == ("c", 4)
 
     # c died too: an acknowledged write may be on c alone (b was catching up), so b may lack it
@@ -281,6 +285,86 @@ def test_synchronous_failover_takes_only_a_replica_that_was_in_sync() -> None:
     # without any view of the old primary there is nothing to refuse by: the newest wins
     unknown = plan(intent(SYNC), ABC, nodes, reports, down, {})
     assert unknown.layout.primary == "b"
+
+
+@pytest.mark.parametrize("view", [
+    {"b": STALE},  # its agent's Lease lapsed once, and the primary died before it saw b again
+    {"b": LAGGING},
+    {},
+])
+def test_synchronous_failover_never_below_quorum_ignores_an_old_view(
+        view: dict[str, ReplicaState]) -> None:
+    """Two replicas, writeQuorum 2, never lowered at this epoch: every acknowledged write is on
+    b, whatever the primary's last view of b said."""
+    ab = Layout(replicas=("a", "b"), primary="a", epoch=3)
+    two = intent(policy_from_spec({"mode": "Synchronous", "replicas": 2, "writeQuorum": 2}))
+    reports = {"b": Report(node="b", role="replica", epoch=3, primary="a", last_received=(3, 7))}
+    nodes, down = cluster("a", "b", dead=["a"]), {"a": 5.0}
+    p = plan(two, ab, nodes, reports, down, view)
+    assert (p.layout.primary, p.layout.epoch) == ("b", 4)
+    assert reasons(p)[0] == "Failover"
+    # below the quorum at this epoch (Continue), a acknowledged alone while b was out: wait
+    lowered = plan(two, replace(ab, quorum_lowered_epoch=3), nodes, reports, down,
+                   {"b": STALE})
+    assert lowered.layout.primary == "a"
+    assert reasons(lowered)[0] == "FailoverBlocked"
+    # a replica seen Rebuilding never acknowledged anything it holds, and one seen Failed
+    # (a checksum error) is not served from before it is rebuilt
+    for state in (REBUILDING, FAILED):
+        assert plan(two, ab, nodes, reports, down, {"b": state}).layout.primary == "a"
+
+
+def test_synchronous_failover_waits_for_a_replica_that_may_hold_writes_the_others_lack() -> None:
+    """writeQuorum 2 of 3, never lowered: a write may be on a and c only; with c out of reach
+    (even one its primary last saw Stale), b may lack it."""
+    reports = {"b": Report(node="b", role="replica", epoch=3, primary="a", last_received=(3, 9))}
+    two_dead = cluster("a", "b", "c", dead=["a", "c"])
+    for view in ({"b": IN_SYNC, "c": STALE}, {"b": LAGGING, "c": FAILED}):
+        blocked = plan(intent(SYNC), ABC, two_dead, reports, {"a": 5.0, "c": 5.0}, view)
+        assert blocked.layout == ABC, view
+        assert reasons(blocked) == ["FailoverBlocked"]
+    # writeQuorum 3 of 3: every write is on b as well
+    all_three = intent(policy_from_spec({"mode": "Synchronous", "replicas": 3,
+                                         "writeQuorum": 3}))
+    p = plan(all_three, ABC, two_dead, reports, {"a": 5.0, "c": 5.0}, {"b": STALE, "c": STALE})
+    assert p.layout.primary == "b"
+
+
+def test_synchronous_failover_takes_the_newest_even_against_an_old_view() -> None:
+    """The status said b InSync, c Stale; since then c came back, caught up and took writes b
+    never got (b's link broke): c holds them, whatever the view said."""
+    reports = {"b": Report(node="b", role="replica", epoch=3, primary="a", last_received=(3, 5)),
+               "c": Report(node="c", role="replica", epoch=3, primary="a", last_received=(3, 9))}
+    p = plan(intent(SYNC), ABC, cluster("a", "b", "c", dead=["a"]), reports, {"a": 5.0},
+             {"b": IN_SYNC, "c": STALE})
+    assert p.layout.primary == "c"
+
+
+def test_while_failover_waits_no_replica_leaves_for_being_out_of_reach() -> None:
+    """The primary a is gone and b, the replica holding the data, looks gone too (its Lease
+    renewal late): b stays in the layout, even past staleReplicaTimeout, and no replacement
+    is placed to rebuild from the missing primary."""
+    ab = Layout(replicas=("a", "b"), primary="a", epoch=2)
+    two = intent(SYNC, desired=2)
+    nodes = cluster("a", "b", "c", dead=["a", "b"])
+    for b_gone in (3.0, 3600.0):
+        p = plan(two, ab, nodes, {}, {"a": 5.0, "b": b_gone}, {"b": IN_SYNC})
+        assert p.layout == ab, b_gone
+        assert "RebuildStarted" not in reasons(p)
+        assert "ReplicaReplaced" not in reasons(p)
+        assert reasons(p)[0] == "FailoverBlocked"
+
+
+def test_continue_below_quorum_marks_the_epoch() -> None:
+    """The plan that lowers the quorum records it in the layout (kept in the status)."""
+    reports = settled(ABC)
+    p = plan(intent(SYNC_CONTINUE), ABC, cluster("a", "b", "c", dead=["b", "c"]),
+             {"a": reports["a"]}, {"b": 5.0, "c": 5.0})
+    assert p.write_quorum == 1
+    assert p.layout.quorum_lowered_epoch == ABC.epoch
+    frozen = plan(intent(SYNC), ABC, cluster("a", "b", "c", dead=["b", "c"]),
+                  {"a": reports["a"]}, {"b": 5.0, "c": 5.0})
+    assert frozen.layout.quorum_lowered_epoch == 0
 
 
 def test_synchronous_failover_by_quorum_when_no_replica_was_seen_in_sync() -> None:
@@ -885,12 +969,15 @@ def check_plan(world: World, old: Layout, p: Plan, reports: Mapping[str, Report]
     if p.problem_reason == "InsufficientNodes":
         assert len(layout.replicas) < desired
     # a replica whose agent is gone is kept until staleReplicaTimeout (unless the count is
-    # lowered), then replaced; the primary stays whatever happens to its agent
+    # lowered), then replaced; the primary stays whatever happens to its agent; and while the
+    # primary is gone with no replica promoted, none leaves for being out of reach
     timeout = world.intent.policy.stale_replica_timeout_seconds
+    waiting = layout.primary in down
     for node in old.replicas:
-        if node in down and down[node] < timeout and len(old.replicas) <= desired:
+        if node in down and (down[node] < timeout or waiting) \
+                and len(old.replicas) <= desired:
             assert node in layout.replicas, f"{node} dropped {down[node]}s after it went"
-        if node in down and down[node] >= timeout and node != layout.primary:
+        if node in down and down[node] >= timeout and node != layout.primary and not waiting:
             assert node not in layout.replicas, f"stale {node} kept"
     # the quorum agents are given: the policy's, at most every replica asked for, lowered to
     # the live replicas only on quorum loss with Continue
@@ -1205,3 +1292,95 @@ def test_the_primary_follows_a_waiting_pod_unless_pods_use_it_where_it_is() -> N
     p = plan(intent(switchover="c"), ABC, cluster("a", "b", "c"), wanting)
     assert [a.kind for a in p.actions][:2] == [ActionKind.SYNC_NOW, PROMOTE]
     assert (p.layout.primary, p.layout.epoch) == ("c", ABC.epoch + 1)
+
+
+# -- failover never loses an acknowledged write (a model of the write path) ------------------------
+
+
+@st.composite
+def write_histories(draw: st.DrawFn) -> tuple[Policy, list[tuple[str, int]], frozenset[str]]:
+    """A Synchronous volume on a, b[, c, d] (a primary), a history of steps, and the nodes
+    whose agents are alive when a dies."""
+    count = draw(st.integers(2, 4))
+    quorum = draw(st.integers(1, count))
+    policy = policy_from_spec({"mode": "Synchronous", "replicas": count, "writeQuorum": quorum,
+                               "failover": {"onQuorumLoss": draw(
+                                   st.sampled_from(["Freeze", "Continue"]))}})
+    others = "bcd"[:count - 1]
+    steps = draw(st.lists(st.tuples(st.sampled_from(["write", "cut", "join", "down", "up",
+                                                     "catch_up", "reconcile"]),
+                                    st.integers(0, count - 2)), max_size=12))
+    alive_at_end = draw(st.frozensets(st.sampled_from(list(others))))
+    return policy, steps, alive_at_end
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(write_histories(), st.data())
+def test_synchronous_failover_never_promotes_a_replica_missing_an_acknowledged_write(
+        history: tuple[Policy, list[tuple[str, int]], frozenset[str]],
+        data: st.DataObject) -> None:
+    """The primary acknowledges a write once the plan's write quorum of replicas (itself
+    included) holds it; replicas receive snapshots in order while linked; the operator's view
+    (the status) is what the primary reported at some earlier reconcile. When the primary dies,
+    whichever replica the plan promotes holds every acknowledged write, or none is promoted."""
+    policy, steps, alive_at_end = history
+    nodes = ["a", *"bcd"[:policy.replicas - 1]]
+    layout = Layout(replicas=tuple(nodes), primary="a", epoch=1)
+    held = dict.fromkeys(nodes, 0)  # newest sequence each replica holds completely
+    linked = set(nodes)  # replicas the primary's pushes reach
+    agents = set(nodes)  # replicas whose agent holds its Lease
+    seq = acknowledged = 0
+    quorum = policy.write_quorum
+    views: list[dict[str, ReplicaState]] = []
+
+    def reports() -> dict[str, Report]:
+        return {n: Report(node=n, role="primary" if n == "a" else "replica", epoch=1,
+                          primary="a", last_received=(1, held[n])) for n in agents}
+
+    def view() -> dict[str, ReplicaState]:
+        return {n: (IN_SYNC if held[n] == seq else LAGGING) if n in linked else STALE
+                for n in nodes if n != "a"}
+
+    views.append({n: REBUILDING for n in nodes if n != "a"})  # as placed
+    for kind, index in steps:
+        node = nodes[1 + index]
+        if kind == "write":
+            seq += 1
+            for n in linked:
+                held[n] = seq if held[n] == seq - 1 else held[n]  # in order, or not at all
+            if sum(1 for n in nodes if held[n] == seq) >= quorum:
+                acknowledged = seq
+        elif kind == "cut":
+            linked.discard(node)
+        elif kind == "join":
+            linked.add(node)
+        elif kind == "down":
+            agents.discard(node)
+            linked.discard(node)
+        elif kind == "up":
+            agents.add(node)
+        elif kind == "catch_up" and node in linked:
+            held[node] = seq
+        elif kind == "reconcile":
+            down = {n: 1.0 for n in nodes if n not in agents}
+            p = plan(intent(policy), layout, cluster(*nodes, dead=sorted(down)), reports(),
+                     down, view())
+            layout, quorum = p.layout, p.write_quorum
+            views.append(view())
+    assert layout.primary == "a"  # nothing failed over while a lived
+
+    # a dies; the status holds the view of some earlier reconcile
+    agents = set(alive_at_end)
+    down = {n: 5.0 for n in nodes if n not in agents}
+    last_view = data.draw(st.sampled_from(views))
+    if quorum < 2 or layout.quorum_lowered_epoch == layout.epoch:
+        # below two, writes were acknowledged by the primary alone: only a view as of its
+        # death can tell who holds them (the trade onQuorumLoss: Continue and writeQuorum 1
+        # make: the writes of the last moments before a failover)
+        last_view = view()
+    p = plan(intent(policy), layout, cluster(*nodes, dead=sorted(down)), reports(), down,
+             last_view)
+    event("promoted" if p.layout.primary != "a" else "waits")
+    if p.layout.primary != "a":
+        promoted = p.layout.primary
+        assert held[promoted] >= acknowledged, (promoted, held, acknowledged, last_view)
