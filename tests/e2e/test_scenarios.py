@@ -602,10 +602,6 @@ def test_7_bandwidth_cap_bounds_the_replication_rate(cluster: Cluster, ns: str) 
 # -- 8. cleanup ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap (issue 8 left open on this point): replicas of volumes deleted together with "
-    "their pods, and the FUSE mount of one, can outlive helm uninstall when the operator is "
-    "removed before it finished removing them"))
 def test_8_uninstall_leaves_nothing_on_the_nodes(cluster: Cluster, release: str) -> None:
     nodes = cluster.storage_nodes()
     remove_workloads(cluster)
