@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import stat
@@ -55,7 +54,7 @@ from .node import (
     filesystem_usage,
 )
 from .proto import csi_pb2
-from .validation import Capability
+from .validation import Capability, mode_of
 
 log = structlog.get_logger(__name__)
 
@@ -105,17 +104,6 @@ class StagedVolumes:
 
     def remove(self, volume_id: str) -> None:
         self._path(volume_id).unlink(missing_ok=True)
-
-
-def _is_file(path: str) -> bool:
-    """Path.is_file, except that a dead FUSE mount (the agent's, after it died) is no file
-    rather than an error: unstaging must clean it up."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENOTCONN):
-            return False
-        raise
 
 
 def location(path: str, table: list[mounts.MountEntry]) -> tuple[str, str] | None:
@@ -242,7 +230,10 @@ class AgentNodeService(NodeServiceBase):
                         volume_id=volume_id, staging_target_path=str(staging))
         mounts.unmount(staging)
         staged = self.staged.get(volume_id)
-        if staged is not None and _is_file(staged.source):
+        # a dead FUSE mount (the agent's, after it died) is no file rather than an error:
+        # unstaging must clean it up
+        mode = mode_of(staged.source, follow=True) if staged is not None else None
+        if staged is not None and mode is not None and stat.S_ISREG(mode):
             loop.detach_all(staged.source)
 
     # -- expansion, health -------------------------------------------------------------------

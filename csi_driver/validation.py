@@ -150,19 +150,22 @@ def check_path(value: str, field: str, roots: Sequence[Path]) -> Path:
         if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
             raise InvalidArgument(f"{field} {value!r} passes through {current}, "
                                   "which is not a plain directory")
-    try:
-        is_link = stat.S_ISLNK(path.lstat().st_mode)
-    except FileNotFoundError:
-        is_link = False
-    except OSError as exc:
-        # a FUSE mount whose daemon died answers ENOTCONN: a mount point, not a link, and
-        # exactly what an unstage or unpublish must be able to clean up
-        if exc.errno != errno.ENOTCONN:
-            raise
-        is_link = False
-    if is_link:
+    own_mode = mode_of(path, follow=False)
+    if own_mode is not None and stat.S_ISLNK(own_mode):
         raise InvalidArgument(f"{field} {value!r} is a symbolic link")
     return path
+
+
+def mode_of(path: str | Path, *, follow: bool) -> int | None:
+    """``st_mode`` of ``path`` (``stat``, or ``lstat`` without ``follow``); None when there is
+    nothing there. A FUSE mount whose daemon died answers ENOTCONN: a dead mount point, not an
+    error, and exactly what an unstage or unpublish must be able to clean up."""
+    try:
+        return (os.stat(path) if follow else os.lstat(path)).st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENOTCONN):
+            return None
+        raise
 
 
 def lookup_path(value: str, field: str, roots: Sequence[Path]) -> Path:

@@ -17,8 +17,13 @@ import pytest
 
 from replication_agent.proto import agent_pb2 as pb
 from sharedsync.storage import btrfs
-from tests.cluster.netns import netns_unavailable
-from tests.integration.agent_harness import AgentCluster, tree_digest, volume_spec, wait_until
+from tests.integration.agent_harness import (
+    AgentCluster,
+    started_cluster,
+    tree_digest,
+    volume_spec,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -27,15 +32,7 @@ VOLUME = "vol-" + "a1" * 12
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    workdir = Path(tmp_path_factory.mktemp("agents"))
-    cluster = AgentCluster(workdir)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    yield from started_cluster(tmp_path_factory, "agents")
 
 
 def write_files(root: Path, count: int, size: int, seed: int) -> None:

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
-from tests.cluster.netns import netns_unavailable
-from tests.integration.agent_harness import AgentCluster, volume_spec, wait_until
+from tests.integration.agent_harness import AgentCluster, started_cluster, volume_spec, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
 
@@ -28,14 +27,7 @@ PER_FILE = 100
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    cluster = AgentCluster(Path(tmp_path_factory.mktemp("sync")))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    yield from started_cluster(tmp_path_factory, "sync")
 
 
 def record(i: int) -> bytes:
