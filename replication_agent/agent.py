@@ -150,7 +150,8 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         async def stop_one(engine: VolumeEngine) -> None:
             async with limit:
                 try:
-                    await asyncio.wait_for(engine.stop(), STOP_TIMEOUT_SECONDS)
+                    async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
+                        await engine.stop()
                 except TimeoutError:
                     log.warning("volume did not stop in time", volume_id=engine.volume_id)
                 try:
@@ -289,15 +290,21 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             raise FailedPrecondition(f"{self.node} is not the primary of {engine.volume_id}")
         target = await engine.cycle()
         if target is not None:
-            await asyncio.wait_for(
-                asyncio.gather(*(link.wait_for(target) for link in engine.links.values())),
-                timeout=SYNC_WAIT_SECONDS)
+            async with asyncio.timeout(SYNC_WAIT_SECONDS):
+                await asyncio.gather(*(link.wait_for(target) for link in engine.links.values()))
         engine.audit(AuditKind.SYNC, trigger=trigger, snapshot=target.name if target else "")
         return target
 
     async def SyncNow(self, request: pb.SyncNowRequest, context: Any) -> pb.VolumeStatus:
         engine = self.engine(request.volume_id)
-        await self._sync(engine, "sync-now")
+        handover = request.handover and engine.multiwriter is None
+        if handover:
+            engine.begin_handover()
+        try:
+            await self._sync(engine, "handover" if handover else "sync-now")
+        except BaseException:
+            engine.handover_until = None  # no move follows a failed sync: pods here may attach
+            raise
         return await asyncio.to_thread(engine.status)
 
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest,
@@ -382,6 +389,10 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
                 f"volume {request.volume_id} is served by {engine.primary}, not {self.node} "
                 "(only multi-writer volumes are served by every replica); the operator moves "
                 "it here once that is safe")
+        if engine.handing_over():
+            raise FailedPrecondition(
+                f"volume {request.volume_id} is moving its primary from {self.node} to a node "
+                "where a pod waits for it; retry once that is done")
         return pb.AttachResponse(path=str(await engine.attach()))
 
     async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:

@@ -25,7 +25,6 @@ is never overwritten: the change waits for the next round, after the next scan.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import stat as stat_module
 import string
 import time
@@ -57,7 +56,7 @@ from sharedsync.core.file_merge import (
 from sharedsync.core.framing import CorruptFrame, FrameDecoder, FrameEncoder
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 from sharedsync.storage import btrfs
-from sharedsync.tasks import cancel_and_wait
+from sharedsync.tasks import cancel_and_wait, wait_event
 
 from . import metrics
 from .livetree import Incoming, LiveTree
@@ -363,10 +362,7 @@ class MultiWriter:
 
     async def _loop(self) -> None:
         while True:
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval())
-                woken = True
+            woken = await wait_event(self._wake, self.interval())
             self._wake.clear()
             if self.host.spec.policy.paused and not woken:
                 continue
@@ -388,7 +384,8 @@ class MultiWriter:
         reachable = [p for p in pullers if p.view.unreachable_since is None]
         tickets = [(p, p.kick()) for p in pullers]
         waits = [p.wait(ticket) for p, ticket in tickets if p in reachable]
-        await asyncio.wait_for(asyncio.gather(*waits), SYNC_NOW_WAIT_SECONDS)
+        async with asyncio.timeout(SYNC_NOW_WAIT_SECONDS):
+            await asyncio.gather(*waits)
         missed = [p.node for p in pullers if p not in reachable or p.view.failures > 0]
         self.host.audit(AuditKind.SYNC, trigger="sync-now", multi_writer=True,
                         unreachable=",".join(missed))

@@ -68,7 +68,7 @@ from sharedsync.core.token_bucket import TokenBucket
 from sharedsync.storage import btrfs
 from sharedsync.storage.files import atomic_write
 from sharedsync.storage.replicas import ReplicaStore, VolumeKind
-from sharedsync.tasks import cancel_and_wait
+from sharedsync.tasks import cancel_and_wait, wait_event
 
 from . import metrics
 from .audit import AuditLog
@@ -104,6 +104,10 @@ LATENCY_WINDOW = 1024
 #: How long an Attach refused here (another node is primary) keeps ``attach_wanted`` up:
 #: longer than kubelet's longest backoff between mount retries (about 2 minutes).
 ATTACH_WANTED_SECONDS = 180.0
+#: How long a primary that agreed to hand over (SyncNow with ``handover``) refuses new Attach
+#: calls: the operator promotes the new primary right after; if it never does (it died), pods
+#: here can use the volume again after this.
+HANDOVER_SECONDS = 60.0
 #: Consecutive non-network push failures after which a replica is Failed (and rebuilt).
 ERRORS_BEFORE_FAILED = 5
 #: Complete snapshots a replica keeps (the newest is the next parent; one more covers a lost ack).
@@ -387,6 +391,7 @@ class VolumeEngine:
         self.attached = False
         #: When a pod here last asked for the volume while another node served it.
         self.attach_wanted_at: float | None = None
+        self.handover_until: float | None = None
         self.last_clean_check = time.time()
         self._cycle_lock = asyncio.Lock()
         self._receive_lock = asyncio.Lock()
@@ -533,7 +538,7 @@ class VolumeEngine:
         if epoch <= self.epoch:
             return
         was_primary = self.role is Role.PRIMARY
-        self.epoch, self.primary = epoch, primary
+        self.epoch, self.primary, self.handover_until = epoch, primary, None
         if primary != self.node:
             self.role = Role.REPLICA
             await self.stop()
@@ -578,6 +583,7 @@ class VolumeEngine:
                 if kept:
                     self.audit(AuditKind.PROMOTION, diverged_kept_as=kept)
             self.epoch, self.role, self.primary, self.fenced = epoch, Role.PRIMARY, self.node, False
+            self.handover_until = None
             self.persist()
         metrics.EPOCH.labels(self.volume_id).set(epoch)
         self.audit(AuditKind.PROMOTION, epoch=epoch, snapshot=newest.name if newest else "")
@@ -615,10 +621,7 @@ class VolumeEngine:
             if policy.mode == pb.SCHEDULED and policy.schedule:
                 now = datetime.datetime.now(datetime.UTC)
                 timeout = (next_after(policy.schedule, now) - now).total_seconds()
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-                woken = True
+            woken = await wait_event(self._wake, timeout)
             self._wake.clear()
             if policy.paused and not woken:
                 continue
@@ -808,6 +811,22 @@ class VolumeEngine:
         """A pod here asked for the volume while another node serves it: say so in status
         (``attach_wanted``) until it is served here or the asking stops."""
         self.attach_wanted_at = time.monotonic()
+
+    def begin_handover(self) -> None:
+        """The operator is about to move the primary to a node where a pod waits for it.
+
+        Refused while pods here use the volume: the operator decided on a status a few seconds
+        old, and moving now would fence them. Otherwise no new pod may start using this replica
+        until the move is done (or given up, after ``HANDOVER_SECONDS``).
+        """
+        if self.attached:
+            raise FailedPrecondition(
+                f"volume {self.volume_id} is in use on {self.node}: its primary stays here "
+                "while pods use it")
+        self.handover_until = time.monotonic() + HANDOVER_SECONDS
+
+    def handing_over(self) -> bool:
+        return self.handover_until is not None and time.monotonic() < self.handover_until
 
     def attach_wanted(self) -> bool:
         return (self.attach_wanted_at is not None

@@ -1,4 +1,12 @@
-"""Background asyncio tasks: the one way to stop one."""
+"""Background asyncio tasks: the one way to stop one, and the one way for a loop to wait.
+
+On Python 3.11, ``asyncio.wait_for`` loses a cancellation that arrives in the same loop
+iteration as the awaited thing completes (it returns the result instead of raising). A
+background loop that waits with it on an :class:`asyncio.Event` can then outlive the
+``cancel_and_wait`` that was meant to stop it, and that caller waits forever: a replica that
+was told to follow a new primary stayed half-stopped this way. ``asyncio.timeout`` counts
+cancellations and never loses one, so every wait of ours goes through it.
+"""
 
 from __future__ import annotations
 
@@ -15,3 +23,17 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until ``event`` is set (True) or ``seconds`` passed (False).
+
+    A cancellation of the waiting task always propagates, even when the event is set in the
+    same loop iteration (see the module docstring).
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -195,9 +195,13 @@ class Agents:
                                             timeout=CALL_TIMEOUT_SECONDS)
         self._forget(node, volume_id)
 
-    async def sync_now(self, node: str, volume_id: str) -> pb.VolumeStatus:
-        status = await self._stub(node).SyncNow(pb.SyncNowRequest(volume_id=volume_id),
-                                               timeout=SYNC_NOW_TIMEOUT_SECONDS)
+    async def sync_now(self, node: str, volume_id: str,
+                       handover: bool = False) -> pb.VolumeStatus:
+        """One sync cycle on the primary ``node``; with ``handover``, the first step of moving
+        the primary to a node where a pod waits (refused while pods on ``node`` use it)."""
+        status = await self._stub(node).SyncNow(
+            pb.SyncNowRequest(volume_id=volume_id, handover=handover),
+            timeout=SYNC_NOW_TIMEOUT_SECONDS)
         self._remember(node, status)
         return status
 

@@ -26,6 +26,7 @@ from sharedsync.kubeclient import api_client
 from sharedsync.leases import LeaseKeeper
 from sharedsync.lifecycle import until_terminated
 from sharedsync.observability import configure_logging, serve_metrics
+from sharedsync.tasks import wait_event
 
 from .agents import Agents
 from .kube import Kube
@@ -149,8 +150,7 @@ async def run(args: argparse.Namespace) -> int:
                 break
         except Exception as exc:  # noqa: BLE001 - keep waiting through API outages
             log.warning("could not read the leader lease", error=str(exc)[:300])
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), args.lease_duration / 3)
+        await wait_event(stop, args.lease_duration / 3)
     if stop.is_set():
         await health.stop()
         await connection.close()

@@ -240,8 +240,10 @@ class VolumeReconciler:
         statuses = self.agents.volume_reports(name)
         reports = {node: report_of(node, s) for node, s in statuses.items()}
         switchover_to = annotations.get(SWITCHOVER) or None
+        following_consumer = False
         if switchover_to is None and not multi_writer(spec):
             switchover_to = consumer_switchover(old_layout, reports)
+            following_consumer = switchover_to is not None
             following = ("FollowingConsumer",
                          f"a pod on {switchover_to} waits for the volume: moving the primary "
                          "there")
@@ -284,9 +286,11 @@ class VolumeReconciler:
         for action in plan.actions:
             if action.kind is not ActionKind.SYNC_NOW:
                 continue
-            # the old primary ships everything before the new layout exists anywhere
-            if not await self._call(emit, "SyncNow", action.node,
-                                    self.agents.sync_now(action.node, name)):
+            # the old primary ships everything before the new layout exists anywhere; when
+            # following a pod, it refuses if pods on its node started using the volume since
+            # its last report (and takes no new ones until the move is done)
+            if not await self._call(emit, "SyncNow", action.node, self.agents.sync_now(
+                    action.node, name, handover=following_consumer)):
                 return
             switched = True
         if plan.layout != old_layout:

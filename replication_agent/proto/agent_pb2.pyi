@@ -1167,15 +1167,23 @@ class SyncNowRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VOLUME_ID_FIELD_NUMBER: _builtins.int
+    HANDOVER_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
+    handover: _builtins.bool
+    """Set by the operator when it moves the primary to a node where a pod waits for the
+    volume: the primary refuses (FAILED_PRECONDITION) while pods on its own node use the
+    volume, and otherwise refuses new Attach calls for HANDOVER_SECONDS, so no pod starts
+    using a replica that is about to be fenced.
+    """
     def __init__(
         self,
         *,
         volume_id: _builtins.str = ...,
+        handover: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handover", b"handover", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -473,6 +473,10 @@ def node_plugin(workdir: Path, node: str,
             yield csi_pb2_grpc.NodeStub(channel), kubelet
     finally:
         process.stop()
+        # a test that failed half-way must not leave mounts behind: they outlive the temporary
+        # directory, and every later check of this host's mounts would trip over them
+        for point, _ in sorted(mounts_under(kubelet), reverse=True):
+            subprocess.run(["umount", "--lazy", point], check=False)
 
 
 def mount_capability() -> csi_pb2.VolumeCapability:

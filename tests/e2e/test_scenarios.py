@@ -15,10 +15,12 @@ a cap promises.
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import re
 import secrets
 import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -63,6 +65,8 @@ E2E_PREFIX = "e2e-"
 RECORDS = "/data/records.log"
 #: a run's record tags are unique, so records of an earlier run (kept cluster) never count
 RUN = secrets.token_hex(2)
+#: Where pytest keeps every run's temporary directories on this host (other tiers mount there).
+PYTEST_TEMP_ROOT = f"{tempfile.gettempdir()}/pytest-of-{getpass.getuser()}/"
 
 Obj = dict[str, Any]
 
@@ -626,7 +630,11 @@ def leftovers_on(cluster: Cluster, node: str) -> list[str]:
         fstype = fields[fields.index("-") + 1]
         ours = point.startswith(("/var/lib/sharedsync/",
                                  f"/var/lib/kubelet/plugins/kubernetes.io/csi/{DRIVER}/"))
-        if ours or "/volumes/kubernetes.io~csi/" in point or fstype.startswith("fuse.sharedsync"):
+        # a node of the local cluster sees the host's mounts too: those of other test tiers
+        # (under pytest's temporary root) are not the cluster's
+        elsewhere = point.startswith(PYTEST_TEMP_ROOT)
+        if ours or "/volumes/kubernetes.io~csi/" in point or (
+                fstype.startswith("fuse.sharedsync") and not elsewhere):
             found.append(f"mount {point} ({fstype})")
     loops = cluster.node_exec(node, "losetup", "--list", "--noheadings", "--output",
                               "NAME,BACK-FILE").stdout

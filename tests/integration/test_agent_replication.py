@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
@@ -199,9 +200,11 @@ def test_a_fenced_old_primary_can_be_promoted_again(cluster: AgentCluster) -> No
     cluster.proxies[("b", "a")].client.partition()
     cluster.agents["b"].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
     write_files(live_a, 1, 32 << 10, seed=12)
-    wait_until(lambda: cluster.agents["a"].volume(VOLUME).fenced, timeout=60,
-               what="a fenced")
-    assert btrfs.subvolume_info(live_a).read_only
+    # the write path refuses writes from the moment a is fenced; its live is made read-only
+    # right after (a btrfs transaction, off the event loop)
+    wait_until(lambda: cluster.agents["a"].volume(VOLUME).fenced
+               and btrfs.subvolume_info(live_a).read_only, timeout=60,
+               what="a fenced, its live read-only")
     cluster.proxies[("b", "a")].client.heal()
     # then a learns of epoch 2 and follows b as a replica, as the operator tells it to
     cluster.apply(volume_spec(VOLUME, ["a", "b"], "b", mode=pb.ASYNCHRONOUS, max_lag=1.0,
@@ -223,6 +226,64 @@ def test_a_fenced_old_primary_can_be_promoted_again(cluster: AgentCluster) -> No
                               epoch=3))
     wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="b follows a again")
     assert_replicas_match(cluster, "a", ["b"])
+
+
+def test_a_switchover_moves_the_primary_of_an_attached_volume(cluster: AgentCluster) -> None:
+    """The operator's switchover, step by step: the old primary ships everything, the new one
+    is promoted, then the new layout reaches every replica. The old primary, serving a mount
+    with a file just written, stops serving it and follows at once (it once stayed half-stopped
+    here: its loop missed the cancel that met a wake-up from the unmount, and the ApplyVolume
+    that carried the new layout never returned)."""
+    cluster.apply(volume_spec(VOLUME, ["a", "c"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    mount = Path(cluster.agents["a"].call("Attach", pb.AttachRequest(volume_id=VOLUME)).path)
+    payload = random.Random(31).randbytes(512 << 10)
+    with open(mount / "through-fuse.bin", "wb") as out:
+        out.write(payload)
+        out.flush()
+        os.fsync(out.fileno())
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=120)
+    cluster.agents["c"].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
+    cluster.apply(volume_spec(VOLUME, ["a", "c"], "c", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                              epoch=2))
+    status_a = cluster.agents["a"].volume(VOLUME)
+    assert (status_a.epoch, status_a.role, status_a.primary_node) == (2, "replica", "c")
+    assert not os.path.ismount(mount)  # a serves the volume no more
+    assert (cluster.agents["c"].live(VOLUME) / "through-fuse.bin").read_bytes() == payload
+    # the new primary's writes reach the old one
+    write_files(cluster.agents["c"].live(VOLUME), 2, 32 << 10, seed=32)
+    cluster.agents["c"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=120)
+    assert in_sync(cluster, "c", ["a"])
+    assert_replicas_match(cluster, "c", ["a"])
+
+
+def test_a_handover_waits_until_no_pod_uses_the_primary(cluster: AgentCluster) -> None:
+    """Moving the primary to where a pod waits (SyncNow with ``handover``) is refused while
+    pods on the primary's node use the volume: the operator decided on a status a few seconds
+    old, and moving would fence them. Once agreed, no new pod may attach there."""
+    cluster.apply(volume_spec(VOLUME, ["a", "c"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    with pytest.raises(grpc.RpcError) as refused:
+        cluster.agents["c"].call("Attach", pb.AttachRequest(volume_id=VOLUME))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert cluster.agents["c"].volume(VOLUME).attach_wanted  # a pod waits on c
+    cluster.agents["a"].call("Attach", pb.AttachRequest(volume_id=VOLUME))
+    handover = pb.SyncNowRequest(volume_id=VOLUME, handover=True)
+    with pytest.raises(grpc.RpcError) as in_use:
+        cluster.agents["a"].call("SyncNow", handover, timeout=120)
+    assert in_use.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "in use on a" in (in_use.value.details() or "")
+    assert cluster.agents["a"].volume(VOLUME).attached
+    cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+    cluster.agents["a"].call("SyncNow", handover, timeout=120)
+    with pytest.raises(grpc.RpcError) as moving:
+        cluster.agents["a"].call("Attach", pb.AttachRequest(volume_id=VOLUME))
+    assert moving.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is moving its primary" in (moving.value.details() or "")
+    cluster.agents["c"].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
+    cluster.apply(volume_spec(VOLUME, ["a", "c"], "c", mode=pb.ASYNCHRONOUS, max_lag=1.0,
+                              epoch=2))
+    served = cluster.agents["c"].call("Attach", pb.AttachRequest(volume_id=VOLUME))
+    assert os.path.ismount(served.path)
+    cluster.agents["c"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
 
 
 def test_incremental_receive_killed_midway_leaves_previous_snapshot(
