@@ -29,7 +29,15 @@ from typing import BinaryIO
 import blake3
 import structlog
 
-from sharedsync.core.file_merge import TEMP_PREFIX, Hashed, Record, StatKey, is_tracked_mode
+from sharedsync.core.file_merge import (
+    DIRECTORY,
+    TEMP_PREFIX,
+    Hashed,
+    Record,
+    StatKey,
+    directory_key,
+    is_tracked_mode,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -41,8 +49,9 @@ FICLONE = 0x40049409
 
 
 def stat_key(st: os.stat_result) -> StatKey:
-    return StatKey(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, mode=st.st_mode,
-                   uid=st.st_uid, gid=st.st_gid)
+    """The versioned part of a stat (of a directory: without its mtime and size)."""
+    return directory_key(StatKey(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino,
+                                 mode=st.st_mode, uid=st.st_uid, gid=st.st_gid))
 
 
 def _split(rel: str) -> tuple[list[str], str]:
@@ -98,7 +107,8 @@ class LiveTree:
     # -- reading -------------------------------------------------------------------------------
 
     def walk(self, *, sweep: bool = False) -> dict[str, StatKey]:
-        """Every regular file and symlink (path -> stat), skipping our temporary files (and
+        """Every directory, regular file and symlink below the root (path -> stat), skipping
+        our temporary files (and
         deleting them with ``sweep``: leftovers of a stopped agent). Names that are not UTF-8
         cannot travel in the protocol and are skipped with a warning."""
         found: dict[str, StatKey] = {}
@@ -130,6 +140,7 @@ class LiveTree:
                                 except OSError:
                                     continue  # gone, or swapped for something else
                                 stack.append((f"{rel}/", child))
+                                found[rel] = stat_key(os.fstat(child))
                             elif is_tracked_mode(st.st_mode):
                                 found[rel] = stat_key(st)
                 finally:
@@ -158,6 +169,9 @@ class LiveTree:
         parts, name = _split(rel)
         try:
             with self.directory(parts) as dfd:
+                if stat.S_ISDIR(seen.mode):
+                    now = stat_key(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+                    return Hashed(seen, DIRECTORY) if now == seen else None
                 if stat.S_ISLNK(seen.mode):
                     target = os.fsencode(os.readlink(name, dir_fd=dfd))
                     after = stat_key(os.stat(name, dir_fd=dfd, follow_symlinks=False))
@@ -237,7 +251,10 @@ class LiveTree:
         return incoming
 
     def set_metadata(self, rel: str, record: Record) -> StatKey:
-        """Give the file at ``rel`` the owner, mode and mtime of ``record`` (content as is)."""
+        """Give the file at ``rel`` the owner, mode and mtime of ``record`` (content as is;
+        a directory gets its owner and mode)."""
+        if record.is_directory:
+            return self.make_directory(rel, record)
         parts, name = _split(rel)
         with self.directory(parts) as dfd:
             if stat.S_ISLNK(record.mode):
@@ -252,10 +269,51 @@ class LiveTree:
             finally:
                 os.close(fd)
 
+    def make_directory(self, rel: str, record: Record) -> StatKey:
+        """The directory ``rel`` with the owner and mode of ``record``: made (parents too) if
+        missing, taken over if there, in place of a file or symlink that is there (the merge
+        checked that one is the version it replaces)."""
+        parts, name = _split(rel)
+        with self.directory(parts, create=True) as dfd:
+            try:
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            except FileExistsError:
+                there = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISDIR(there.st_mode):
+                    os.unlink(name, dir_fd=dfd)
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+            fd = os.open(name, OPEN_DIR, dir_fd=dfd)
+            try:
+                os.fchown(fd, record.uid, record.gid)  # before the mode, as for files
+                os.fchmod(fd, stat.S_IMODE(record.mode))
+                key = stat_key(os.fstat(fd))
+            finally:
+                os.close(fd)
+            os.fsync(dfd)
+            return key
+
+    def remove_directory(self, rel: str) -> bool:
+        """Remove the directory ``rel`` if it is empty (or already gone): True. False when
+        something is in it: it was written on this node, so the directory stays."""
+        parts, name = _split(rel)
+        try:
+            with self.directory(parts) as dfd:
+                try:
+                    os.rmdir(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    return True
+                except OSError as exc:
+                    if exc.errno == errno.ENOTEMPTY:
+                        return False
+                    raise
+                os.fsync(dfd)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        return True
+
     def unlink(self, rel: str) -> None:
-        """Remove the file at ``rel`` if it is there. Directories are left alone even when
-        this empties them: they are not versioned, and an application on this node may still
-        expect its (now empty) directory."""
+        """Remove the file at ``rel`` if it is there (directories are removed by their own
+        record, once empty: :meth:`remove_directory`)."""
         parts, name = _split(rel)
         try:
             with self.directory(parts) as dfd:

@@ -3,7 +3,8 @@
 One SQLite database per volume (WAL, synchronous=FULL), written in one transaction per scan or
 merge, so a SIGKILL or a power cut leaves it as it was before or after a cycle, never between:
 
-* ``files``: one :class:`~sharedsync.core.file_merge.Record` per path (tombstones included).
+* ``files``: one :class:`~sharedsync.core.file_merge.Record` per path (tombstones included,
+  until every peer merged them; ``meta.floor`` joins the vectors of those dropped).
   Its ``seq`` column is the change log: a record takes the next sequence number whenever it
   changes, so "the changes after N" is a range query, and the log is compacted by construction
   (a path appears once, at its newest change);
@@ -113,6 +114,7 @@ class ManifestDB:
                 self._db.execute("INSERT INTO meta VALUES ('incarnation', ?)",
                                  (secrets.token_hex(16),))
                 self._db.execute("INSERT INTO meta VALUES ('head', '0')")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('floor', '{}')")
         self.incarnation = self._meta("incarnation")
 
     def close(self) -> None:
@@ -126,6 +128,21 @@ class ManifestDB:
 
     def head(self) -> int:
         return int(self._meta("head"))
+
+    def floor(self) -> VersionVector:
+        """The join of every dropped tombstone's vector (see ``file_merge.plan_scan``)."""
+        return VersionVector.of(json.loads(self._meta("floor")))
+
+    def drop_tombstones(self, dropped: Iterable[Record], floor: VersionVector) -> None:
+        """Forget tombstones every peer merged, and raise the floor, in one transaction. A
+        path whose record changed since (another sequence number) keeps it."""
+        rows = [(r.path, r.seq) for r in dropped if r.deleted]
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM files WHERE path=? AND seq=? AND digest='-'",
+                                 rows)
+            self._db.execute("UPDATE meta SET value=? WHERE key='floor'",
+                             (_vector_json(floor),))
 
     def records(self) -> dict[str, Record]:
         with self._lock:

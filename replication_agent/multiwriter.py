@@ -25,6 +25,7 @@ is never overwritten: the change waits for the next round, after the next scan.
 from __future__ import annotations
 
 import asyncio
+import errno
 import stat as stat_module
 import string
 import time
@@ -40,6 +41,7 @@ import structlog
 from sharedsync.core.audit_chain import AuditKind
 from sharedsync.core.errors import InvalidArgument
 from sharedsync.core.file_merge import (
+    DIRECTORY,
     TOMBSTONE,
     ConflictNote,
     MergePlan,
@@ -47,11 +49,13 @@ from sharedsync.core.file_merge import (
     Step,
     Write,
     check_path,
+    collectable_tombstones,
     exchange_interval,
     is_tracked_mode,
     needs_hash,
     plan_merge,
     plan_scan,
+    raised_floor,
 )
 from sharedsync.core.framing import CorruptFrame, FrameDecoder, FrameEncoder
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
@@ -81,6 +85,8 @@ PULL_TIMEOUT_SECONDS = 60.0
 FETCH_TIMEOUT_SECONDS = 600.0
 #: A scan walks the tree at least this often even when ``ctransid`` did not move.
 FULL_SCAN_EVERY_SECONDS = 60.0
+#: How often tombstones every peer merged are dropped (see file_merge.collectable_tombstones).
+COLLECT_EVERY_SECONDS = 60.0
 #: A peer unreachable this long is reported Stale.
 STALE_AFTER_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 5.0
@@ -93,7 +99,7 @@ MODE_NAMES = {pb.SYNCHRONOUS: "Synchronous", pb.ASYNCHRONOUS: "Asynchronous",
 _HEX = set(string.hexdigits.lower())
 #: Errors that mean "something of another kind is where this path must go" (a directory where a
 #: file must be, a file where a directory must be): not retried, since no round would change it.
-_BLOCKING_ERRNOS = (20, 21, 40)  # ENOTDIR, EISDIR, ELOOP
+_BLOCKING_ERRNOS = (20, 21, 39, 40)  # ENOTDIR, EISDIR, ENOTEMPTY, ELOOP
 
 
 class Host(Protocol):
@@ -126,7 +132,8 @@ async def _finished(work: Awaitable[T]) -> T:
 def change_message(record: Record) -> pb.FileChange:
     message = pb.FileChange(
         path=record.path, seq=record.seq, vector=dict(record.vector.counters),
-        digest="" if record.deleted else record.digest, size=record.size, mode=record.mode,
+        digest="" if record.deleted or record.is_directory else record.digest,
+        size=record.size, mode=record.mode,
         mtime_ns=record.mtime_ns, deleted=record.deleted, writer=record.writer,
         uid=record.uid, gid=record.gid)
     if record.conflict is not None:
@@ -144,13 +151,16 @@ def record_of(message: pb.FileChange) -> Record:
     vector = VersionVector.of(dict(message.vector))
     if not message.writer or not vector:
         raise InvalidArgument(f"change of {path!r} names no writer or has an empty vector")
+    mtime_ns = message.mtime_ns
     if message.deleted:
         digest, mode, size = TOMBSTONE, 0, 0
+    elif stat_module.S_ISDIR(message.mode):
+        digest, mode, size, mtime_ns = DIRECTORY, message.mode, 0, 0
     else:
         if len(message.digest) != 64 or not set(message.digest) <= _HEX:
             raise InvalidArgument(f"change of {path!r} has no BLAKE3 digest")
         if not is_tracked_mode(message.mode):
-            raise InvalidArgument(f"change of {path!r} is neither a file nor a symlink")
+            raise InvalidArgument(f"change of {path!r} is not a file, symlink or directory")
         digest, mode, size = message.digest, message.mode, message.size
     note = None
     if message.HasField("conflict"):
@@ -160,7 +170,7 @@ def record_of(message: pb.FileChange) -> Record:
                             loser_node=c.loser_node, loser_digest=c.loser_digest,
                             kept_as=c.kept_as)
     return Record(path=path, vector=vector, digest=digest, size=size, mode=mode,
-                  mtime_ns=message.mtime_ns, writer=message.writer, uid=message.uid,
+                  mtime_ns=mtime_ns, writer=message.writer, uid=message.uid,
                   gid=message.gid, seq=message.seq, conflict=note)
 
 
@@ -289,6 +299,10 @@ class MultiWriter:
         self.db: ManifestDB | None = None
         self.records: dict[str, Record] = {}
         self.head = 0
+        #: The join of the dropped tombstones' vectors: a path without a record starts here.
+        self.floor = VersionVector()
+        #: Peer -> the sequence of this replica's change log it says it merged (this run).
+        self.merged_by: dict[str, int] = {}
         self.known_conflicts: set[str] = set()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -302,6 +316,7 @@ class MultiWriter:
         self._first_scan = True
         self._scanned_hint: int | None = None
         self._last_walk = 0.0
+        self._last_collect = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -310,6 +325,7 @@ class MultiWriter:
         self.db = await asyncio.to_thread(ManifestDB, self.db_path)
         self.records = await asyncio.to_thread(self.db.records)
         self.head = await asyncio.to_thread(self.db.head)
+        self.floor = await asyncio.to_thread(self.db.floor)
         self.known_conflicts = await asyncio.to_thread(self.db.known_conflicts)
         await self.scan(force=True)
         self.sync_peers()
@@ -428,7 +444,7 @@ class MultiWriter:
                     hashed[path] = found
         pending = db.pending() if self._first_scan else {}
         result = plan_scan(self.records, observed, hashed, node=self.node, now_ns=now,
-                           next_seq=self.head + 1, pending=pending)
+                           next_seq=self.head + 1, pending=pending, floor=self.floor)
         touched = [*result.changed, *result.refreshed]
         if touched or pending:
             db.commit(records=touched, head=result.next_seq - 1, clear_pending=True)
@@ -440,9 +456,28 @@ class MultiWriter:
             log.debug("scan recorded changes", volume_id=self.volume_id,
                       changed=len(result.changed), unstable=unstable)
         self._first_scan = False
+        self._collect(db, force)
         # files being written are retried at the next cycle even if nothing else changes
         self._scanned_hint = hint if unstable == 0 else None
         return len(result.changed)
+
+    def _collect(self, db: ManifestDB, force: bool) -> None:
+        """Drop the tombstones every current peer merged (at most once a minute, and on
+        every forced scan: sync-now)."""
+        if not force and time.monotonic() - self._last_collect < COLLECT_EVERY_SECONDS:
+            return
+        self._last_collect = time.monotonic()
+        peers = [n for n in self.host.spec.replica_nodes if n != self.node]
+        dropped = collectable_tombstones(self.records, self.merged_by, peers)
+        if not dropped:
+            return
+        floor = raised_floor(self.floor, dropped)
+        db.drop_tombstones(dropped, floor)
+        for record in dropped:
+            del self.records[record.path]
+        self.floor = floor
+        log.debug("dropped tombstones every peer merged", volume_id=self.volume_id,
+                  dropped=len(dropped))
 
     # -- pulling -----------------------------------------------------------------------------
 
@@ -457,7 +492,7 @@ class MultiWriter:
         incarnation, cursor = await asyncio.to_thread(db.cursor, view.node)
         applied = 0
         while True:
-            header, changes, last_seq = await self._read_changes(stub, cursor)
+            header, changes, last_seq = await self._read_changes(stub, incarnation, cursor)
             if incarnation and header.incarnation != incarnation:
                 log.info("peer change log started over; pulling it from the beginning",
                          volume_id=self.volume_id, peer=view.node)
@@ -496,12 +531,13 @@ class MultiWriter:
                 await asyncio.to_thread(db.commit, records=(), head=self.head,
                                         cursor=(peer, incarnation, seq))
 
-    async def _read_changes(self, stub: ReplicationAsyncStub, since: int,
+    async def _read_changes(self, stub: ReplicationAsyncStub, incarnation: str, since: int,
                             ) -> tuple[pb.PullChangesHeader, list[Record], int | None]:
         """One PullChanges answer: header, valid changes, last sequence number seen."""
         call = stub.PullChanges(pb.PullChangesRequest(
             volume_id=self.volume_id, since_seq=since, from_node=self.node,
-            max_changes=CHANGES_PER_PULL), timeout=PULL_TIMEOUT_SECONDS)
+            max_changes=CHANGES_PER_PULL, incarnation=incarnation),
+            timeout=PULL_TIMEOUT_SECONDS)
         header: pb.PullChangesHeader | None = None
         changes: list[Record] = []
         last: int | None = None
@@ -739,7 +775,12 @@ class MultiWriter:
 
     def _carry_out(self, step: Step, fetched: _Fetched) -> Record | None:
         """Do one step; the record to store (stat filled in), or None to retry later."""
-        if not self._on_disk_as(step.path, step.expect):
+        if step.write is Write.DIRECTORY and (step.expect is None or step.expect.deleted):
+            # a directory made here for files that arrived first is taken over
+            current = self.tree.lstat(step.path)
+            if current is not None and not stat_module.S_ISDIR(current.mode):
+                return None  # a file not scanned yet: it is a conflict, seen next round
+        elif not self._on_disk_as(step.path, step.expect):
             return None
         record = step.record
         now = time.time_ns()
@@ -754,8 +795,16 @@ class MultiWriter:
             return replace(record, stat=self.tree.set_metadata(step.path, record),
                            hashed_at_ns=now)
         if step.write is Write.DELETE:
-            self.tree.unlink(step.path)
+            if expect is not None and expect.is_directory:
+                # not empty: written here meanwhile, so it stays, and the next scan records
+                # it again (which brings it back on the peer)
+                self.tree.remove_directory(step.path)
+            else:
+                self.tree.unlink(step.path)
             return replace(record, stat=None, hashed_at_ns=now)
+        if step.write is Write.DIRECTORY:
+            return replace(record, stat=self.tree.make_directory(step.path, record),
+                           hashed_at_ns=now)
         source = step.source
         if source is None:
             return None
@@ -773,6 +822,10 @@ class MultiWriter:
         if incoming is None:
             return None
         try:
+            if expect is not None and expect.is_directory \
+                    and not self.tree.remove_directory(step.path):
+                raise OSError(errno.ENOTEMPTY,
+                              f"{step.path} is a directory that is not empty here")
             key = incoming.finish(record)
             incoming.install()
         except BaseException:
@@ -802,6 +855,8 @@ class MultiWriter:
             raise InvalidArgument(f"volume {self.volume_id} is stopping")
         limit = min(request.max_changes or CHANGES_PER_PULL, 10 * CHANGES_PER_PULL)
         head, records = await asyncio.to_thread(db.changes_after, request.since_seq, limit)
+        if request.incarnation == db.incarnation and request.since_seq <= head:
+            self.merged_by[request.from_node] = request.since_seq
         yield pb.PullChangesMessage(header=pb.PullChangesHeader(incarnation=db.incarnation,
                                                                 head_seq=head))
         for record in records:

@@ -433,6 +433,7 @@ class PullChangesRequest(_message.Message):
     SINCE_SEQ_FIELD_NUMBER: _builtins.int
     FROM_NODE_FIELD_NUMBER: _builtins.int
     MAX_CHANGES_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     since_seq: _builtins.int
     """Changes recorded after this sequence number of the peer's change log (0: everything)."""
@@ -442,6 +443,11 @@ class PullChangesRequest(_message.Message):
     """At most this many changes in one answer (0: the peer's default); ask again from the last
     sequence received while it is below PullChangesHeader.head_seq.
     """
+    incarnation: _builtins.str
+    """The incarnation (PullChangesHeader.incarnation) `since_seq` counts in; empty before the
+    first answer. When it is the peer's current one, `since_seq` tells the peer that everything
+    up to it was merged here, so it may drop the tombstones up to it once every replica said so.
+    """
     def __init__(
         self,
         *,
@@ -449,10 +455,11 @@ class PullChangesRequest(_message.Message):
         since_seq: _builtins.int = ...,
         from_node: _builtins.str = ...,
         max_changes: _builtins.int = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node", b"from_node", "max_changes", b"max_changes", "since_seq", b"since_seq", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node", b"from_node", "incarnation", b"incarnation", "max_changes", b"max_changes", "since_seq", b"since_seq", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -577,11 +584,15 @@ class FileChange(_message.Message):
     seq: _builtins.int
     """Its position in the sending peer's change log."""
     digest: _builtins.str
-    """BLAKE3 of the content (of the target, for a symlink), hex; empty when deleted."""
+    """BLAKE3 of the content (of the target, for a symlink), hex; empty when deleted and for a
+    directory.
+    """
     size: _builtins.int
+    """Content size; 0 for a directory."""
     mode: _builtins.int
-    """st_mode: file type (regular file or symlink) and permission bits."""
+    """st_mode: file type (regular file, symlink or directory) and permission bits."""
     mtime_ns: _builtins.int
+    """A directory's is 0: its mtime moves with its entries and is not replicated."""
     deleted: _builtins.bool
     """A tombstone: the file was deleted (at mtime_ns, by `writer`)."""
     writer: _builtins.str

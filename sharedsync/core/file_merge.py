@@ -13,9 +13,20 @@ applies what it decides):
 * :func:`needs_hash` and :func:`plan_scan`: which files a scan must re-read, and which records
   its results change (a changed digest, mode or owner bumps this node's counter; a vanished file
   becomes a tombstone, a deletion with a version vector of its own);
+* directories are versioned too (:data:`DIRECTORY`), by existence, mode and owner only: their
+  mtime and size change with every entry and mean nothing to a peer. So an empty directory
+  travels, and a directory removed on one node is removed on the others (after the files in it:
+  a scan records deletions deepest first). A directory that is not empty here when a peer's
+  deletion arrives stays: what is in it was written here, and the next scan records the
+  directory again, which brings it back on the peer;
 * :func:`plan_merge`: what one remote version does to the local replica (nothing, replace the
   file, delete it, or resolve a conflict and keep the loser under its conflict name), as steps
   the adapter carries out in order;
+* :func:`collectable_tombstones`: which deletions no peer needs any more. A tombstone is kept
+  until every peer has merged it; then it is dropped (the change log would otherwise grow with
+  every file ever deleted), and its vector joins the replica's *floor*: a path that has no
+  record starts its next version from the floor, so that version dominates any copy of the
+  dropped tombstone a peer still holds;
 * :func:`exchange_interval`: how often a node pulls from its peers.
 
 Why a stat alone is not trusted right after a write: a write in the same clock tick as the
@@ -32,7 +43,7 @@ import json
 import math
 import posixpath
 import stat as stat_module
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import blake3
@@ -51,6 +62,8 @@ from .version_vectors import (
 #: The "digest" of a deleted file: version_vectors.FileVersion needs a non-empty digest, and two
 #: deletions of one file are the same content (so concurrent deletions are not a conflict).
 TOMBSTONE = "-"
+#: The "digest" of a directory: its content is its entries, each a record of its own.
+DIRECTORY = "/"
 #: Prefix of the agent's own temporary files in the live tree: never scanned, never accepted
 #: from a peer.
 TEMP_PREFIX = ".sharedsync-mw-"
@@ -168,6 +181,10 @@ class Record:
     def deleted(self) -> bool:
         return self.digest == TOMBSTONE
 
+    @property
+    def is_directory(self) -> bool:
+        return not self.deleted and stat_module.S_ISDIR(self.mode)
+
     def version(self) -> FileVersion:
         return FileVersion(path=self.path, vector=self.vector, mtime_ns=self.mtime_ns,
                            size=self.size, digest=self.digest, node=self.writer)
@@ -200,16 +217,26 @@ def tombstone(previous: Record, node: str, when_ns: int, seq: int) -> Record:
 
 
 def is_tracked_mode(mode: int) -> bool:
-    """Regular files and symlinks are replicated; directories are implied by their files."""
-    return stat_module.S_ISREG(mode) or stat_module.S_ISLNK(mode)
+    """Regular files, symlinks and directories are replicated (not devices, FIFOs or sockets:
+    they mean something only on the node that made them)."""
+    return stat_module.S_ISREG(mode) or stat_module.S_ISLNK(mode) or stat_module.S_ISDIR(mode)
+
+
+def directory_key(key: StatKey) -> StatKey:
+    """What of a directory's stat is versioned: type, permissions, owner and inode (its mtime
+    and size move with every entry added or removed)."""
+    return replace(key, size=0, mtime_ns=0) if stat_module.S_ISDIR(key.mode) else key
 
 
 def needs_hash(record: Record | None, observed: StatKey) -> bool:
     """Whether a file seen with ``observed`` must be read again to know its content."""
     if record is None or record.deleted or record.stat is None:
         return True
+    observed = directory_key(observed)
     if record.stat != observed:
         return True
+    if stat_module.S_ISDIR(observed.mode):
+        return False
     # racy: modified too close to the hash for an unchanged stat to prove unchanged content
     return observed.mtime_ns + RACY_NS >= record.hashed_at_ns
 
@@ -234,7 +261,8 @@ class ScanResult:
 
 def plan_scan(records: Mapping[str, Record], observed: Mapping[str, StatKey],
               hashed: Mapping[str, Hashed], *, node: str, now_ns: int, next_seq: int,
-              pending: Mapping[str, Record] | None = None) -> ScanResult:
+              pending: Mapping[str, Record] | None = None,
+              floor: VersionVector | None = None) -> ScanResult:
     """The records a scan produces.
 
     ``observed`` is every tracked file found (path -> stat), ``hashed`` the files among them
@@ -242,44 +270,73 @@ def plan_scan(records: Mapping[str, Record], observed: Mapping[str, StatKey],
     written and is left for the next scan). ``pending`` holds versions this node was applying
     from peers when it last stopped: a file found with exactly such a version's content takes
     that version rather than counting as a new local write, and a file a pending deletion
-    removed takes that tombstone.
+    removed takes that tombstone. ``floor`` joins the vectors of the tombstones dropped so far
+    (:func:`collectable_tombstones`): a path without a record starts from it.
     """
     pending = pending or {}
+    floor = floor or VersionVector()
     changed: list[Record] = []
     refreshed: list[Record] = []
     seq = next_seq
-    for path in sorted(hashed):
-        if path not in observed:
-            raise InvalidArgument(f"{path!r} was hashed but not observed")
-        result = hashed[path]
-        previous = records.get(path)
-        intent = pending.get(path)
-        if previous is not None and not previous.deleted and previous.digest == result.digest \
-                and previous.same_owner_and_mode(result.stat):
-            refreshed.append(replace(previous, stat=result.stat, hashed_at_ns=now_ns))
-            continue
-        if intent is not None and not intent.deleted and intent.digest == result.digest \
-                and intent.same_owner_and_mode(result.stat):
-            changed.append(replace(intent, seq=seq, stat=result.stat, hashed_at_ns=now_ns))
-        else:
-            base = previous.vector if previous is not None else VersionVector()
-            changed.append(Record(
-                path=path, vector=base.bump(node), digest=result.digest, size=result.stat.size,
-                mode=result.stat.mode, mtime_ns=result.stat.mtime_ns, writer=node,
-                uid=result.stat.uid, gid=result.stat.gid, seq=seq, stat=result.stat,
-                hashed_at_ns=now_ns))
-        seq += 1
-    for path in sorted(records):
-        previous = records[path]
-        if previous.deleted or path in observed:
+    # Deletions first and deepest first, then the rest parents first: a peer applying the log
+    # in order removes the files of a directory before the directory, and empties a directory
+    # before a file takes its name (and makes a directory before what goes in it).
+    for path in sorted(records, reverse=True):
+        vanished = records[path]
+        if vanished.deleted or path in observed:
             continue
         intent = pending.get(path)
         if intent is not None and intent.deleted:
             changed.append(replace(intent, seq=seq, stat=None, hashed_at_ns=now_ns))
         else:
-            changed.append(tombstone(previous, node, now_ns, seq))
+            changed.append(tombstone(vanished, node, now_ns, seq))
+        seq += 1
+    for path in sorted(hashed):
+        if path not in observed:
+            raise InvalidArgument(f"{path!r} was hashed but not observed")
+        found = hashed[path]
+        key = directory_key(found.stat)
+        digest = DIRECTORY if stat_module.S_ISDIR(key.mode) else found.digest
+        previous = records.get(path)
+        intent = pending.get(path)
+        if previous is not None and not previous.deleted and previous.digest == digest \
+                and previous.same_owner_and_mode(key):
+            refreshed.append(replace(previous, stat=key, hashed_at_ns=now_ns))
+            continue
+        if intent is not None and not intent.deleted and intent.digest == digest \
+                and intent.same_owner_and_mode(key):
+            changed.append(replace(intent, seq=seq, stat=key, hashed_at_ns=now_ns))
+        else:
+            base = previous.vector if previous is not None else floor
+            changed.append(Record(
+                path=path, vector=base.bump(node), digest=digest, size=key.size,
+                mode=key.mode, mtime_ns=key.mtime_ns, writer=node, uid=key.uid, gid=key.gid,
+                seq=seq, stat=key, hashed_at_ns=now_ns))
         seq += 1
     return ScanResult(changed=tuple(changed), refreshed=tuple(refreshed), next_seq=seq)
+
+
+def collectable_tombstones(records: Mapping[str, Record], merged_by: Mapping[str, int],
+                           peers: Iterable[str]) -> tuple[Record, ...]:
+    """The tombstones every peer in ``peers`` has merged: those at or below the lowest sequence
+    number of this replica's change log that each peer says it merged (``merged_by``: peer ->
+    that number). Nothing while a peer has not said so (after a restart, or a new peer). The
+    caller drops them and joins their vectors into its floor (see :func:`plan_scan`).
+    """
+    wanted = set(peers)
+    if any(peer not in merged_by for peer in wanted):
+        return ()
+    horizon = min((merged_by[peer] for peer in wanted), default=None)
+    return tuple(sorted((r for r in records.values()
+                         if r.deleted and (horizon is None or r.seq <= horizon)),
+                        key=lambda r: r.seq))
+
+
+def raised_floor(floor: VersionVector, dropped: Iterable[Record]) -> VersionVector:
+    """``floor`` joined with the vectors of the dropped tombstones."""
+    for record in dropped:
+        floor = floor.merge(record.vector)
+    return floor
 
 
 # -- merging --------------------------------------------------------------------------------
@@ -291,7 +348,8 @@ class Write(enum.StrEnum):
     NONE = "none"  # the content and metadata there are already right; only the record changes
     CONTENT = "content"  # put the content named by the record's digest there
     METADATA = "metadata"  # the content is right; set mode, owner and mtime
-    DELETE = "delete"  # remove the file
+    DELETE = "delete"  # remove the file (a directory: only if it is empty)
+    DIRECTORY = "directory"  # make the directory (or take over the one there) with its mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,8 +407,13 @@ def conflict_note(winner: Record, loser: Record, policy: ConflictPolicy,
     return ConflictNote(
         id=blake3.blake3(canonical.encode()).hexdigest()[:32], path=winner.path,
         resolution=str(policy), winner_node=winner.writer,
-        winner_digest="" if winner.deleted else winner.digest, loser_node=loser.writer,
-        loser_digest="" if loser.deleted else loser.digest, kept_as=kept_as)
+        winner_digest=_content_digest(winner), loser_node=loser.writer,
+        loser_digest=_content_digest(loser), kept_as=kept_as)
+
+
+def _content_digest(record: Record) -> str:
+    """The digest a conflict note names: none for a deletion or a directory (no content)."""
+    return "" if record.deleted or record.is_directory else record.digest
 
 
 def _taken(remote: Record, vector: VersionVector, local: Record | None,
@@ -365,6 +428,8 @@ def _taken(remote: Record, vector: VersionVector, local: Record | None,
             (remote.mode, remote.mtime_ns, remote.uid, remote.gid)
         return Step(record=record, write=Write.NONE if same_meta else Write.METADATA,
                     expect=local)
+    if remote.is_directory:
+        return Step(record=record, write=Write.DIRECTORY, expect=local)
     return Step(record=record, write=Write.CONTENT, expect=local,
                 source=Source(local=False, path=remote.path))
 
@@ -409,7 +474,8 @@ def plan_merge(records: Mapping[str, Record], remote: Record, policy: ConflictPo
     # a conflict: concurrent versions with different content
     local_won = resolution.winner == local.version()
     winner, loser = (local, remote) if local_won else (remote, local)
-    kept_path = resolution.conflict_copy if not loser.deleted else None
+    # a losing directory is not copied: what is in it are records of their own
+    kept_path = resolution.conflict_copy if not (loser.deleted or loser.is_directory) else None
     note = conflict_note(winner, loser, policy, kept_path or "")
     steps: list[Step] = []
     resolved = [note]

@@ -9,9 +9,12 @@ bounded, and what is checked is which data ended where, never how fast.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import shutil
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,8 +84,16 @@ def files(root: Path) -> dict[str, tuple[str, int]]:
     return found
 
 
+def directories(root: Path) -> dict[str, int]:
+    """Relative path -> permission bits of every directory below ``root``."""
+    return {str(Path(folder, name).relative_to(root)):
+            stat.S_IMODE(Path(folder, name).lstat().st_mode)
+            for folder, names, _ in os.walk(root) for name in names}
+
+
 def same_everywhere(cluster: AgentCluster, nodes: list[str] = NODES) -> bool:
-    trees = [files(live(cluster, n)) for n in nodes]
+    """Every node holds the same files and the same directories (empty ones too)."""
+    trees = [(files(live(cluster, n)), directories(live(cluster, n))) for n in nodes]
     return all(tree == trees[0] for tree in trees[1:])
 
 
@@ -126,6 +137,87 @@ def test_writes_and_deletes_on_every_node_reach_every_node(cluster: AgentCluster
     assert status.role == "replica"
     assert status.conflicts == 0
     assert cluster.agents["a"].volume(VOLUME).role == "primary"
+
+
+def test_directories_travel_even_empty_and_so_does_their_removal(
+        cluster: AgentCluster) -> None:
+    cluster.apply(mw_spec())
+    root_a = live(cluster, "a")
+    (root_a / "empty" / "inner").mkdir(parents=True)
+    os.chmod(root_a / "empty", 0o750)
+    wait_until(lambda: same_everywhere(cluster)
+               and "empty/inner" in directories(live(cluster, "c")),
+               timeout=120, what="the empty directories on every node")
+    assert directories(live(cluster, "b"))["empty"] == 0o750
+    os.chmod(live(cluster, "b") / "empty", 0o705)
+    wait_until(lambda: same_everywhere(cluster)
+               and directories(live(cluster, "a"))["empty"] == 0o705,
+               timeout=120, what="the chmod from b everywhere")
+    # a tree removed on one node is removed on every node, files first
+    write(root_a / "tree" / "sub" / "f.bin", b"in a tree")
+    wait_until(lambda: same_everywhere(cluster)
+               and "tree/sub/f.bin" in files(live(cluster, "c")),
+               timeout=120, what="the tree everywhere")
+    shutil.rmtree(live(cluster, "c") / "tree")
+    (live(cluster, "c") / "empty" / "inner").rmdir()
+    wait_until(lambda: same_everywhere(cluster) and set(directories(root_a)) == {"empty"},
+               timeout=120, what="the removals everywhere")
+    assert files(root_a) == {}
+    assert all(cluster.agents[n].volume(VOLUME).conflicts == 0 for n in NODES)
+
+
+def test_a_directory_removed_while_written_elsewhere_stays_with_what_was_written(
+        cluster: AgentCluster) -> None:
+    """The removal of ``keep`` (with its old file) on a cut-off node meets a new file in it
+    on another node: the old file goes, the directory and the new file stay, everywhere."""
+    cluster.apply(mw_spec())
+    write(live(cluster, "a") / "keep" / "old.txt", b"old")
+    wait_until(lambda: same_everywhere(cluster) and "keep/old.txt" in files(live(cluster, "c")),
+               timeout=120, what="keep/old.txt everywhere")
+    cluster.partition("a")
+    shutil.rmtree(live(cluster, "a") / "keep")
+    write(live(cluster, "b") / "keep" / "new.txt", b"written on b meanwhile")
+    wait_until(lambda: "keep/new.txt" in files(live(cluster, "c")), timeout=120,
+               what="b's new file on c")
+    cluster.heal("a")
+    wait_until(lambda: same_everywhere(cluster)
+               and set(files(live(cluster, "a"))) == {"keep/new.txt"},
+               timeout=120, what="keep/ with only the new file everywhere")
+    assert set(directories(live(cluster, "a"))) == {"keep"}
+    assert (live(cluster, "a") / "keep" / "new.txt").read_bytes() == b"written on b meanwhile"
+
+
+def tombstones(cluster: AgentCluster, node: str) -> set[str]:
+    """The deletions the node's change log still holds (read from its database)."""
+    [path] = cluster.agents[node].data_dir.rglob(f"{VOLUME}.sqlite")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {str(row[0]) for row in db.execute("SELECT path FROM files WHERE digest='-'")}
+
+
+def test_a_deletion_every_node_merged_is_forgotten_and_the_name_used_again(
+        cluster: AgentCluster) -> None:
+    """Tombstones do not pile up: once every replica merged a deletion, each drops it from its
+    change log (here on sync-now; on its own within a minute), and a file made again under
+    that name still reaches every node."""
+    cluster.apply(mw_spec())
+    scratch = live(cluster, "a") / "scratch.tmp"
+    write(scratch, b"first")
+    wait_until(lambda: same_everywhere(cluster) and "scratch.tmp" in files(live(cluster, "c")),
+               timeout=120, what="the file everywhere")
+    scratch.unlink()
+    wait_until(lambda: same_everywhere(cluster) and not files(live(cluster, "c")),
+               timeout=120, what="the deletion everywhere")
+    assert all("scratch.tmp" in tombstones(cluster, n) for n in NODES)
+
+    def forgotten() -> bool:
+        for node in NODES:
+            cluster.agents[node].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME))
+        return not any(tombstones(cluster, n) for n in NODES)
+    wait_until(forgotten, timeout=120, interval=1, what="the tombstones dropped everywhere")
+    write(scratch, b"second")
+    wait_until(lambda: same_everywhere(cluster)
+               and files(live(cluster, "b")).get("scratch.tmp", ("",))[0] == sha(b"second"),
+               timeout=120, what="the file made again, everywhere")
 
 
 def test_attach_serves_every_replica_of_a_multi_writer_volume_only(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from sharedsync.core.errors import InvalidArgument
 from sharedsync.core.file_merge import (
+    DIRECTORY,
     MAX_INTERVAL_SECONDS,
     MIN_INTERVAL_SECONDS,
     RACY_NS,
@@ -27,15 +28,18 @@ from sharedsync.core.file_merge import (
     StatKey,
     Write,
     check_path,
+    collectable_tombstones,
     exchange_interval,
     is_conflict_copy,
     needs_hash,
     plan_merge,
     plan_scan,
+    raised_floor,
 )
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 
 REG = 0o100644
+DIR = 0o040755
 SEC = 1_000_000_000
 
 
@@ -248,6 +252,86 @@ def test_a_taken_version_carries_its_conflict_note_to_be_learned() -> None:
     assert plan.steps[0].record.conflict == note
 
 
+# -- directories ------------------------------------------------------------------------------
+
+
+def dir_rec(path: str = "d", vector: VersionVector | None = None, mode: int = DIR,
+            writer: str = "a", stat: StatKey | None = None) -> Record:
+    return rec(path, vector=vector, digest=DIRECTORY, mtime_ns=0, size=0, mode=mode,
+               writer=writer, stat=stat)
+
+
+def test_a_directory_is_versioned_by_mode_and_owner_not_by_its_entries() -> None:
+    key = StatKey(size=4096, mtime_ns=10 * SEC, inode=3, mode=DIR)
+    first = plan_scan({}, {"d": key}, {"d": Hashed(key, "anything")}, node="a", now_ns=20 * SEC,
+                      next_seq=1)
+    (made,) = first.changed
+    assert (made.digest, made.size, made.mtime_ns, made.is_directory) == (DIRECTORY, 0, 0, True)
+    # a file added in it moves its mtime and size: nothing to hash, nothing to record
+    busier = replace(key, size=8192, mtime_ns=30 * SEC)
+    assert not needs_hash(made, busier)
+    # a chmod is a new version
+    opened = replace(key, mode=0o040777)
+    assert needs_hash(made, opened)
+    again = plan_scan({"d": made}, {"d": opened}, {"d": Hashed(opened, DIRECTORY)}, node="a",
+                      now_ns=40 * SEC, next_seq=2)
+    assert again.changed[0].vector == vv(a=2)
+    assert again.changed[0].mode == 0o040777
+
+
+def test_deletions_come_first_deepest_first_then_new_paths_parents_first() -> None:
+    """A peer applying the log in order empties ``d`` before it removes it, and before the file
+    that now has the name ``d`` arrives; a new directory comes before its files."""
+    dkey = StatKey(size=0, mtime_ns=0, inode=3, mode=DIR)
+    fkey = StatKey(size=1, mtime_ns=10 * SEC, inode=4, mode=REG)
+    records = {"d": dir_rec(stat=dkey), "d/e": dir_rec("d/e", stat=dkey),
+               "d/e/f": rec("d/e/f", stat=fkey)}
+    observed = {"d": fkey, "n": dkey, "n/g": fkey}
+    hashed = {"d": Hashed(fkey, "d9"), "n": Hashed(dkey, DIRECTORY), "n/g": Hashed(fkey, "d8")}
+    result = plan_scan(records, observed, hashed, node="a", now_ns=99 * SEC, next_seq=1)
+    assert [(r.path, r.deleted) for r in result.changed] == [
+        ("d/e/f", True), ("d/e", True), ("d", False), ("n", False), ("n/g", False)]
+    assert [r.seq for r in result.changed] == [1, 2, 3, 4, 5]
+
+
+def test_a_peer_directory_is_made_or_given_its_mode() -> None:
+    remote = dir_rec(vector=vv(b=1), writer="b")
+    (made,) = plan_merge({}, remote, LWW).steps
+    assert made.write is Write.DIRECTORY
+    assert made.source is None  # nothing to fetch
+    local = dir_rec(vector=vv(b=1), writer="b")
+    assert plan_merge({"d": local}, remote, LWW).skip
+    chmod = dir_rec(vector=vv(b=2), mode=0o040700, writer="b")
+    (step,) = plan_merge({"d": local}, chmod, LWW).steps
+    assert step.write is Write.METADATA
+    # a directory in place of a file this node holds (the peer saw the file)
+    file_here = rec("d", vector=vv(b=1), writer="b")
+    (replaced,) = plan_merge({"d": file_here}, dir_rec(vector=vv(b=2), writer="b"), LWW).steps
+    assert replaced.write is Write.DIRECTORY
+    assert replaced.expect == file_here
+
+
+def test_a_deleted_directory_is_removed_and_never_copied_as_a_conflict_loser() -> None:
+    local = dir_rec(vector=vv(a=1))
+    gone = replace(dir_rec(vector=vv(a=2), writer="b"), digest=TOMBSTONE, mode=0,
+                   mtime_ns=50 * SEC)
+    (step,) = plan_merge({"d": local}, gone, KEEP).steps
+    assert step.write is Write.DELETE
+    # concurrent: a chmod here, the deletion there; the directory loses (it has no mtime), and
+    # under KeepBoth it is not kept under a conflict name (its entries are records of their own)
+    chmod = dir_rec(vector=vv(a=2), mode=0o040700)
+    concurrent = replace(gone, vector=vv(a=1, b=1))
+    plan = plan_merge({"d": chmod}, concurrent, KEEP)
+    assert [s.write for s in plan.steps] == [Write.DELETE]
+    assert plan.resolved[0].kept_as == ""
+    # a file and a directory made at one name on two nodes: the file is kept, the directory
+    # is not copied
+    file_there = rec("d", vector=vv(b=1), digest="ffff", writer="b", mtime_ns=60 * SEC)
+    plan = plan_merge({"d": dir_rec(vector=vv(a=1))}, file_there, KEEP)
+    assert [s.write for s in plan.steps] == [Write.CONTENT]
+    assert plan.resolved[0].kept_as == ""
+
+
 def test_an_unsafe_remote_path_is_refused() -> None:
     with pytest.raises(InvalidArgument):
         plan_merge({}, rec(path="../etc/passwd"), LWW)
@@ -265,6 +349,7 @@ class Node:
     next_seq: int = 1
     cursors: dict[str, int] = field(default_factory=dict)
     notes: dict[str, ConflictNote] = field(default_factory=dict)
+    floor: VersionVector = field(default_factory=VersionVector)
 
 
 class World:
@@ -297,6 +382,14 @@ class World:
         self.put(node, path, digest, REG, self.tick())
         self.written.add(digest)
 
+    def mkdir(self, name: str, path: str, mode: int) -> None:
+        """Make (or chmod) the directory ``path``, in place of a file there."""
+        node = self.nodes[name]
+        self.scan(node)
+        if path in node.disk and node.disk[path][0] != DIRECTORY:
+            self.superseded.add(node.disk[path][0])
+        self.put(node, path, DIRECTORY, mode, 0)
+
     def delete(self, name: str, path: str) -> None:
         node = self.nodes[name]
         self.scan(node)
@@ -308,10 +401,21 @@ class World:
         hashed = {p: Hashed(k, node.disk[p][0]) for p, k in observed.items()
                   if needs_hash(node.records.get(p), k)}
         result = plan_scan(node.records, observed, hashed, node=node.name, now_ns=self.tick(),
-                           next_seq=node.next_seq)
+                           next_seq=node.next_seq, floor=node.floor)
         for r in (*result.changed, *result.refreshed):
             node.records[r.path] = r
         node.next_seq = result.next_seq
+
+    def collect(self, name: str) -> None:
+        """Drop the tombstones every other node has pulled past (as the agent does)."""
+        node = self.nodes[name]
+        merged_by = {o.name: o.cursors[name] for o in self.nodes.values()
+                     if o.name != name and name in o.cursors}
+        dropped = collectable_tombstones(node.records, merged_by,
+                                         [n for n in self.nodes if n != name])
+        for record in dropped:
+            del node.records[record.path]
+        node.floor = raised_floor(node.floor, dropped)
 
     def pull(self, dst_name: str, src_name: str) -> int:
         """One pull round; returns how many records changed at dst."""
@@ -339,6 +443,8 @@ class World:
                     self.put(dst, step.path, record.digest, record.mode, record.mtime_ns)
                 elif step.write is Write.DELETE:
                     dst.disk.pop(step.path, None)
+                elif step.write is Write.DIRECTORY:
+                    self.put(dst, step.path, DIRECTORY, record.mode, 0)
                 stat = self.stat(dst, step.path) if not record.deleted else None
                 dst.records[step.path] = replace(record, seq=dst.next_seq, stat=stat,
                                                  hashed_at_ns=self.tick())
@@ -355,9 +461,39 @@ class World:
         raise AssertionError("the replicas did not settle")
 
 
+def test_a_tombstone_is_dropped_only_once_every_peer_merged_it() -> None:
+    records = {"gone": rec("gone", digest=TOMBSTONE, size=0, mode=0, vector=vv(a=2)),
+               "also": rec("also", digest=TOMBSTONE, size=0, mode=0, vector=vv(b=3)),
+               "live": rec("live")}
+    records = {p: replace(r, seq=n) for n, (p, r) in enumerate(records.items(), start=4)}
+    assert collectable_tombstones(records, {"b": 9}, ["b", "c"]) == ()  # c never said
+    assert collectable_tombstones(records, {"b": 9, "c": 4}, ["b", "c"]) == (records["gone"],)
+    both = collectable_tombstones(records, {"b": 9, "c": 5}, ["b", "c"])
+    assert both == (records["gone"], records["also"])
+    assert collectable_tombstones(records, {}, []) == both  # a replica without peers
+    assert raised_floor(vv(c=1), both) == vv(a=2, b=3, c=1)
+
+
+def test_a_file_made_again_after_its_tombstone_was_dropped_reaches_every_node() -> None:
+    """Without the floor, the new version ({a:1}) would lose to the tombstone ({a:2}) the
+    peers still hold, and come back deleted on a too: the write lost everywhere."""
+    world = World(["a", "b", "c"], LWW)
+    world.write("a", "x", "first")
+    world.settle()
+    world.delete("a", "x")
+    world.settle()
+    world.collect("a")
+    assert "x" not in world.nodes["a"].records
+    assert world.nodes["b"].records["x"].deleted  # b and c have not dropped theirs
+    world.write("a", "x", "again")
+    world.settle()
+    assert all(n.disk.get("x", ("",))[0] == "again" for n in world.nodes.values())
+
+
 ops = st.lists(st.tuples(
-    st.sampled_from(["write", "write", "delete", "pull"]), st.sampled_from(["a", "b", "c"]),
-    st.sampled_from(["a", "b", "c"]), st.sampled_from(["x", "y", "d/z"])), max_size=25)
+    st.sampled_from(["write", "write", "delete", "pull", "mkdir", "collect"]),
+    st.sampled_from(["a", "b", "c"]), st.sampled_from(["a", "b", "c"]),
+    st.sampled_from(["x", "y", "d/z", "d"])), max_size=25)
 
 
 @settings(max_examples=150, deadline=None)
@@ -368,6 +504,10 @@ def test_replicas_converge_and_lose_nothing_silently(
     for number, (op, node, other, path) in enumerate(ops):
         if op == "write":
             world.write(node, path, f"{node}{number:03d}")
+        elif op == "mkdir":
+            world.mkdir(node, path, DIR if number % 2 else 0o040700)
+        elif op == "collect":
+            world.collect(node)
         elif op == "delete":
             world.delete(node, path)
         elif node != other:
@@ -376,7 +516,8 @@ def test_replicas_converge_and_lose_nothing_silently(
     disks = [n.disk for n in world.nodes.values()]
     contents = [{p: (d, m) for p, (d, m, _) in disk.items()} for disk in disks]
     assert contents[0] == contents[1] == contents[2]
-    versions = [{p: (r.vector, r.digest) for p, r in n.records.items()}
+    # tombstones may have been dropped on some nodes and not yet on others
+    versions = [{p: (r.vector, r.digest) for p, r in n.records.items() if not r.deleted}
                 for n in world.nodes.values()]
     assert versions[0] == versions[1] == versions[2]
     present = {d for d, _, _ in disks[0].values()}

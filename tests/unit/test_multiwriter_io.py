@@ -15,7 +15,14 @@ from replication_agent.manifest_db import ManifestDB
 from replication_agent.multiwriter import change_message, record_of
 from replication_agent.proto import agent_pb2 as pb
 from sharedsync.core.errors import InvalidArgument
-from sharedsync.core.file_merge import TEMP_PREFIX, TOMBSTONE, ConflictNote, Record, StatKey
+from sharedsync.core.file_merge import (
+    DIRECTORY,
+    TEMP_PREFIX,
+    TOMBSTONE,
+    ConflictNote,
+    Record,
+    StatKey,
+)
 from sharedsync.core.version_vectors import VersionVector
 
 REG = 0o100644
@@ -31,7 +38,8 @@ def record(path: str, seq: int, digest: str = "ab" * 32, **extra: object) -> Rec
 # -- the tree -----------------------------------------------------------------------------------
 
 
-def test_walk_lists_files_and_symlinks_and_sweeps_temporaries(tmp_path: Path) -> None:
+def test_walk_lists_directories_files_and_symlinks_and_sweeps_temporaries(
+        tmp_path: Path) -> None:
     live = tmp_path / "live"
     (live / "d" / "e").mkdir(parents=True)
     (live / "d" / "e" / "f").write_bytes(b"x")
@@ -43,7 +51,11 @@ def test_walk_lists_files_and_symlinks_and_sweeps_temporaries(tmp_path: Path) ->
     (live / "escape").symlink_to(outside)  # a symlink to a directory is not descended
     (live / "d" / f"{TEMP_PREFIX}left").write_bytes(b"leftover")
     tree = LiveTree(live)
-    assert set(tree.walk()) == {"d/e/f", "top", "link", "escape"}
+    os.mkfifo(live / "fifo")  # meaningful only on this node: not replicated
+    found = tree.walk()
+    assert set(found) == {"d", "d/e", "d/e/f", "top", "link", "escape"}
+    # a directory is versioned by type, mode and owner: its mtime and size are left out
+    assert (found["d"].mtime_ns, found["d"].size) == (0, 0)
     assert (live / "d" / f"{TEMP_PREFIX}left").exists()
     tree.walk(sweep=True)
     assert not (live / "d" / f"{TEMP_PREFIX}left").exists()
@@ -157,12 +169,37 @@ def test_changes_round_trip_and_bad_ones_are_refused() -> None:
     assert back == original
     tombstone = record("dir/g", 8, digest=TOMBSTONE, size=0, mode=0)
     assert record_of(change_message(tombstone)).deleted
+    directory = record("dir", 9, digest=DIRECTORY, size=0, mode=0o040750, mtime_ns=0)
+    assert change_message(directory).digest == ""
+    assert record_of(change_message(directory)) == directory
+    # a peer's directory mtime and size are not taken
+    sent = change_message(directory)
+    sent.mtime_ns, sent.size = 77, 4096
+    assert record_of(sent) == directory
     for bad in (pb.FileChange(path="../x", vector={"a": 1}, digest="ab" * 32, mode=REG,
                               writer="a"),
                 pb.FileChange(path="x", vector={"a": 1}, digest="nothex", mode=REG, writer="a"),
-                pb.FileChange(path="x", vector={"a": 1}, digest="ab" * 32, mode=0o040755,
-                              writer="a"),
+                pb.FileChange(path="x", vector={"a": 1}, digest="ab" * 32, mode=0o010644,
+                              writer="a"),  # a FIFO
                 pb.FileChange(path="x", vector={}, digest="ab" * 32, mode=REG, writer="a"),
                 pb.FileChange(path="x", vector={"a": 1}, digest="ab" * 32, mode=REG)):
         with pytest.raises(InvalidArgument):
             record_of(bad)
+
+
+def test_dropped_tombstones_are_gone_and_the_floor_stays_across_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "vol.sqlite"
+    db = ManifestDB(path)
+    assert db.floor() == VersionVector()
+    old = record("old", 1, digest=TOMBSTONE, size=0, mode=0, vector=VersionVector.of({"b": 4}))
+    again = record("again", 2, digest=TOMBSTONE, size=0, mode=0)
+    db.commit(records=[old, again, record("kept", 3)], head=3)
+    # "again" was written anew meanwhile (a new sequence number): it is not dropped
+    db.commit(records=[record("again", 4)], head=4)
+    db.drop_tombstones([old, again], VersionVector.of({"a": 2, "b": 4}))
+    db.close()
+    db = ManifestDB(path)
+    assert set(db.records()) == {"again", "kept"}
+    assert db.floor() == VersionVector.of({"a": 2, "b": 4})
+    assert db.head() == 4  # the log's numbering goes on
+    db.close()
