@@ -764,7 +764,7 @@ class MultiWriter:
         current = self.tree.lstat(path)
         if expect is None or expect.deleted:
             if current is not None and not is_tracked_mode(current.mode):
-                raise OSError(21, f"{path} is a directory here")
+                raise OSError(errno.EISDIR, f"{path} is a device, FIFO or socket here")
             return current is None
         if current is None or expect.stat is None or current != expect.stat:
             return False

@@ -289,8 +289,11 @@ class VolumeReconciler:
             # the old primary ships everything before the new layout exists anywhere; when
             # following a pod, it refuses if pods on its node started using the volume since
             # its last report (and takes no new ones until the move is done)
+            deferred = Event("Normal", "SwitchoverDeferred",
+                             f"the primary stays on {action.node} while a pod there uses the "
+                             "volume") if following_consumer else None
             if not await self._call(emit, "SyncNow", action.node, self.agents.sync_now(
-                    action.node, name, handover=following_consumer)):
+                    action.node, name, handover=following_consumer), refused=deferred):
                 return
             switched = True
         if plan.layout != old_layout:
@@ -365,12 +368,19 @@ class VolumeReconciler:
                                              f"{layout.primary}")
             await self.kube.remove_annotation(SHARED_VOLUMES, name, REBUILD)
 
-    async def _call(self, emit: EmitEvent, what: str, node: str, call: Any) -> bool:
+    async def _call(self, emit: EmitEvent, what: str, node: str, call: Any,
+                    refused: Event | None = None) -> bool:
+        """Await an agent call; False (with a Warning event) if it failed. ``refused`` is the
+        event to say instead when the agent refuses on purpose (FAILED_PRECONDITION)."""
         try:
             await call
         except (grpc.aio.AioRpcError, LookupError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "NO_AGENT"
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            if refused is not None and code == "FAILED_PRECONDITION":
+                log.info("agent refused", call=what, node=node, detail=detail)
+                emit(refused.type, refused.reason, refused.message)
+                return False
             AGENT_CALL_ERRORS.labels(what, code).inc()
             log.warning("agent call failed", call=what, node=node, code=code, detail=detail)
             emit("Warning", "AgentCallFailed", f"{what} on {node}: {code}: {detail}"[:1000])

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
@@ -164,6 +166,44 @@ def test_switchover_moves_the_primary_with_nothing_lost(cluster: OperatorCluster
     cluster.wait_condition("sv", name, "Ready")
     assert "sharedsync.io/switchover" not in (
         cluster.get("sv", name)["metadata"].get("annotations") or {})
+
+
+def test_the_primary_follows_a_waiting_pod_once_none_uses_it_where_it_is(
+        cluster: OperatorCluster) -> None:
+    """A pod rescheduled onto another replica's node asks there (Attach is refused, which says
+    a pod waits); the primary moves there only once no pod on its own node uses the volume."""
+    cluster.apply(policy("follow", mode="Asynchronous", replicas=2, maxLag="1s"))
+    name = "vol-" + "0f" * 12
+    cluster.apply(volume(name, "follow"))
+    cluster.wait_condition("sv", name, "Ready")
+    old = cluster.get("sv", name)["status"]["primary"]
+    [waiting] = [n for n in replica_nodes(cluster, name) if n != old]
+    attach = pb.AttachRequest(volume_id=name)
+    cluster.agents.agents[old].call("Attach", attach)  # a pod on the primary's node uses it
+    with pytest.raises(grpc.RpcError) as refused:
+        cluster.agents.agents[waiting].call("Attach", attach)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    wait_until(lambda: any(r.get("node") == waiting for r in
+                           cluster.get("sv", name)["status"].get("replicas") or ())
+               and cluster.agents.agents[waiting].volume(name).attach_wanted, timeout=60,
+               what="the waiting pod seen")
+    # the operator polls every few seconds: give it several rounds to (wrongly) move
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert cluster.get("sv", name)["status"]["primary"] == old, "moved while in use"
+        time.sleep(1)
+    assert cluster.agents.agents[old].volume(name).attached
+    cluster.agents.agents[old].call("Detach", pb.DetachRequest(volume_id=name))
+    wait_until(lambda: cluster.get("sv", name)["status"]["primary"] == waiting, timeout=120,
+               what="the primary moved to the waiting pod's node")
+    wait_until(lambda: cluster.agents.agents[waiting].volume(name).role == "primary",
+               timeout=120, what="the new primary serves")
+    served = cluster.agents.agents[waiting].call("Attach", attach)  # kubelet's next retry
+    assert os.path.ismount(served.path)
+    cluster.agents.agents[waiting].call("Detach", pb.DetachRequest(volume_id=name))
+    reasons = {e["reason"] for e in cluster.events(name)}
+    assert {"FollowingConsumer", "Switchover"} <= reasons
+    cluster.cp.kubectl("delete", "sv", name, "--wait=true", timeout=300)
 
 
 def test_deleting_a_volume_removes_every_replica(cluster: OperatorCluster) -> None:
