@@ -201,19 +201,21 @@ def start(node: NodeLayout) -> int:
     return found
 
 
-def nsenter(node: NodeLayout, argv: list[str]) -> list[str]:
-    """``argv`` run inside the node (its network and mount namespaces)."""
-    found = pid(node)
+def nsenter(node: NodeLayout, argv: list[str], found: int | None = None) -> list[str]:
+    """``argv`` run inside the node (its network and mount namespaces); ``found``: the node's
+    init pid when the caller just looked it up."""
+    found = found if found is not None else pid(node)
     if found is None:
         raise StepError(f"{node.name} is not running (scripts/cluster restart-node {node.name})")
     return ["nsenter", "-t", str(found), "-m", "-n", "--", *argv]
 
 
 def _containerd_up(node: NodeLayout) -> bool:
-    if pid(node) is None:
-        return False
-    result = run(nsenter(node, [str(TOOLS_BIN / "ctr"), "version"]), check=False, timeout=20)
-    return result.returncode == 0
+    found = pid(node)
+    if found is None:
+        return False  # not yet, or gone: wait_for tells the two apart
+    argv = nsenter(node, [str(TOOLS_BIN / "ctr"), "version"], found)
+    return run(argv, check=False, timeout=20).returncode == 0
 
 
 def ctr(node: NodeLayout, *args: str, timeout: float = 600) -> str:

@@ -34,14 +34,29 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+#: How long :func:`alive` waits out a command line that reads empty (a process in an exec).
+EXEC_SETTLE_SECONDS = 1.0
+
+
 def alive(pid_file: Path, marker: Path) -> int | None:
     """The pid recorded in ``pid_file`` if that process runs and its command line names
-    ``marker`` (the state directory); else None."""
+    ``marker`` (the state directory); else None.
+
+    A process in the middle of an exec has no command line for a moment (``/proc/PID/cmdline``
+    reads empty): a node's init passes through ``ip netns exec`` and ``unshare`` to bash, and a
+    check that landed in one of those moments once failed ``scripts/cluster up``. So an empty
+    command line of a process that is not gone is read again, for up to a second.
+    """
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if str(marker) in _cmdline(pid) else None
+    deadline = time.monotonic() + EXEC_SETTLE_SECONDS
+    while True:
+        line = _cmdline(pid)
+        if line or _gone(pid) or time.monotonic() > deadline:
+            return pid if str(marker) in line else None
+        time.sleep(0.005)
 
 
 def spawn(argv: Sequence[str], *, pid_file: Path, log_file: Path,

@@ -9,6 +9,7 @@ default provider must run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Generator, Iterator
@@ -40,6 +41,12 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         if os.environ.get("CI") and name == "local":
             pytest.fail(f"e2e provider {name} cannot run: {why}")
         pytest.skip(f"e2e provider {name}: {why}")
+    except BaseException:
+        # a start that failed half-way (some nodes up) is taken down before the error is
+        # reported: the host must not keep a half cluster for the next run to trip over
+        with contextlib.suppress(Exception):
+            provider.stop()
+        raise
     try:
         yield provider
     finally:
