@@ -231,8 +231,13 @@ class VolumeReconciler:
         kind = "block" if spec.get("volumeMode") == "Block" else "filesystem"
         desired = int(spec.get("desiredReplicas") or policy.replicas)
         old_layout = memory.layout or layout_from_status(status)
+        # one moment's agent liveness for the content source, the node views and down_for
+        # (nothing below awaits before they are all taken): a Lease renewal seen between two
+        # of them made a replica neither alive nor gone, and placement dropped it as if it
+        # were stale
+        alive = self.agents.alive()
         content, holder, waiting = content_source(spec, self.known_volumes,
-                                                  self.known_snapshots, self.agents.alive())
+                                                  self.known_snapshots, alive)
         if waiting and not old_layout.placed:
             await self._not_ready(name, status, generation, "SourceNotReady",
                                   f"content source: {waiting}", memory, emit)
@@ -253,10 +258,7 @@ class VolumeReconciler:
         intent = Intent(volume_id=name, size_bytes=size, policy=policy, desired_replicas=desired,
                         consumer=spec.get("consumerNode") or None,
                         switchover_to=switchover_to, prefer=holder)
-        # one moment's liveness for the node views and down_for: a Lease renewal seen between
-        # the two (the reconcile awaits in between) made a replica neither alive nor gone, and
-        # placement dropped it as if it were stale
-        alive = self.agents.alive()
+        # the caller's node views are from before this reconcile awaited anything
         nodes = [replace(n, agent_alive=n.name in alive) for n in nodes]
         down_for = self.agents.down_for(
             {n.name for n in nodes} | set(old_layout.replicas), alive)
