@@ -1,7 +1,7 @@
 """The agent: every volume replica this node holds, and the two gRPC services over them.
 
-``Replication`` is what peers call (Holdings, Push; PullChanges and FetchContents for
-multi-writer volumes); ``Agent`` is what the operator, the CSI
+``Replication`` is what peers call (Holdings, Push; PullChanges, FetchContents and MergeNow
+for multi-writer volumes); ``Agent`` is what the operator, the CSI
 node plugin and the CLI call (apply, remove, promote, sync now, attach, status). Both are thin:
 they validate, find the volume's :class:`VolumeEngine`, and ask it.
 """
@@ -454,6 +454,11 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         writer = self._multiwriter(request.volume_id, request.from_node)
         async for message in writer.serve_contents(request):
             yield message
+
+    async def MergeNow(self, request: pb.MergeNowRequest, context: Any) -> pb.MergeNowResponse:
+        writer = self._multiwriter(request.volume_id, request.from_node)
+        merged = await writer.merge_now(request.from_node, request.incarnation, request.seq)
+        return pb.MergeNowResponse(merged_seq=merged)
 
     async def Holdings(self, request: pb.HoldingsRequest, context: Any) -> pb.HoldingsResponse:
         engine = self.engine(request.volume_id)

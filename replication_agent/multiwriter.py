@@ -39,7 +39,8 @@ import grpc
 import structlog
 
 from sharedsync.core.audit_chain import AuditKind
-from sharedsync.core.errors import InvalidArgument
+from sharedsync.core.commit_quorum import commit_settled, plan_commit
+from sharedsync.core.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from sharedsync.core.file_merge import (
     DIRECTORY,
     TOMBSTONE,
@@ -92,6 +93,14 @@ STALE_AFTER_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 5.0
 #: How long SyncNow waits for the pull rounds of reachable peers.
 SYNC_NOW_WAIT_SECONDS = 300.0
+#: How long a Synchronous commit (an fsync) waits for its write quorum before it fails (EIO).
+COMMIT_TIMEOUT_SECONDS = 30.0
+#: How long a commit retries a peer it trusts that is not reachable (the channel's longest
+#: reconnect backoff, peers.CHANNEL_OPTIONS) before it counts it out.
+RECONNECT_SECONDS = 2.5
+#: Pull rounds MergeNow runs before it gives up on changes that keep waiting (a local write
+#: to the same file each time).
+MERGE_NOW_ROUNDS = 3
 READ_SIZE = 1 << 20
 
 MODE_NAMES = {pb.SYNCHRONOUS: "Synchronous", pb.ASYNCHRONOUS: "Asynchronous",
@@ -317,6 +326,10 @@ class MultiWriter:
         self._scanned_hint: int | None = None
         self._last_walk = 0.0
         self._last_collect = time.monotonic()
+        #: Peers whose last MergeNow failed: a commit waits for them only to make its quorum.
+        self.suspects: set[str] = set()
+        self._calls: set[asyncio.Task[bool]] = set()
+        self._probes: dict[str, asyncio.Task[bool]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -334,6 +347,8 @@ class MultiWriter:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        for call in list(self._calls):
+            await cancel_and_wait(call)
         for puller in list(self._pullers.values()):
             await puller.stop()
         self._pullers.clear()
@@ -406,6 +421,126 @@ class MultiWriter:
         self.host.audit(AuditKind.SYNC, trigger="sync-now", multi_writer=True,
                         unreachable=",".join(missed))
         return missed
+
+    # -- Synchronous commits ---------------------------------------------------------------
+
+    def write_quorum(self) -> int:
+        spec = self.host.spec
+        return spec.policy.write_quorum or len(spec.replica_nodes) // 2 + 1
+
+    async def commit(self) -> None:
+        """Synchronous mode: return once ``writeQuorum`` replicas, this one included, merged
+        everything written here (an fsync, fdatasync or close of a written file waits on this).
+
+        Every trusted peer is waited for too, so that pods on every reachable node read what
+        was fsync'd here when the fsync returns; who is asked and waited for is
+        :mod:`sharedsync.core.commit_quorum`'s decision.
+        """
+        await self.scan()
+        db = self.db
+        if db is None:
+            raise Unavailable(f"volume {self.volume_id} is stopping")
+        incarnation, seq = db.incarnation, self.head
+        need = max(0, self.write_quorum() - 1)
+        peers = sorted(n for n in self.host.spec.replica_nodes if n != self.node)
+        probing = {n for n, call in self._probes.items() if not call.done()}
+        plan = plan_commit(peers, self.suspects, probing, need)
+        if not plan.ask:
+            return
+        started = time.monotonic()
+        calls = {node: self._merge_on(node, incarnation, seq,
+                                      wait=node in plan.wait_for_ready)
+                 for node in sorted(plan.ask)}
+        acked, pending = 0, set(calls.values())
+        deadline = started + COMMIT_TIMEOUT_SECONDS
+        while pending:
+            trusted_pending = sum(1 for node, call in calls.items()
+                                  if call in pending and node not in self.suspects)
+            if commit_settled(acked=acked, need=need, trusted_pending=trusted_pending):
+                break
+            done, pending = await asyncio.wait(pending, timeout=deadline - time.monotonic(),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            acked += sum(1 for call in done if call.result())
+        if acked < need:
+            raise Unavailable(f"only {acked} of the {need} peers the write quorum needs merged "
+                              f"the change within {COMMIT_TIMEOUT_SECONDS:.0f} s")
+        metrics.SYNC_SECONDS.labels(self.volume_id, "Synchronous").observe(
+            time.monotonic() - started)
+
+    def _merge_on(self, node: str, incarnation: str, seq: int, *,
+                  wait: bool) -> asyncio.Task[bool]:
+        """Ask ``node`` to merge this replica's change log up to ``seq``; True once it did.
+
+        A peer that is not reachable fails fast, after retrying for a reconnect's worth of
+        time (or, with ``wait``, waits for it to come up within the commit's timeout). The call
+        runs to its end even when the commit stops waiting for it: it says whether the peer is
+        back.
+        """
+        async def call() -> bool:
+            give_up = time.monotonic() + (0.0 if node in self.suspects else RECONNECT_SECONDS)
+            while True:
+                try:
+                    stub = self.host.peers.stub(node)
+                    await stub.MergeNow(pb.MergeNowRequest(
+                        volume_id=self.volume_id, from_node=self.node, incarnation=incarnation,
+                        seq=seq), timeout=COMMIT_TIMEOUT_SECONDS, wait_for_ready=wait)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE \
+                            and time.monotonic() < give_up:
+                        await asyncio.sleep(0.2)
+                        continue
+                    self._suspect(node, str(exc.details()))
+                    return False
+                except KeyError as exc:
+                    self._suspect(node, str(exc))
+                    return False
+                self.suspects.discard(node)
+                return True
+
+        task = asyncio.create_task(call(), name=f"merge-now-{node}")
+        self._probes[node] = task
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return task
+
+    def _suspect(self, node: str, why: str) -> None:
+        if node not in self.suspects:
+            log.warning("a peer did not merge a Synchronous commit; it is waited for only "
+                        "while the write quorum needs it", volume_id=self.volume_id, peer=node,
+                        error=why[:300])
+        self.suspects.add(node)
+
+    async def merge_now(self, peer: str, incarnation: str, seq: int) -> int:
+        """Merge ``peer``'s change log up to ``seq`` now (its Synchronous commit waits for
+        this); returns the sequence merged up to.
+
+        This replica is scanned first: a local write not recorded yet would make the merge of
+        the same file wait for the next round (see :meth:`_apply`).
+        """
+        puller = self._pullers.get(peer)
+        if puller is None:
+            raise FailedPrecondition(f"{peer!r} is not a peer of volume {self.volume_id} on "
+                                     f"{self.node}")
+        merged = 0
+        for _ in range(MERGE_NOW_ROUNDS):
+            await self.scan()
+            await puller.wait(puller.kick())
+            if puller.view.failures:
+                raise Unavailable(f"{self.node} could not pull from {peer}: "
+                                  f"{puller.view.message}")
+            db = self.db
+            if db is None:
+                raise Unavailable(f"volume {self.volume_id} is stopping")
+            known, merged = await asyncio.to_thread(db.cursor, peer)
+            if known != incarnation:
+                raise FailedPrecondition(f"{peer}'s change log {incarnation!r} is not the one "
+                                         f"{self.node} merges ({known!r})")
+            if merged >= seq:
+                return merged
+        raise Aborted(f"{self.node} merged {peer}'s changes up to {merged} of {seq}: the rest "
+                      "waits behind local writes to the same files")
 
     # -- scanning ----------------------------------------------------------------------------
 
@@ -946,12 +1081,15 @@ class MultiWriter:
             if view.unreachable_since is not None and \
                     time.monotonic() - view.unreachable_since > STALE_AFTER_SECONDS:
                 state = pb.STALE
-            elif view.behind or view.failures or lag > self.max_lag():
+            elif view.behind or view.failures or lag > self.max_lag() or node in self.suspects:
                 state = pb.LAGGING
             else:
                 state = pb.IN_SYNC
+            message = view.message or ("its last merge of a Synchronous commit from here "
+                                       "failed: fsync waits for it only while the write "
+                                       "quorum needs it" if node in self.suspects else "")
             statuses.append(pb.ReplicaStatus(
                 node=node, role="primary" if node == coordinator else "replica", state=state,
-                lag_seconds=lag, last_sync_unix_ns=view.caught_up_ns, message=view.message))
+                lag_seconds=lag, last_sync_unix_ns=view.caught_up_ns, message=message))
         return statuses
 

@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -788,13 +788,11 @@ class VolumeEngine:
         the write quorum holds the change. Because the daemon is always in the path, a policy
         change between modes applies live, without remounting anything in the pod.
 
-        A multi-writer volume is served straight from the replica's live directory on every
-        node that holds one (a bind mount, native speed): there is no quorum to wait for, and
-        the merge loop finds changes by scanning.
+        A multi-writer volume is served the same way on every node that holds a replica: in
+        Synchronous mode an fsync there returns once the write quorum merged the change (see
+        :meth:`MultiWriter.commit`); the merge loop finds changes by scanning.
         """
         self.attached, self.attach_wanted_at = True, None
-        if self.spec.multi_writer:
-            return self.lineage.live
         if self.spec.kind == "block":
             return self.store.block_file(self.volume_id)
         if self._fuse is None:
@@ -1151,9 +1149,13 @@ class _CommitHooks:
         engine = self.engine
         log.debug("commit requested", volume_id=engine.volume_id, paths=len(paths),
                   mode=pb.Mode.Name(engine.spec.policy.mode))
+        policy = engine.spec.policy
+        if engine.multiwriter is not None:
+            if policy.mode == pb.SYNCHRONOUS:
+                self._wait(engine.multiwriter.commit())
+            return
         if engine.fenced:
             raise OSError(errno.EROFS, "this replica was fenced: a newer primary exists")
-        policy = engine.spec.policy
         if engine.role is not Role.PRIMARY:
             return
         if policy.mode == pb.ASYNCHRONOUS and policy.on_lag_exceeded == pb.THROTTLE:
@@ -1165,7 +1167,11 @@ class _CommitHooks:
             return
         if policy.mode != pb.SYNCHRONOUS:
             return  # Asynchronous/Scheduled: the daemon already made it durable locally
-        future = asyncio.run_coroutine_threadsafe(engine.commit(), self.loop)
+        self._wait(engine.commit())
+
+    def _wait(self, commit: Coroutine[Any, Any, None]) -> None:
+        """Run a quorum commit on the agent's loop; any failure is the caller's EIO."""
+        future = asyncio.run_coroutine_threadsafe(commit, self.loop)
         try:
             future.result(timeout=COMMIT_TIMEOUT_SECONDS + 10)
         except Exception as exc:

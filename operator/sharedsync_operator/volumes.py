@@ -67,8 +67,6 @@ class VolumeMemory:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_warnings: set[tuple[str, str]] = field(default_factory=set)
-    #: The standing advice about the volume's setup was given (MultiWriterNotSynchronous).
-    advised: bool = False
     #: The layout this operator wrote last. A reconcile can start from a body read before
     #: that write landed (a timer and a change handler in a row); the leader's own last
     #: write is never older than what it reads back, so it wins over a stale body.
@@ -272,13 +270,6 @@ class VolumeReconciler:
                            last_primary_view=_view_from_status(status), fingerprint=fingerprint)
         for event in plan.events:
             self._warn_once(memory, emit, event)
-        if multi_writer(spec) and policy.mode is Mode.SYNCHRONOUS and not memory.advised:
-            memory.advised = True  # once per volume and operator: it is advice, not news
-            self._warn_once(memory, emit, Event(
-                "Warning", "MultiWriterNotSynchronous",
-                "a ReadWriteMany volume is written on several nodes and merged file by file: "
-                "fsync returns once this node's replica holds the write, and peers receive it "
-                "within about a second (there is no write quorum)"))
         if not plan.layout.placed:
             await self._not_ready(name, status, generation, plan.problem_reason or "Pending",
                                   plan.problem or "no node can hold a replica", memory, emit)

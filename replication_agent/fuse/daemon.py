@@ -1218,6 +1218,12 @@ class FuseServer:
         args = OpenIn.parse(body)
         fd = os.open(self._path(node), self._backing_flags(args.flags))
         try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != node.key:
+                # Another file took the name behind the kernel's back (a peer's version of a
+                # multi-writer file was renamed into place): ESTALE makes the kernel look the
+                # name up again and open what it names now, as a local filesystem would.
+                raise OSError(errno.ESTALE, "the name now belongs to another file")
             self._truncating_open(header, args.flags, args.open_flags, fd)
             handle, out = self._open_handle(node, args.flags, fd)
         except BaseException:

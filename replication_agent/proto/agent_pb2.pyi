@@ -657,6 +657,57 @@ class PullChangesMessage(_message.Message):
 Global___PullChangesMessage: _TypeAlias = PullChangesMessage  # noqa: Y015
 
 @_typing.final
+class MergeNowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    from_node: _builtins.str
+    """The caller, whose change log is merged."""
+    incarnation: _builtins.str
+    """The caller's change-log incarnation (PullChangesHeader.incarnation) that `seq` counts in."""
+    seq: _builtins.int
+    """Merge at least up to this sequence number of the caller's change log."""
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        from_node: _builtins.str = ...,
+        incarnation: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node", b"from_node", "incarnation", b"incarnation", "seq", b"seq", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeNowRequest: _TypeAlias = MergeNowRequest  # noqa: Y015
+
+@_typing.final
+class MergeNowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGED_SEQ_FIELD_NUMBER: _builtins.int
+    merged_seq: _builtins.int
+    """Everything of the caller's change log up to this sequence number is merged here."""
+    def __init__(
+        self,
+        *,
+        merged_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged_seq", b"merged_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeNowResponse: _TypeAlias = MergeNowResponse  # noqa: Y015
+
+@_typing.final
 class ContentWanted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

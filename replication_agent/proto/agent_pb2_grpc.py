@@ -67,6 +67,11 @@ class ReplicationStub:
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.FetchContentsRequest.SerializeToString,
                 response_deserializer=replication__agent_dot_proto_dot_agent__pb2.ContentMessage.FromString,
                 _registered_method=True)
+        self.MergeNow = channel.unary_unary(
+                '/sharedsync.agent.v1.Replication/MergeNow',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowRequest.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -126,6 +131,17 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeNow(self, request, context):
+        """Multi-writer volumes in Synchronous mode: merge the caller's change log up to `seq` now
+        (a PullChanges/FetchContents round back to the caller, after a scan of this replica) and
+        answer once it is merged here. A node's fsync waits for this on its write quorum, so what
+        it wrote is on the peers, and read by their pods, when the fsync returns. One call per
+        fsync group (concurrent fsyncs are committed together), never per write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +174,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.FetchContents,
                     request_deserializer=replication__agent_dot_proto_dot_agent__pb2.FetchContentsRequest.FromString,
                     response_serializer=replication__agent_dot_proto_dot_agent__pb2.ContentMessage.SerializeToString,
+            ),
+            'MergeNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeNow,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowRequest.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -325,6 +346,33 @@ class Replication:
             '/sharedsync.agent.v1.Replication/FetchContents',
             replication__agent_dot_proto_dot_agent__pb2.FetchContentsRequest.SerializeToString,
             replication__agent_dot_proto_dot_agent__pb2.ContentMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sharedsync.agent.v1.Replication/MergeNow',
+            replication__agent_dot_proto_dot_agent__pb2.MergeNowRequest.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.MergeNowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,13 @@ class ReplicationStub:
     (when available) by checksummed Frames until `last`; the last frame's stream digest is the
     BLAKE3 content digest the caller asked for, so what it applies is exactly that version.
     """
+    MergeNow: _grpc.UnaryUnaryMultiCallable[_agent_pb2.MergeNowRequest, _agent_pb2.MergeNowResponse]
+    """Multi-writer volumes in Synchronous mode: merge the caller's change log up to `seq` now
+    (a PullChanges/FetchContents round back to the caller, after a scan of this replica) and
+    answer once it is merged here. A node's fsync waits for this on its write quorum, so what
+    it wrote is on the peers, and read by their pods, when the fsync returns. One call per
+    fsync group (concurrent fsyncs are committed together), never per write.
+    """
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -100,6 +107,13 @@ class ReplicationAsyncStub(ReplicationStub):
     """Multi-writer volumes: the current content of some files, each as a ContentHeader followed
     (when available) by checksummed Frames until `last`; the last frame's stream digest is the
     BLAKE3 content digest the caller asked for, so what it applies is exactly that version.
+    """
+    MergeNow: _aio.UnaryUnaryMultiCallable[_agent_pb2.MergeNowRequest, _agent_pb2.MergeNowResponse]  # type: ignore[assignment]
+    """Multi-writer volumes in Synchronous mode: merge the caller's change log up to `seq` now
+    (a PullChanges/FetchContents round back to the caller, after a scan of this replica) and
+    answer once it is merged here. A node's fsync waits for this on its write quorum, so what
+    it wrote is on the peers, and read by their pods, when the fsync returns. One call per
+    fsync group (concurrent fsyncs are committed together), never per write.
     """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +181,19 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         """Multi-writer volumes: the current content of some files, each as a ContentHeader followed
         (when available) by checksummed Frames until `last`; the last frame's stream digest is the
         BLAKE3 content digest the caller asked for, so what it applies is exactly that version.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeNow(
+        self,
+        request: _agent_pb2.MergeNowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.MergeNowResponse, _abc.Awaitable[_agent_pb2.MergeNowResponse]]:
+        """Multi-writer volumes in Synchronous mode: merge the caller's change log up to `seq` now
+        (a PullChanges/FetchContents round back to the caller, after a scan of this replica) and
+        answer once it is merged here. A node's fsync waits for this on its write quorum, so what
+        it wrote is on the peers, and read by their pods, when the fsync returns. One call per
+        fsync group (concurrent fsyncs are committed together), never per write.
         """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

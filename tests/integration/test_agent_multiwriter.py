@@ -10,6 +10,7 @@ bounded, and what is checked is which data ended where, never how fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -224,8 +225,8 @@ def test_attach_serves_every_replica_of_a_multi_writer_volume_only(
         cluster: AgentCluster) -> None:
     cluster.apply(mw_spec())
     attached = cluster.agents["b"].call("Attach", pb.AttachRequest(volume_id=VOLUME))
-    assert Path(attached.path) == live(cluster, "b")
     write(Path(attached.path) / "from-b", b"written through b's attachment")
+    assert (live(cluster, "b") / "from-b").read_bytes() == b"written through b's attachment"
     wait_until(lambda: (live(cluster, "a") / "from-b").exists(), timeout=60,
                what="b's write on a")
     assert (live(cluster, "a") / "from-b").read_bytes() == b"written through b's attachment"
@@ -248,6 +249,66 @@ def test_attach_serves_every_replica_of_a_multi_writer_volume_only(
         cluster.agents["a"].call("ApplyVolume", pb.ApplyVolumeRequest(
             spec=volume_spec(VOLUME, NODES, "a", mode=pb.ASYNCHRONOUS)))
     assert flipped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def attach(cluster: AgentCluster, node: str) -> Path:
+    return Path(cluster.agents[node].call("Attach", pb.AttachRequest(volume_id=VOLUME)).path)
+
+
+def test_synchronous_fsync_returns_once_the_peers_merged_it(cluster: AgentCluster) -> None:
+    """Synchronous: what a pod on one node fsync'd, a pod on another reads right away.
+
+    Paused, so nothing moves on its own: only the fsync's commit can have carried the data. The
+    names are rewritten over and over from both sides, so a reader often holds the name's old
+    file in its kernel caches when a peer's version replaces it.
+    """
+    spec = mw_spec(paused=True)
+    spec.policy.mode = pb.SYNCHRONOUS
+    spec.policy.write_quorum = 2
+    cluster.apply(spec)
+    mounts = {node: attach(cluster, node) for node in ("a", "b")}
+    rng = random.Random(11)
+    latest: dict[str, bytes] = {}
+    for i in range(40):
+        writer, reader = ("a", "b") if i % 2 == 0 else ("b", "a")
+        rel = f"shared/doc-{i % 4}.txt"
+        data = f"{i} from {writer} ".encode() + rng.randbytes(rng.randint(0, 200_000))
+        write(mounts[writer] / rel, data)  # open, write, fsync, close
+        latest[rel] = data
+        assert (mounts[reader] / rel).read_bytes() == data, f"write {i}: {reader} reads stale"
+        os.stat(mounts[reader] / rel)  # the reader's kernel now caches the name's attributes
+    # every reachable replica merged it, not only the quorum: c, never attached, too
+    assert {rel: (live(cluster, "c") / rel).read_bytes() for rel in latest} == latest
+
+    # c dies: a and b are the quorum, and still read each other's fsyncs at once
+    cluster.agents["c"].kill()
+    write(mounts["a"] / "while-c-is-down", b"quorum of a and b")
+    assert (mounts["b"] / "while-c-is-down").read_bytes() == b"quorum of a and b"
+    # b is cut off too: a alone is not a quorum, so its fsync fails (and says so)
+    cluster.partition("b")
+    with pytest.raises(OSError, match="Input/output error") as failed:
+        write(mounts["a"] / "no-quorum", b"only on a")
+    assert failed.value.errno == errno.EIO
+    cluster.heal("b")
+    cluster.agents["c"].start()
+    write(mounts["a"] / "quorum-again", b"b or c is back")
+
+    def links_back() -> bool:
+        """Every node pulled from every other in a sync-now round and trusts it again."""
+        for node in NODES:
+            cluster.agents[node].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME),
+                                      timeout=300)
+        return all(not replica.message for node in NODES
+                   for replica in cluster.agents[node].volume(VOLUME).replicas)
+    wait_until(links_back, timeout=120, what="every node pulling from every other again")
+    assert same_everywhere(cluster)
+    assert (live(cluster, "c") / "no-quorum").read_bytes() == b"only on a"
+    # everyone is back: every fsync is read everywhere at once again
+    write(mounts["b"] / "all-back", b"three again")
+    assert (mounts["a"] / "all-back").read_bytes() == b"three again"
+    assert (live(cluster, "c") / "all-back").read_bytes() == b"three again"
+    for node in ("a", "b"):
+        cluster.agents[node].call("Detach", pb.DetachRequest(volume_id=VOLUME))
 
 
 def _concurrent_writes(cluster: AgentCluster) -> tuple[bytes, bytes]:

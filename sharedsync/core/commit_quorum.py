@@ -1,0 +1,52 @@
+"""Who a Synchronous commit of a multi-writer volume asks, and when it may return.
+
+A multi-writer volume has no primary: the node where a pod called fsync asks every peer to merge
+its change log up to the write (MergeNow) and returns once ``writeQuorum`` replicas, itself
+included, hold it. It also waits for every other peer it *trusts*, so that pods on every
+reachable node read what was fsync'd when the fsync returns.
+
+A peer whose last MergeNow failed is a *suspect*. Waiting for a suspect at every commit would
+make every fsync pay a dead peer's timeout, so while the trusted peers can make the quorum a
+suspect is only probed, one call at a time, and not waited for; a probe that succeeds makes it
+trusted again. When the quorum needs suspects, every one of them is asked and the commit waits
+for them to come up, within its timeout.
+
+The agent's ``replication_agent.multiwriter`` makes the calls; this module only decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from .errors import Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class CommitCalls:
+    """The peers one commit asks, and those of them asked to wait until they are up."""
+
+    ask: frozenset[str]
+    wait_for_ready: frozenset[str]
+
+
+def plan_commit(peers: Collection[str], suspects: Collection[str],
+                probing: Collection[str], need: int) -> CommitCalls:
+    """Which ``peers`` to ask for a commit that needs ``need`` of them (the quorum minus this
+    node); ``probing`` are the suspects with a call still running.
+
+    Raises Unavailable when the volume has fewer peers than the quorum needs.
+    """
+    if need > len(peers):
+        raise Unavailable(f"write quorum {need + 1} needs more replicas than the "
+                          f"{len(peers) + 1} of the volume")
+    trusted = {p for p in peers if p not in suspects}
+    doubted = set(peers) - trusted
+    if len(trusted) >= need:
+        return CommitCalls(frozenset(trusted | (doubted - set(probing))), frozenset())
+    return CommitCalls(frozenset(peers), frozenset(doubted))
+
+
+def commit_settled(*, acked: int, need: int, trusted_pending: int) -> bool:
+    """Whether a commit may return: its quorum merged, and no trusted peer is still merging."""
+    return acked >= need and trusted_pending == 0

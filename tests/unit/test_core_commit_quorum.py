@@ -1,0 +1,74 @@
+"""sharedsync.core.commit_quorum: who a multi-writer Synchronous commit asks and waits for."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sharedsync.core.commit_quorum import CommitCalls, commit_settled, plan_commit
+from sharedsync.core.errors import Unavailable
+
+PEERS = ["b", "c", "d", "e"]
+
+
+def test_every_trusted_peer_is_asked_without_waiting_for_it_to_come_up() -> None:
+    assert plan_commit(["b", "c"], suspects=[], probing=[], need=1) == \
+        CommitCalls(frozenset({"b", "c"}), frozenset())
+
+
+def test_a_suspect_the_quorum_does_not_need_is_probed_once_at_a_time() -> None:
+    assert plan_commit(["b", "c"], suspects=["c"], probing=[], need=1) == \
+        CommitCalls(frozenset({"b", "c"}), frozenset())
+    assert plan_commit(["b", "c"], suspects=["c"], probing=["c"], need=1) == \
+        CommitCalls(frozenset({"b"}), frozenset())
+
+
+def test_suspects_the_quorum_needs_are_all_asked_and_waited_for() -> None:
+    # c is probed already, but b alone cannot make a quorum of 3: c is asked again, and both
+    # suspects may take until the timeout to come up
+    assert plan_commit(["b", "c", "d"], suspects=["c", "d"], probing=["c"], need=2) == \
+        CommitCalls(frozenset({"b", "c", "d"}), frozenset({"c", "d"}))
+
+
+def test_a_quorum_of_one_still_asks_the_trusted_peers() -> None:
+    # the fsync waits for them so that their pods read it, though the quorum is this node alone
+    assert plan_commit(["b"], suspects=[], probing=[], need=0).ask == {"b"}
+    assert plan_commit(["b"], suspects=["b"], probing=["b"], need=0).ask == frozenset()
+    assert plan_commit([], suspects=[], probing=[], need=0).ask == frozenset()
+
+
+def test_a_quorum_larger_than_the_volume_is_refused() -> None:
+    with pytest.raises(Unavailable, match="write quorum 3 needs more replicas than the 2"):
+        plan_commit(["b"], suspects=[], probing=[], need=2)
+
+
+def test_settled_once_the_quorum_merged_and_no_trusted_peer_is_left() -> None:
+    assert not commit_settled(acked=0, need=1, trusted_pending=0)
+    assert not commit_settled(acked=1, need=1, trusted_pending=1)
+    assert commit_settled(acked=1, need=1, trusted_pending=0)
+    assert commit_settled(acked=0, need=0, trusted_pending=0)
+
+
+@given(st.sets(st.sampled_from(PEERS)), st.sets(st.sampled_from(PEERS)),
+       st.sets(st.sampled_from(PEERS)), st.integers(min_value=0, max_value=len(PEERS)))
+def test_the_plan_can_always_make_the_quorum_and_never_waits_needlessly(
+        peers: set[str], suspects: set[str], probing: set[str], need: int) -> None:
+    suspects &= peers
+    probing &= suspects
+    if need > len(peers):
+        with pytest.raises(Unavailable):
+            plan_commit(sorted(peers), suspects, probing, need)
+        return
+    plan = plan_commit(sorted(peers), suspects, probing, need)
+    trusted = peers - suspects
+    assert plan.ask <= peers
+    assert trusted <= plan.ask  # every trusted peer hears of every commit
+    assert len(plan.ask) >= need  # if they all merge, the quorum is made
+    assert plan.wait_for_ready <= plan.ask & suspects  # only suspects may be waited up for
+    if len(trusted) >= need:
+        assert not plan.wait_for_ready
+        assert plan.ask == trusted | (suspects - probing)  # one probe per suspect at a time
+    else:
+        assert plan.ask == peers
+        assert plan.wait_for_ready == suspects
