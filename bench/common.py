@@ -326,8 +326,10 @@ class LocalBtrfs:
 
 
 @contextlib.contextmanager
-def agent_cluster(workdir: Path, result: Result) -> Iterator[Any]:
-    """A started 3-agent AgentCluster (tests/integration/agent_harness.py), closed after."""
+def agent_cluster(workdir: Path, result: Result, *, direct_links: bool = False,
+                  ) -> Iterator[Any]:
+    """A started 3-agent AgentCluster (tests/integration/agent_harness.py), closed after;
+    ``direct_links``: agents dial each other, without the fault proxies in between."""
     from tests.cluster import netns
     from tests.cluster.netns import netns_unavailable
     from tests.integration.agent_harness import AgentCluster
@@ -351,9 +353,10 @@ def agent_cluster(workdir: Path, result: Result) -> Iterator[Any]:
     netns._acquire_host_lock = timed_lock
     started = time.monotonic()
     try:
-        cluster = AgentCluster(workdir / "cluster")
+        cluster = AgentCluster(workdir / "cluster", direct_links=direct_links)
     finally:
         netns._acquire_host_lock = original
+    result.details["links"] = "direct" if direct_links else "through fault proxies"
     try:
         cluster.start()
         result.details["cluster_start_seconds"] = round(time.monotonic() - started, 2)

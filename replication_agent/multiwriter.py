@@ -123,6 +123,11 @@ class Host(Protocol):
 
     def pace(self, nbytes: int) -> Awaitable[None]: ...
 
+    def writing(self, path: str) -> bool:
+        """Whether a pod here has the file at ``path`` open for writing (called from worker
+        threads)."""
+        ...
+
 
 async def _finished(work: Awaitable[T]) -> T:
     """Await work done in a worker thread; if cancelled meanwhile, still wait for the thread
@@ -817,8 +822,8 @@ class MultiWriter:
             if plan.skip:
                 continue
             paths = {step.path for step in plan.steps}
-            if paths & touched:
-                deferred.append(change.seq)  # one change per path per batch
+            if paths & touched or any(self._under_a_writer(step) for step in plan.steps):
+                deferred.append(change.seq)  # one change per path per batch; see above
                 continue
             missing = [step for step in plan.steps if step.write is Write.CONTENT
                        and step.source is not None and not step.source.local
@@ -908,6 +913,15 @@ class MultiWriter:
             return rehashed is not None and rehashed.digest == expect.digest
         return True
 
+    def _under_a_writer(self, step: Step) -> bool:
+        """Whether ``step`` would replace or remove a file a pod here has open for writing.
+
+        Its next writes would go to a file that is no longer there, lost without a trace; so
+        the change waits until the pod closes the file, whose version is then recorded, and
+        the two meet as a conflict like any other.
+        """
+        return step.write in (Write.CONTENT, Write.DELETE) and self.host.writing(step.path)
+
     def _carry_out(self, step: Step, fetched: _Fetched) -> Record | None:
         """Do one step; the record to store (stat filled in), or None to retry later."""
         if step.write is Write.DIRECTORY and (step.expect is None or step.expect.deleted):
@@ -917,6 +931,8 @@ class MultiWriter:
                 return None  # a file not scanned yet: it is a conflict, seen next round
         elif not self._on_disk_as(step.path, step.expect):
             return None
+        if self._under_a_writer(step):
+            return None  # opened for writing since the batch was planned
         record = step.record
         now = time.time_ns()
         expect = step.expect

@@ -14,6 +14,7 @@ that is cut off resumes from the verified bytes it already has instead of starti
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from sharedsync.core.framing import (
     FrameEncoder,
     FrameFault,
 )
+from sharedsync.storage import btrfs
 
 from .lineage import Lineage, SnapRef
 from .proto import agent_pb2 as pb
@@ -89,22 +91,29 @@ async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
                           progress: Progress = _no_progress,
                           compress: CompressionPolicy = NEVER_COMPRESS,
                           ) -> AsyncIterator[pb.PushMessage]:
-    """Yield the header and frames of ``out`` (the request stream of a ``Push`` call)."""
-    argv = ["btrfs", "send", "--quiet"]
-    if out.parent is not None:
-        argv += ["-p", str(out.lineage.path(out.parent))]
-    argv.append(str(out.lineage.path(out.snapshot)))
+    """Yield the header and frames of ``out`` (the request stream of a ``Push`` call).
+
+    The kernel writes the send stream into a pipe from a worker thread (``btrfs.send``) while
+    the event loop reads the other end: no ``btrfs send`` process per snapshot.
+    """
+    parent = out.lineage.path(out.parent) if out.parent is not None else None
     yield pb.PushMessage(header=out.header)
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    stderr_task = asyncio.ensure_future(proc.stderr.read())
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+
+    def produce() -> None:
+        try:
+            btrfs.send(out.lineage.path(out.snapshot), write_fd, parent=parent)
+        finally:
+            os.close(write_fd)  # the reader sees the end of the stream
+
+    reader = asyncio.StreamReader(limit=READ_SIZE)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), open(read_fd, "rb", buffering=0))  # noqa: SIM115, ASYNC230 - the transport owns it
+    sender = _in_own_thread(produce, f"send-{out.snapshot.name}")
     encoder = FrameEncoder(compress=compress)
     to_skip = out.skip
     try:
-        while chunk := await proc.stdout.read(READ_SIZE):
+        while chunk := await reader.read(READ_SIZE):
             if to_skip:
                 dropped = min(to_skip, len(chunk))
                 to_skip -= dropped
@@ -115,10 +124,10 @@ async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
                 await pace(len(frame.payload))
                 progress(frame.raw_length)
                 yield frame_message(frame)
-        code = await proc.wait()
-        if code != 0:
-            raise Internal(f"btrfs send failed (exit {code}): "
-                           f"{(await stderr_task).decode(errors='replace').strip()}")
+        try:
+            await sender
+        except OSError as exc:
+            raise Internal(f"btrfs send failed: {exc}") from exc
         if to_skip:
             raise FailedPrecondition("the receiver holds more of this stream than it is long")
         last = encoder.finish()
@@ -126,10 +135,40 @@ async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
         progress(last.raw_length)
         yield frame_message(last)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        stderr_task.cancel()
+        transport.close()  # a send still writing fails with EPIPE, and its thread ends
+        if not sender.done():
+            with contextlib.suppress(OSError):
+                await asyncio.shield(sender)
+
+
+def _in_own_thread(work: Callable[[], None], name: str) -> asyncio.Future[None]:
+    """Run ``work`` in a thread of its own; the future ends with it.
+
+    Not the loop's default executor: a paced send blocks its thread on a full pipe for as long
+    as the transfer lasts, and a few of them would starve every other ``to_thread`` call of
+    the agent (a Synchronous commit's snapshot among them).
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done
 
 
 class Spool:
@@ -247,7 +286,7 @@ async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage
 async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
                            messages: AsyncIterator[pb.PushMessage], spool: Spool,
                            progress: Progress = _no_progress) -> SnapRef:
-    """Apply one incoming stream to ``lineage``; all of it, or nothing."""
+    """Apply one incoming stream to ``lineage``, all of it or nothing, and make it durable."""
     ref = ref_of(header.snapshot)
     decoder = FrameDecoder()
     lineage.ensure()
@@ -261,6 +300,10 @@ async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
         await _receive_full(lineage, header, messages, spool, decoder, progress)
     if ref not in lineage.complete():
         raise Internal(f"btrfs receive finished but {ref.name} is not complete")
+    # btrfs receive writes through the page cache and does not sync: write the snapshot back
+    # before it is acknowledged, or a crash of this node could lose what the sender counts on
+    # (a Synchronous fsync's quorum)
+    await asyncio.to_thread(btrfs.syncfs, lineage.directory)
     return ref
 
 

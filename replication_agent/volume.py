@@ -805,6 +805,11 @@ class VolumeEngine:
             self.audit(AuditKind.VOLUME, action="attach", passthrough=server.passthrough_active)
         return self._fuse.mountpoint
 
+    def writing(self, path: str) -> bool:
+        """Whether a pod here has ``path`` (relative to ``live``) open for writing."""
+        server = self._fuse
+        return server is not None and server.writing(path)
+
     def want_attach(self) -> None:
         """A pod here asked for the volume while another node serves it: say so in status
         (``attach_wanted``) until it is served here or the asking stops."""

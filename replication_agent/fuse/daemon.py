@@ -371,6 +371,14 @@ class FuseServer:
         with self._lock:
             return len(self._files) + len(self._dirs)
 
+    def writing(self, rel: str) -> bool:
+        """Whether the file at ``rel`` (relative to the backing root) is open for writing
+        through this mount: replacing it now would send the writer's next writes to a file
+        that is no longer there."""
+        with self._lock:
+            return any(handle.writable and self._rel_locked(handle.node) == rel
+                       for handle in self._files.values())
+
     def known_nodes(self) -> int:
         """Inodes the kernel holds references to (the root included)."""
         with self._lock:

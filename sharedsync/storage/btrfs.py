@@ -1,4 +1,8 @@
-"""btrfs through the ``btrfs`` CLI from btrfs-progs: filesystems, subvolumes, snapshots, streams.
+"""btrfs through its ioctls and the ``btrfs`` CLI: filesystems, subvolumes, snapshots, streams.
+
+What the replication agent does on every sync cycle (snapshot, send, delete, subvolume info)
+is one ioctl each, not a forked tool; ``btrfs receive``, which has no kernel interface, and the
+rarer operations go through btrfs-progs.
 
 Snapshots are what make a replica cheap to copy and safe to receive: a read-only snapshot is a
 frozen view that an incremental ``btrfs send -p`` can diff against, and a ``btrfs receive`` only
@@ -31,32 +35,106 @@ def create_subvolume(path: str | os.PathLike[str]) -> None:
     run(["btrfs", "subvolume", "create", os.fspath(path)])
 
 
+# struct btrfs_ioctl_vol_args_v2 (linux/btrfs.h): fd, transid, flags, 4 x u64 of unions,
+# name[BTRFS_SUBVOL_NAME_MAX + 1]: 4096 bytes in all.
+_VOL_ARGS_V2 = struct.Struct("=qQQ32x4040s")
+_IOC_SNAP_CREATE_V2 = (1 << 30) | (_VOL_ARGS_V2.size << 16) | (0x94 << 8) | 23
+_SUBVOL_CREATE_RDONLY = 1 << 1  # BTRFS_SUBVOL_RDONLY
+_SUBVOL_NAME_MAX = 4039
+
+
 def snapshot(source: str | os.PathLike[str], dest: str | os.PathLike[str], *,
              read_only: bool) -> None:
-    """Snapshot subvolume ``source`` at ``dest`` (read-only for sends and CSI snapshots)."""
-    argv = ["btrfs", "subvolume", "snapshot"]
-    if read_only:
-        argv.append("-r")
-    run([*argv, os.fspath(source), os.fspath(dest)])
+    """Snapshot subvolume ``source`` at ``dest`` (read-only for sends and CSI snapshots).
+
+    One ioctl (BTRFS_IOC_SNAP_CREATE_V2), no fork: the replication agent takes one per
+    Synchronous commit, where starting ``btrfs subvolume snapshot`` cost about a third of the
+    snapshot's time. Like the CLI, it returns once the snapshot is committed.
+    """
+    dest = Path(dest)
+    name = os.fsencode(dest.name)
+    if not name or len(name) > _SUBVOL_NAME_MAX or name in (b".", b".."):
+        raise ValueError(f"{dest} cannot name a snapshot")
+    source_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        parent_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            args = bytearray(_VOL_ARGS_V2.pack(
+                source_fd, 0, _SUBVOL_CREATE_RDONLY if read_only else 0, name))
+            try:
+                fcntl.ioctl(parent_fd, _IOC_SNAP_CREATE_V2, args)
+            except OSError as exc:
+                raise OSError(exc.errno, f"snapshot {source} -> {dest}: {exc.strerror}",
+                              os.fspath(dest)) from None
+        finally:
+            os.close(parent_fd)
+    finally:
+        os.close(source_fd)
+
+
+# struct btrfs_ioctl_send_args (linux/btrfs.h): send_fd, clone_sources_count, clone_sources,
+# parent_root, flags, version, reserved[28].
+_SEND_ARGS = struct.Struct("=qQQQQI28x")
+_IOC_SEND = (1 << 30) | (_SEND_ARGS.size << 16) | (0x94 << 8) | 38
+
+
+def send(snapshot_path: str | os.PathLike[str], out_fd: int, *,
+         parent: str | os.PathLike[str] | None = None) -> None:
+    """Write the send stream of read-only ``snapshot_path`` (incremental from ``parent`` if
+    given) to ``out_fd``: what ``btrfs send`` prints, made by the same ioctl (BTRFS_IOC_SEND),
+    without a process in between. Blocks until the whole stream is written; run it in a thread
+    and read ``out_fd``'s other end meanwhile (closing it makes the send fail with EPIPE)."""
+    sources = (ctypes.c_uint64 * 1)()
+    count = 0
+    parent_root = 0
+    if parent is not None:
+        parent_root = subvolume_info(parent).tree_id
+        sources[0] = parent_root
+        count = 1
+    fd = os.open(snapshot_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        args = bytearray(_SEND_ARGS.pack(out_fd, count, ctypes.addressof(sources) if count
+                                         else 0, parent_root, 0, 0))
+        try:
+            fcntl.ioctl(fd, _IOC_SEND, args)
+        except OSError as exc:
+            raise OSError(exc.errno, f"btrfs send of {snapshot_path}: {exc.strerror}",
+                          os.fspath(snapshot_path)) from None
+    finally:
+        os.close(fd)
+
+
+# struct btrfs_ioctl_vol_args (linux/btrfs.h): fd, name[BTRFS_PATH_NAME_MAX + 1].
+_VOL_ARGS = struct.Struct("=q4088s")
+_IOC_SNAP_DESTROY = (1 << 30) | (_VOL_ARGS.size << 16) | (0x94 << 8) | 15
 
 
 def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> None:
     """Delete a subvolume; a no-op when it is already gone.
 
-    ``commit`` waits for the transaction that makes the deletion durable (what CSI expects of
-    DeleteSnapshot); replication's own snapshot pruning skips the wait, since a deletion lost
-    in a crash is simply done again.
+    One ioctl (BTRFS_IOC_SNAP_DESTROY), no fork: replication prunes a snapshot per sync cycle
+    on every node. ``commit`` then waits for the transaction that makes the deletion durable
+    (what CSI expects of DeleteSnapshot); replication's own snapshot pruning skips the wait,
+    since a deletion lost in a crash is simply done again.
     """
-    if not Path(path).exists():
+    path = Path(path)
+    if not path.exists():
         return
-    argv = ["btrfs", "subvolume", "delete"]
-    if commit:
-        argv.append("--commit-after")
+    parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        run([*argv, os.fspath(path)])
-    except CommandFailed:
-        if Path(path).exists():
-            raise
+        try:
+            fcntl.ioctl(parent_fd, _IOC_SNAP_DESTROY,
+                        bytearray(_VOL_ARGS.pack(0, os.fsencode(path.name))))
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        except OSError as exc:
+            raise OSError(exc.errno, f"delete subvolume {path}: {exc.strerror}",
+                          os.fspath(path)) from None
+        if commit and _libc.syncfs(parent_fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
+    finally:
+        os.close(parent_fd)
 
 
 def is_subvolume(path: str | os.PathLike[str]) -> bool:
@@ -137,6 +215,8 @@ def sync(mount_point: str | os.PathLike[str]) -> None:
 class SubvolumeInfo:
     """What BTRFS_IOC_GET_SUBVOL_INFO says about a subvolume (cheap: one ioctl, no fork)."""
 
+    #: The subvolume's tree (root) id: how an incremental send names its parent.
+    tree_id: int
     generation: int
     #: Transaction of the last change to the subvolume's *contents*. Snapshotting does not
     #: move it, and a snapshot inherits its source's value, so "live.ctransid differs from the
@@ -169,7 +249,7 @@ def subvolume_info(path: str | os.PathLike[str]) -> SubvolumeInfo:
     finally:
         os.close(fd)
     fields = _SUBVOL_INFO.unpack(bytes(buf))
-    return SubvolumeInfo(generation=fields[4], ctransid=fields[9],
+    return SubvolumeInfo(tree_id=fields[0], generation=fields[4], ctransid=fields[9],
                          read_only=bool(fields[5] & _SUBVOL_RDONLY),
                          uuid=fields[6], parent_uuid=fields[7], received_uuid=fields[8])
 

@@ -55,14 +55,15 @@ class AgentCluster:
     """Agents in network namespaces on a private bridge, talking mutual TLS through proxies.
 
     Every agent dials each peer through a fault proxy running in its own namespace, so a test
-    can slow, cap, partition or reset any one direction of any link. Agents join only the
+    can slow, cap, partition or reset any one direction of any link (``direct_links``: no
+    proxies, for benchmarks that measure the product's own path). Agents join only the
     namespace's *network* (``nsenter --net``), not a private mount namespace, so the replicas
     they mount are visible to the test, which checks data and leaks directly.
     """
 
     def __init__(self, workdir: Path, names: Sequence[str] = ("a", "b", "c"), *,
                  extra_config: dict[str, Any] | None = None,
-                 clients: Sequence[str] = ()) -> None:
+                 clients: Sequence[str] = (), direct_links: bool = False) -> None:
         from replication_agent.tls import issue_dev_pki
         from tests.cluster.faultproxy import start_proxy_process
         from tests.cluster.netns import TestNetwork
@@ -81,6 +82,9 @@ class AgentCluster:
             peers = {}
             for dst, peer in self.nodes.items():
                 if dst == src:
+                    continue
+                if direct_links:  # benchmarks: the product's own path, nothing in between
+                    peers[dst] = peer.endpoint(AGENT_PORT)
                     continue
                 proxy = start_proxy_process(self.net, node, listen=(node.address, 0),
                                             target=(peer.address, AGENT_PORT),

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -387,6 +388,67 @@ def test_btrfs_subvolumes_snapshots_and_send_receive(btrfs_mount: Path) -> None:
         btrfs.delete_subvolume(sub)
         assert not sub.exists()
         btrfs.delete_subvolume(sub)  # already gone: a no-op
+
+
+def _ioctl_send(snapshot: Path, parent: Path | None = None) -> bytes:
+    """The stream btrfs.send writes, read from a pipe while a thread sends."""
+    read_fd, write_fd = os.pipe()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while chunk := os.read(read_fd, 1 << 20):
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        btrfs.send(snapshot, write_fd, parent=parent)
+    finally:
+        os.close(write_fd)
+        reader.join()
+        os.close(read_fd)
+    return b"".join(chunks)
+
+
+def test_btrfs_send_ioctl_writes_what_the_cli_prints(btrfs_mount: Path) -> None:
+    live, snaps, recv = btrfs_mount / "live", btrfs_mount / "snaps", btrfs_mount / "recv"
+    btrfs.create_subvolume(live)
+    snaps.mkdir()
+    recv.mkdir()
+    (live / "a").write_bytes(os.urandom(300_000))
+    (live / "dir").mkdir()
+    (live / "dir" / "link").symlink_to("../a")
+    btrfs.snapshot(live, snaps / "s1", read_only=True)
+    (live / "b").write_bytes(b"two")
+    (live / "a").unlink()
+    btrfs.snapshot(live, snaps / "s2", read_only=True)
+    assert btrfs.subvolume_info(snaps / "s1").tree_id != btrfs.subvolume_info(live).tree_id
+    for snapshot, parent in ((snaps / "s1", None), (snaps / "s2", snaps / "s1")):
+        ours = _ioctl_send(snapshot, parent)
+        argv = ["btrfs", "send", "--quiet", *(["-p", str(parent)] if parent else []),
+                str(snapshot)]
+        assert ours == subprocess.run(argv, capture_output=True, check=True).stdout
+        subprocess.run(["btrfs", "receive", str(recv)], input=ours, check=True,
+                       capture_output=True)
+    assert sorted(p.name for p in (recv / "s2").iterdir()) == ["b", "dir"]
+    assert os.readlink(recv / "s2" / "dir" / "link") == "../a"
+    # what the CLI refuses, the ioctls refuse, with the path in the error
+    btrfs.create_subvolume(btrfs_mount / "rw")
+    with pytest.raises(PermissionError, match="rw"):  # a writable subvolume is not sent
+        _ioctl_send(btrfs_mount / "rw")
+    with pytest.raises(FileExistsError, match="s2"):
+        btrfs.snapshot(live, snaps / "s2", read_only=True)
+    with pytest.raises(FileNotFoundError):
+        btrfs.snapshot(live, btrfs_mount / "nowhere" / "s3", read_only=True)
+    with pytest.raises(OSError, match="delete subvolume"):  # a plain directory
+        btrfs.delete_subvolume(recv)
+    assert recv.is_dir()
+    # a reader that goes away ends the send (EPIPE), never hangs it
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    with pytest.raises(BrokenPipeError):
+        btrfs.send(snaps / "s1", write_fd)
+    os.close(write_fd)
 
 
 def test_btrfs_send_receive_failure_propagates(btrfs_mount: Path) -> None:
