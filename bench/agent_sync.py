@@ -41,6 +41,7 @@ from bench.common import (
     wait_in_sync,
 )
 from replication_agent.proto import agent_pb2 as pb
+from sharedsync.storage import btrfs
 
 NAME = "sync"
 TITLE = "Synchronous: FUSE data path, writeQuorum 2 of 3"
@@ -84,7 +85,7 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
             with StatusClient(agent.socket) as status, \
                     LocalBtrfs(workdir / "local", size) as local:
                 _measure(result, status, mount, local.live, pool, write_bytes, rounds, fsyncs,
-                         rtt_p50)
+                         rtt_p50, agent.live(VOLUME).parent)
         finally:
             agent.call("Detach", pb.DetachRequest(volume_id=VOLUME), timeout=60)
 
@@ -99,7 +100,7 @@ def _attach_audit(data_dir: Path) -> str:
 
 
 def _measure(result: Result, status: StatusClient, mount: Path, local: Path, pool: BufferPool,
-             write_bytes: int, rounds: int, fsyncs: int, rtt: float) -> None:
+             write_bytes: int, rounds: int, fsyncs: int, rtt: float, replica: Path) -> None:
     local_rates, fuse_rates, fuse_fsyncs, local_fsyncs = [], [], [], []
     for i in range(rounds):
         log(f"round {i + 1}/{rounds}: local sequential write {write_bytes // MiB} MiB")
@@ -117,6 +118,11 @@ def _measure(result: Result, status: StatusClient, mount: Path, local: Path, poo
             f"{', '.join(f'{s:.2f}' for s in w.fsync_seconds)} s")
         (local / f"seq-{i}.bin").unlink()
         (mount / f"seq-{i}.bin").unlink()
+        # the deleted file's space returns once no snapshot holds it: the peers acknowledge a
+        # snapshot without it, older ones are pruned, and btrfs' cleaner frees their extents
+        status.stub.SyncNow(pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+        wait_in_sync(status, VOLUME, ["b", "c"], timeout=300)
+        btrfs.wait_for_cleaner(replica)
     wait_in_sync(status, VOLUME, ["b", "c"], timeout=300)
     local_rate, fuse_rate = median(local_rates), median(fuse_rates)
     result.details.update(local_write_mib_s=local_rates, fuse_write_mib_s=fuse_rates,

@@ -227,12 +227,16 @@ async def _run_receive(target: Path, source: AsyncIterator[bytes] | Path) -> Non
     assert proc.stderr is not None
     stderr_task = asyncio.ensure_future(proc.stderr.read())
     try:
+        cut_short = False
         if not isinstance(source, Path):
             assert proc.stdin is not None
-            async for raw in source:
-                proc.stdin.write(raw)
-                await proc.stdin.drain()
-            proc.stdin.close()
+            try:
+                async for raw in source:
+                    proc.stdin.write(raw)
+                    await proc.stdin.drain()
+                proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                cut_short = True  # it exited: its exit code and stderr say why
         code = await proc.wait()
         stderr = await stderr_task
     except BaseException:
@@ -241,9 +245,9 @@ async def _run_receive(target: Path, source: AsyncIterator[bytes] | Path) -> Non
             await proc.wait()
         stderr_task.cancel()
         raise
-    if code != 0:
+    if code != 0 or cut_short:
         raise Internal(f"btrfs receive failed (exit {code}): "
-                       f"{stderr.decode(errors='replace').strip()}")
+                       f"{stderr.decode(errors='replace').strip() or 'it stopped reading'}")
 
 
 async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage],
@@ -259,21 +263,31 @@ async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage
 
     receiver = asyncio.ensure_future(_run_receive(lineage.directory, produce()))
 
+    async def feed(item: bytes | None) -> None:
+        """Queue ``item`` for btrfs receive, unless it stopped: a receive that failed (a full
+        filesystem, say) never takes from the queue again, and a put into the full queue would
+        wait for ever, with the sender's stream stalled behind it."""
+        if not receiver.done():
+            put = asyncio.ensure_future(queue.put(item))
+            await asyncio.wait({put, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if put.done():
+                return
+            put.cancel()
+        receiver.result()  # surfaces btrfs receive's failure
+        raise Internal("btrfs receive stopped before the end of the stream")
+
     async def sink(raw: bytes) -> None:
-        if receiver.done():
-            receiver.result()  # surfaces btrfs receive's failure
-            raise Internal("btrfs receive stopped early")
         if spool_fd is not None:
             await asyncio.to_thread(os.write, spool_fd, raw)  # keep the event loop streaming
-        await queue.put(raw)
+        await feed(raw)
 
     try:
         if prefix is not None:
             with open(prefix, "rb") as held:  # noqa: ASYNC230 - local reads between awaits
                 while chunk := held.read(READ_SIZE):
-                    await queue.put(chunk)
+                    await feed(chunk)
         await _pump_frames(messages, sink, decoder, progress)
-        await queue.put(None)
+        await feed(None)
         await receiver
     except BaseException:
         receiver.cancel()

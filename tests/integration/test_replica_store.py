@@ -6,6 +6,7 @@ device may stay attached to a file under ``tmp_path`` and nothing may stay mount
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import mmap
@@ -20,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from replication_agent.proto import agent_pb2 as pb
+from replication_agent.transfer import snapshot_ref
+from sharedsync.core.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+)
 from sharedsync.core.ids import snapshot_id_for, volume_id_for
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 from sharedsync.storage import btrfs, loop, mounts
@@ -898,3 +907,42 @@ def test_expand_recovers_from_crash(store: ReplicaStore, tmp_path: Path) -> None
     finally:
         store.close(v)
     assert leftovers_under(tmp_path) == []
+
+
+def test_a_receive_that_fails_mid_stream_fails_the_stream_instead_of_stalling_it(
+        store: ReplicaStore) -> None:
+    """btrfs receive gives up in the middle (here: the receiving filesystem is full): the
+    frames still arriving must not queue up behind it for ever, holding the sender's stream
+    (and a Synchronous fsync waiting on it) until the connection dies."""
+    from replication_agent.lineage import Lineage, SnapRef
+    from replication_agent.transfer import Outgoing, Spool, receive_snapshot, stream_snapshot
+
+    source, target = vid("stall-source"), vid("stall-target")
+    store.create(source, 1024 * MiB, VolumeKind.FILESYSTEM)
+    store.create(target, MIN_VOLUME_BYTES, VolumeKind.FILESYSTEM)
+    for volume in (source, target):
+        store.open(volume)
+    try:
+        with open(store.live_path(source) / "big.bin", "wb") as out:
+            for _ in range(2 * MIN_VOLUME_BYTES // MiB):  # twice what the target can hold
+                out.write(os.urandom(MiB))
+        sent, received = Lineage(store, source), Lineage(store, target)
+        sent.ensure()
+        ref = SnapRef(1, 1)
+        sent.take(ref)
+        header = pb.StreamHeader(volume_id=target, epoch=1, sender_node="a",
+                                 snapshot=snapshot_ref(ref))
+
+        async def receive() -> None:
+            frames = stream_snapshot(Outgoing(sent, ref, None, header))
+            await anext(frames)  # the header: receive_snapshot takes the frames after it
+            async with asyncio.timeout(120):
+                await receive_snapshot(received, header, frames,
+                                       Spool(store.root / "spool", target))
+
+        with pytest.raises(Internal, match="btrfs receive failed"):
+            asyncio.run(receive())
+        assert received.complete() == []  # and nothing half-received is left as a snapshot
+    finally:
+        for volume in (source, target):
+            store.close(volume)
