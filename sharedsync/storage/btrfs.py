@@ -35,10 +35,24 @@ def create_subvolume(path: str | os.PathLike[str]) -> None:
     run(["btrfs", "subvolume", "create", os.fspath(path)])
 
 
+def _iow(number: int, args: struct.Struct) -> int:
+    """A btrfs ioctl request that passes ``args`` in: _IOW(BTRFS_IOCTL_MAGIC, number, args)."""
+    return (1 << 30) | (args.size << 16) | (0x94 << 8) | number
+
+
+def _ioctl(fd: int, request: int, args: bytearray, what: str,
+           path: str | os.PathLike[str]) -> None:
+    """One btrfs ioctl; a failure keeps its errno (and OSError subclass) and says what failed."""
+    try:
+        fcntl.ioctl(fd, request, args)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: {exc.strerror}", os.fspath(path)) from None
+
+
 # struct btrfs_ioctl_vol_args_v2 (linux/btrfs.h): fd, transid, flags, 4 x u64 of unions,
 # name[BTRFS_SUBVOL_NAME_MAX + 1]: 4096 bytes in all.
 _VOL_ARGS_V2 = struct.Struct("=qQQ32x4040s")
-_IOC_SNAP_CREATE_V2 = (1 << 30) | (_VOL_ARGS_V2.size << 16) | (0x94 << 8) | 23
+_IOC_SNAP_CREATE_V2 = _iow(23, _VOL_ARGS_V2)
 _SUBVOL_CREATE_RDONLY = 1 << 1  # BTRFS_SUBVOL_RDONLY
 _SUBVOL_NAME_MAX = 4039
 
@@ -61,11 +75,7 @@ def snapshot(source: str | os.PathLike[str], dest: str | os.PathLike[str], *,
         try:
             args = bytearray(_VOL_ARGS_V2.pack(
                 source_fd, 0, _SUBVOL_CREATE_RDONLY if read_only else 0, name))
-            try:
-                fcntl.ioctl(parent_fd, _IOC_SNAP_CREATE_V2, args)
-            except OSError as exc:
-                raise OSError(exc.errno, f"snapshot {source} -> {dest}: {exc.strerror}",
-                              os.fspath(dest)) from None
+            _ioctl(parent_fd, _IOC_SNAP_CREATE_V2, args, f"snapshot {source} -> {dest}", dest)
         finally:
             os.close(parent_fd)
     finally:
@@ -75,7 +85,7 @@ def snapshot(source: str | os.PathLike[str], dest: str | os.PathLike[str], *,
 # struct btrfs_ioctl_send_args (linux/btrfs.h): send_fd, clone_sources_count, clone_sources,
 # parent_root, flags, version, reserved[28].
 _SEND_ARGS = struct.Struct("=qQQQQI28x")
-_IOC_SEND = (1 << 30) | (_SEND_ARGS.size << 16) | (0x94 << 8) | 38
+_IOC_SEND = _iow(38, _SEND_ARGS)
 
 
 def send(snapshot_path: str | os.PathLike[str], out_fd: int, *,
@@ -95,18 +105,14 @@ def send(snapshot_path: str | os.PathLike[str], out_fd: int, *,
     try:
         args = bytearray(_SEND_ARGS.pack(out_fd, count, ctypes.addressof(sources) if count
                                          else 0, parent_root, 0, 0))
-        try:
-            fcntl.ioctl(fd, _IOC_SEND, args)
-        except OSError as exc:
-            raise OSError(exc.errno, f"btrfs send of {snapshot_path}: {exc.strerror}",
-                          os.fspath(snapshot_path)) from None
+        _ioctl(fd, _IOC_SEND, args, f"btrfs send of {snapshot_path}", snapshot_path)
     finally:
         os.close(fd)
 
 
 # struct btrfs_ioctl_vol_args (linux/btrfs.h): fd, name[BTRFS_PATH_NAME_MAX + 1].
 _VOL_ARGS = struct.Struct("=q4088s")
-_IOC_SNAP_DESTROY = (1 << 30) | (_VOL_ARGS.size << 16) | (0x94 << 8) | 15
+_IOC_SNAP_DESTROY = _iow(15, _VOL_ARGS)
 
 
 def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> None:
@@ -123,13 +129,11 @@ def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> No
     parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            fcntl.ioctl(parent_fd, _IOC_SNAP_DESTROY,
-                        bytearray(_VOL_ARGS.pack(0, os.fsencode(path.name))))
+            _ioctl(parent_fd, _IOC_SNAP_DESTROY,
+                   bytearray(_VOL_ARGS.pack(0, os.fsencode(path.name))),
+                   f"delete subvolume {path}", path)
         except FileNotFoundError:
             return  # deleted meanwhile
-        except OSError as exc:
-            raise OSError(exc.errno, f"delete subvolume {path}: {exc.strerror}",
-                          os.fspath(path)) from None
         if commit and _libc.syncfs(parent_fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), os.fspath(path))
