@@ -39,7 +39,12 @@ import grpc
 import structlog
 
 from sharedsync.core.audit_chain import AuditKind
-from sharedsync.core.commit_quorum import commit_settled, plan_commit
+from sharedsync.core.commit_quorum import (
+    COMMIT_TIMEOUT_SECONDS,
+    commit_settled,
+    plan_commit,
+    write_quorum,
+)
 from sharedsync.core.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from sharedsync.core.file_merge import (
     DIRECTORY,
@@ -93,8 +98,6 @@ STALE_AFTER_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 5.0
 #: How long SyncNow waits for the pull rounds of reachable peers.
 SYNC_NOW_WAIT_SECONDS = 300.0
-#: How long a Synchronous commit (an fsync) waits for its write quorum before it fails (EIO).
-COMMIT_TIMEOUT_SECONDS = 30.0
 #: How long a commit retries a peer it trusts that is not reachable (the channel's longest
 #: reconnect backoff, peers.CHANNEL_OPTIONS) before it counts it out.
 RECONNECT_SECONDS = 2.5
@@ -429,10 +432,6 @@ class MultiWriter:
 
     # -- Synchronous commits ---------------------------------------------------------------
 
-    def write_quorum(self) -> int:
-        spec = self.host.spec
-        return spec.policy.write_quorum or len(spec.replica_nodes) // 2 + 1
-
     async def commit(self) -> None:
         """Synchronous mode: return once ``writeQuorum`` replicas, this one included, merged
         everything written here (an fsync, fdatasync or close of a written file waits on this).
@@ -446,8 +445,9 @@ class MultiWriter:
         if db is None:
             raise Unavailable(f"volume {self.volume_id} is stopping")
         incarnation, seq = db.incarnation, self.head
-        need = max(0, self.write_quorum() - 1)
-        peers = sorted(n for n in self.host.spec.replica_nodes if n != self.node)
+        spec = self.host.spec
+        need = write_quorum(spec.policy.write_quorum, len(spec.replica_nodes)) - 1
+        peers = sorted(n for n in spec.replica_nodes if n != self.node)
         probing = {n for n, call in self._probes.items() if not call.done()}
         plan = plan_commit(peers, self.suspects, probing, need)
         if not plan.ask:

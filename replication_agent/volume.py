@@ -39,6 +39,7 @@ import structlog
 from google.protobuf import json_format
 
 from sharedsync.core.audit_chain import AuditKind
+from sharedsync.core.commit_quorum import COMMIT_TIMEOUT_SECONDS, write_quorum
 from sharedsync.core.errors import (
     Aborted,
     FailedPrecondition,
@@ -97,8 +98,6 @@ MAX_BACKOFF_SECONDS = 5.0
 STALE_AFTER_SECONDS = 30.0
 #: Longest an fsync or close is held back by onLagExceeded: Throttle.
 THROTTLE_MAX_WAIT_SECONDS = 30.0
-#: How long an fsync waits for its quorum before it fails with EIO.
-COMMIT_TIMEOUT_SECONDS = 30.0
 #: Sync latencies kept for the P50/P90/P99 in status.
 LATENCY_WINDOW = 1024
 #: How long an Attach refused here (another node is primary) keeps ``attach_wanted`` up:
@@ -663,7 +662,8 @@ class VolumeEngine:
     async def commit(self) -> None:
         """Synchronous mode: return once ``writeQuorum`` replicas hold everything written."""
         target = await self.cycle()
-        need = max(0, (self.spec.policy.write_quorum or self.default_quorum()) - 1)
+        need = write_quorum(self.spec.policy.write_quorum,
+                            len(self.spec.replica_nodes)) - 1
         if target is None or need == 0:
             return
         waits = [asyncio.ensure_future(link.wait_for(target)) for link in self.links.values()]
@@ -708,9 +708,6 @@ class VolumeEngine:
                 throttled = True
                 metrics.THROTTLED.labels(self.volume_id).inc()
             await asyncio.sleep(0.05)
-
-    def default_quorum(self) -> int:
-        return len(self.spec.replica_nodes) // 2 + 1
 
     def observe_sync(self, ref: SnapRef, seconds: float) -> None:
         self.latencies.append(seconds)

@@ -20,6 +20,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from .errors import Unavailable
+from .policy import majority
+
+#: How long a Synchronous commit (an fsync, single- or multi-writer) waits for its write quorum
+#: before it fails, and the fsync with it (EIO).
+COMMIT_TIMEOUT_SECONDS = 30.0
+
+
+def write_quorum(configured: int, replicas: int) -> int:
+    """Replicas, this one included, that must hold a write before a Synchronous fsync returns:
+    the policy's ``writeQuorum`` (0: unset), else a majority of the ``replicas``."""
+    return configured or majority(replicas)
 
 
 @dataclass(frozen=True, slots=True)

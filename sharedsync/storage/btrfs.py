@@ -35,9 +35,12 @@ def create_subvolume(path: str | os.PathLike[str]) -> None:
     run(["btrfs", "subvolume", "create", os.fspath(path)])
 
 
-def _iow(number: int, args: struct.Struct) -> int:
-    """A btrfs ioctl request that passes ``args`` in: _IOW(BTRFS_IOCTL_MAGIC, number, args)."""
-    return (1 << 30) | (args.size << 16) | (0x94 << 8) | number
+_IOC_WRITE, _IOC_READ = 1, 2  # the direction bits of an ioctl request (asm-generic/ioctl.h)
+
+
+def _ioc(direction: int, number: int, args: struct.Struct) -> int:
+    """A btrfs ioctl request: _IOC(direction, BTRFS_IOCTL_MAGIC, number, sizeof args)."""
+    return (direction << 30) | (args.size << 16) | (0x94 << 8) | number
 
 
 def _ioctl(fd: int, request: int, args: bytearray, what: str,
@@ -52,7 +55,7 @@ def _ioctl(fd: int, request: int, args: bytearray, what: str,
 # struct btrfs_ioctl_vol_args_v2 (linux/btrfs.h): fd, transid, flags, 4 x u64 of unions,
 # name[BTRFS_SUBVOL_NAME_MAX + 1]: 4096 bytes in all.
 _VOL_ARGS_V2 = struct.Struct("=qQQ32x4040s")
-_IOC_SNAP_CREATE_V2 = _iow(23, _VOL_ARGS_V2)
+_IOC_SNAP_CREATE_V2 = _ioc(_IOC_WRITE, 23, _VOL_ARGS_V2)
 _SUBVOL_CREATE_RDONLY = 1 << 1  # BTRFS_SUBVOL_RDONLY
 _SUBVOL_NAME_MAX = 4039
 
@@ -85,7 +88,7 @@ def snapshot(source: str | os.PathLike[str], dest: str | os.PathLike[str], *,
 # struct btrfs_ioctl_send_args (linux/btrfs.h): send_fd, clone_sources_count, clone_sources,
 # parent_root, flags, version, reserved[28].
 _SEND_ARGS = struct.Struct("=qQQQQI28x")
-_IOC_SEND = _iow(38, _SEND_ARGS)
+_IOC_SEND = _ioc(_IOC_WRITE, 38, _SEND_ARGS)
 
 
 def send(snapshot_path: str | os.PathLike[str], out_fd: int, *,
@@ -112,7 +115,7 @@ def send(snapshot_path: str | os.PathLike[str], out_fd: int, *,
 
 # struct btrfs_ioctl_vol_args (linux/btrfs.h): fd, name[BTRFS_PATH_NAME_MAX + 1].
 _VOL_ARGS = struct.Struct("=q4088s")
-_IOC_SNAP_DESTROY = _iow(15, _VOL_ARGS)
+_IOC_SNAP_DESTROY = _ioc(_IOC_WRITE, 15, _VOL_ARGS)
 
 
 def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> None:
@@ -134,9 +137,8 @@ def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> No
                    f"delete subvolume {path}", path)
         except FileNotFoundError:
             return  # deleted meanwhile
-        if commit and _libc.syncfs(parent_fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), os.fspath(path))
+        if commit:
+            _syncfs(parent_fd, path)
     finally:
         os.close(parent_fd)
 
@@ -240,7 +242,7 @@ class SubvolumeInfo:
 # struct btrfs_ioctl_get_subvol_info_args (linux/btrfs.h): treeid, name[256], parent_id, dirid,
 # generation, flags, uuid, parent_uuid, received_uuid, c/o/s/rtransid, 4 timespecs, reserved.
 _SUBVOL_INFO = struct.Struct("=Q256sQQQQ16s16s16sQQQQ" + "QI4x" * 4 + "8Q")
-_IOC_GET_SUBVOL_INFO = (2 << 30) | (_SUBVOL_INFO.size << 16) | (0x94 << 8) | 60
+_IOC_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO)
 _SUBVOL_RDONLY = 1 << 0  # BTRFS_ROOT_SUBVOL_RDONLY
 
 
@@ -249,7 +251,7 @@ def subvolume_info(path: str | os.PathLike[str]) -> SubvolumeInfo:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         buf = bytearray(_SUBVOL_INFO.size)
-        fcntl.ioctl(fd, _IOC_GET_SUBVOL_INFO, buf)
+        _ioctl(fd, _IOC_GET_SUBVOL_INFO, buf, f"subvolume info of {path}", path)
     finally:
         os.close(fd)
     fields = _SUBVOL_INFO.unpack(bytes(buf))
@@ -262,11 +264,15 @@ def syncfs(path: str | os.PathLike[str]) -> None:
     """Write back the filesystem holding ``path`` (syncfs(2)): commits pending changes."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), os.fspath(path))
+        _syncfs(fd, path)
     finally:
         os.close(fd)
+
+
+def _syncfs(fd: int, path: str | os.PathLike[str]) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(path))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharedsync.core.commit_quorum import CommitCalls, commit_settled, plan_commit
+from sharedsync.core.commit_quorum import CommitCalls, commit_settled, plan_commit, write_quorum
 from sharedsync.core.errors import Unavailable
 
 PEERS = ["b", "c", "d", "e"]
@@ -41,6 +41,12 @@ def test_a_quorum_of_one_still_asks_the_trusted_peers() -> None:
 def test_a_quorum_larger_than_the_volume_is_refused() -> None:
     with pytest.raises(Unavailable, match="write quorum 3 needs more replicas than the 2"):
         plan_commit(["b"], suspects=[], probing=[], need=2)
+
+
+def test_the_write_quorum_is_the_policy_s_or_a_majority() -> None:
+    assert [write_quorum(0, n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+    assert write_quorum(3, 3) == 3
+    assert write_quorum(1, 5) == 1
 
 
 def test_settled_once_the_quorum_merged_and_no_trusted_peer_is_left() -> None:
