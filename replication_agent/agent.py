@@ -21,7 +21,8 @@ from sharedsync.core.audit_chain import AuditKind
 from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sharedsync.core.framing import FrameEncoder
 from sharedsync.core.ids import check_id, is_snapshot_id
-from sharedsync.storage.replicas import ReplicaStore, Source, VolumeKind
+from sharedsync.storage.replicas import ReplicaStore, Source, StoreFilesystem, VolumeKind
+from sharedsync.storage.support import kernel_supports
 
 from .audit import AuditLog
 from .config import AgentConfig, VolumeConfig
@@ -104,6 +105,18 @@ def validate_spec(spec: pb.VolumeSpec, node: str) -> None:
         parse_cron(policy.schedule)
 
 
+def store_filesystem(setting: str) -> StoreFilesystem:
+    """The filesystem of new replicas: as configured, or for ``auto`` btrfs when the kernel
+    has it and the ext4 fallback otherwise."""
+    if setting != "auto":
+        return StoreFilesystem(setting)
+    if kernel_supports("btrfs"):
+        return StoreFilesystem.BTRFS
+    log.warning("this kernel has no btrfs: new replicas use the ext4 fallback store "
+                "(files replicated one by one)")
+    return StoreFilesystem.EXT4
+
+
 class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     """All replicas on this node."""
 
@@ -111,7 +124,7 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         self.config = config
         self.node = config.node
         data = config.data_dir
-        self.store = ReplicaStore(data / "replicas")
+        self.store = ReplicaStore(data / "replicas", store_filesystem(config.store_filesystem))
         self.state_dir = data / "agent" / "volumes"
         self.spool_dir = data / "agent" / "spool"
         self.audit_log = AuditLog(data / "agent" / "audit", config.node,
@@ -192,6 +205,11 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         async with self._lock(spec.volume_id):
             engine = self.engines.get(spec.volume_id)
             if engine is None:
+                if spec.kind == "block" and self.store.filesystem is StoreFilesystem.EXT4 and \
+                        await asyncio.to_thread(self.store.meta, spec.volume_id) is None:
+                    raise InvalidArgument(
+                        "a block volume needs the btrfs replica store: this node's is the ext4 "
+                        "fallback, which replicates files, and a raw block device has none")
                 await self._populate(spec)
                 return await self._start_engine(spec)
             await engine.apply(spec)
@@ -381,7 +399,7 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
 
     async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
         engine = self.engine(request.volume_id)
-        if engine.multiwriter is None and (engine.role is not Role.PRIMARY or engine.fenced):
+        if not engine.spec.multi_writer and (engine.role is not Role.PRIMARY or engine.fenced):
             # a pod here wants it: status says so, and the operator moves the primary here
             # (switchover) once that is safe; kubelet's next retry then succeeds
             engine.want_attach()

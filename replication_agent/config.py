@@ -111,6 +111,10 @@ class AgentConfig(_Strict):
     node_bandwidth: int = Field(0, alias="nodeBandwidth")
     audit_max_bytes: int = Field(16 << 20, alias="auditMaxBytes")
     audit_keep: int = Field(8, alias="auditKeep", ge=1)
+    #: The filesystem new replicas are made with: btrfs (snapshots shipped as increments), ext4
+    #: (the fallback for kernels without btrfs: files replicated one by one), or auto (btrfs
+    #: when the kernel has it). Existing replicas keep the filesystem they were made with.
+    store_filesystem: Literal["auto", "btrfs", "ext4"] = Field("auto", alias="storeFilesystem")
     volumes: list[VolumeConfig] = []
     kubernetes: KubernetesConfig | None = None
 

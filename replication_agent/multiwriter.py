@@ -62,10 +62,12 @@ from sharedsync.core.file_merge import (
     plan_merge,
     plan_scan,
     raised_floor,
+    verifiable,
 )
 from sharedsync.core.framing import CorruptFrame, FrameDecoder, FrameEncoder
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 from sharedsync.storage import btrfs
+from sharedsync.storage.change_watch import ChangeWatch
 from sharedsync.tasks import cancel_and_wait, wait_event
 
 from . import metrics
@@ -122,7 +124,14 @@ class Host(Protocol):
     spec: pb.VolumeSpec
     peers: PeerPool
 
+    epoch: int
+    primary: str
+
     def audit(self, kind: AuditKind, **details: str | int | float | bool) -> None: ...
+
+    def follow_coordinator(self, epoch: int, primary: str) -> None:
+        """A peer knows a newer epoch: take its coordinator (no data moves)."""
+        ...
 
     def pace(self, nbytes: int) -> Awaitable[None]: ...
 
@@ -307,7 +316,8 @@ class _Puller:
 class MultiWriter:
     """One node's replica of one multi-writer volume: scan, pull, merge, serve."""
 
-    def __init__(self, host: Host, live: Path, db_path: Path) -> None:
+    def __init__(self, host: Host, live: Path, db_path: Path, *,
+                 watch_changes: bool = False) -> None:
         self.host = host
         self.node = host.node
         self.volume_id = host.volume_id
@@ -332,6 +342,9 @@ class MultiWriter:
         self._task: asyncio.Task[None] | None = None
         self._first_scan = True
         self._scanned_hint: int | None = None
+        #: Without btrfs (the ext4 fallback store) inotify tells whether a walk is needed.
+        self._watch_changes = watch_changes
+        self._watch: ChangeWatch | None = None
         self._last_walk = 0.0
         self._last_collect = time.monotonic()
         #: Peers whose last MergeNow failed: a commit waits for them only to make its quorum.
@@ -348,6 +361,8 @@ class MultiWriter:
         self.head = await asyncio.to_thread(self.db.head)
         self.floor = await asyncio.to_thread(self.db.floor)
         self.known_conflicts = await asyncio.to_thread(self.db.known_conflicts)
+        if self._watch_changes:
+            self._watch = await asyncio.to_thread(ChangeWatch, self.tree.root)
         await self.scan(force=True)
         self.sync_peers()
         self._task = asyncio.create_task(self._loop(), name=f"multiwriter-{self.volume_id}")
@@ -364,6 +379,9 @@ class MultiWriter:
             if self.db is not None:
                 await asyncio.to_thread(self.db.close)
                 self.db = None
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
     def remove_state(self) -> None:
         """Delete the database (the replica itself is removed by the engine)."""
@@ -555,7 +573,10 @@ class MultiWriter:
             return await _finished(asyncio.to_thread(self._scan, force))
 
     def _change_hint(self) -> int | None:
-        """The live subvolume's ctransid after committing the page cache (None: unknown)."""
+        """The live subvolume's ctransid after committing the page cache, or on ext4 the
+        inotify generation (None: unknown, walk)."""
+        if self._watch is not None:
+            return self._watch.generation()
         try:
             btrfs.syncfs(self.tree.root)
             return btrfs.subvolume_info(self.tree.root).ctransid
@@ -633,6 +654,8 @@ class MultiWriter:
         applied = 0
         while True:
             header, changes, last_seq = await self._read_changes(stub, incarnation, cursor)
+            if header.epoch > self.host.epoch and header.primary_node:
+                self.host.follow_coordinator(header.epoch, header.primary_node)
             if incarnation and header.incarnation != incarnation:
                 log.info("peer change log started over; pulling it from the beginning",
                          volume_id=self.volume_id, peer=view.node)
@@ -1008,8 +1031,9 @@ class MultiWriter:
         head, records = await asyncio.to_thread(db.changes_after, request.since_seq, limit)
         if request.incarnation == db.incarnation and request.since_seq <= head:
             self.merged_by[request.from_node] = request.since_seq
-        yield pb.PullChangesMessage(header=pb.PullChangesHeader(incarnation=db.incarnation,
-                                                                head_seq=head))
+        yield pb.PullChangesMessage(header=pb.PullChangesHeader(
+            incarnation=db.incarnation, head_seq=head, epoch=self.host.epoch,
+            primary_node=self.host.primary))
         for record in records:
             yield pb.PullChangesMessage(change=change_message(record))
 
@@ -1044,6 +1068,31 @@ class MultiWriter:
         return pb.ContentMessage(frame=frame)
 
     # -- repair ------------------------------------------------------------------------------
+
+    async def verify(self) -> list[str]:
+        """Files whose content no longer matches the digest recorded for them although their
+        stat says they were not written since (or that cannot be read back at all)."""
+        async with self._lock:
+            return await _finished(asyncio.to_thread(self._verify))
+
+    def _verify(self) -> list[str]:
+        damaged = []
+        for path, key in self.tree.walk().items():
+            record = self.records.get(path)
+            if record is None or not verifiable(record, key):
+                continue  # missing, a tombstone, not a file, or written since: not judgeable
+            try:
+                found = self.tree.hash_file(path, key)
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    damaged.append(path)
+                continue
+            if found is not None and found.digest != record.digest:
+                damaged.append(path)
+        if damaged:
+            log.warning("files no longer match their recorded digests", volume_id=self.volume_id,
+                        files=damaged[:20], count=len(damaged))
+        return damaged
 
     async def repair(self, damaged: Iterable[str]) -> list[str]:
         """Replace unreadable files with a peer's copy of the same version."""

@@ -57,7 +57,8 @@ async def serve(config: AgentConfig) -> None:
         announcer.start()
     log.info("agent serving", node=config.node, listen=config.listen,
              control_socket=str(config.control_socket), volumes=len(agent.engines),
-             tls=config.tls is not None, kubernetes=config.kubernetes is not None)
+             tls=config.tls is not None, kubernetes=config.kubernetes is not None,
+             store_filesystem=str(agent.store.filesystem))
     await until_terminated()
     log.info("agent stopping")
     if announcer is not None:

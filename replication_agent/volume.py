@@ -16,6 +16,10 @@ every replica is writable, and :class:`~replication_agent.multiwriter.MultiWrite
 changes between them with version vectors. Its "primary" is only the coordinator that the
 operator asks first for sync-now and CSI snapshots; epochs and promotion move that role and
 nothing else.
+
+A replica on the ext4 fallback store (a node whose kernel has no btrfs) has no snapshots to
+send either, so every filesystem volume there replicates the same file-level way
+(:attr:`VolumeEngine.file_level`), whether one node writes it or several.
 """
 
 import asyncio
@@ -68,7 +72,7 @@ from sharedsync.core.snapshot_plan import InFlight, Snapshot, SnapshotPlan
 from sharedsync.core.token_bucket import TokenBucket
 from sharedsync.storage import btrfs
 from sharedsync.storage.files import atomic_write
-from sharedsync.storage.replicas import ReplicaStore, VolumeKind
+from sharedsync.storage.replicas import ReplicaStore, StoreFilesystem, VolumeKind
 from sharedsync.tasks import cancel_and_wait, wait_event
 
 from . import metrics
@@ -405,6 +409,10 @@ class VolumeEngine:
         self._scrubber: asyncio.Task[None] | None = None
         self.fuse_root = state_dir.parent / "fuse"
         self.multiwriter: MultiWriter | None = None
+        #: Replicated file by file (MultiWriter) rather than by snapshot streams: multi-writer
+        #: volumes, and every filesystem volume on the ext4 fallback store (set by ``start``).
+        self.file_level = spec.multi_writer
+        self.filesystem = StoreFilesystem.BTRFS
         self.multiwriter_db = state_dir.parent / "multiwriter" / f"{self.volume_id}.sqlite"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -421,11 +429,19 @@ class VolumeEngine:
         await asyncio.to_thread(self.lineage.discard_partial)
         self.persist()
         metrics.EPOCH.labels(self.volume_id).set(self.epoch)
-        if self.spec.multi_writer:
+        filesystem = await asyncio.to_thread(self.store.filesystem_of, self.volume_id)
+        self.filesystem = filesystem
+        self.file_level = self.spec.multi_writer or filesystem is StoreFilesystem.EXT4
+        if self.file_level:
             if kind is VolumeKind.BLOCK:
-                raise InvalidArgument("multi_writer needs a filesystem volume: files are merged "
-                                      "one by one, which a raw block device does not have")
-            self.multiwriter = MultiWriter(self, self.lineage.live, self.multiwriter_db)
+                raise InvalidArgument(
+                    "multi_writer needs a filesystem volume: files are merged one by one, which "
+                    "a raw block device does not have" if self.spec.multi_writer else
+                    "a block volume needs the btrfs replica store: the ext4 fallback replicates "
+                    "files, which a raw block device does not have")
+            self.multiwriter = MultiWriter(
+                self, self.lineage.live, self.multiwriter_db,
+                watch_changes=filesystem is StoreFilesystem.EXT4)
             await self.multiwriter.start()
         else:
             self._sync_links()
@@ -478,8 +494,8 @@ class VolumeEngine:
             raise FailedPrecondition(
                 f"volume {self.volume_id} was made with multi_writer={old.multi_writer}; it "
                 "cannot change on an existing volume (make a new volume and copy the data)")
-        if spec.multi_writer:
-            self._follow_coordinator(spec.epoch, spec.primary_node)
+        if self.file_level:
+            self.follow_coordinator(spec.epoch, spec.primary_node)
         elif spec.epoch > self.epoch:
             await self.adopt_epoch(spec.epoch, spec.primary_node)
         self.spec = spec
@@ -504,7 +520,7 @@ class VolumeEngine:
 
     def _sync_links(self) -> None:
         wanted = {n for n in self.spec.replica_nodes if n != self.node} \
-            if self.role is Role.PRIMARY and not self.spec.multi_writer else set()
+            if self.role is Role.PRIMARY and not self.file_level else set()
         for node in set(self.links) - wanted:
             link = self.links.pop(node)
             self._background(link.stop())
@@ -516,7 +532,7 @@ class VolumeEngine:
 
     # -- epochs ------------------------------------------------------------------------------
 
-    def _follow_coordinator(self, epoch: int, primary: str) -> None:
+    def follow_coordinator(self, epoch: int, primary: str) -> None:
         """Multi-writer: the operator's epoch and coordinator, taken as they come (no data
         moves, nothing is fenced: every replica stays writable)."""
         if epoch < self.epoch or (epoch == self.epoch and primary == self.primary):
@@ -531,8 +547,8 @@ class VolumeEngine:
 
     async def adopt_epoch(self, epoch: int, primary: str) -> None:
         """A newer epoch exists: someone else is primary now; this replica follows it."""
-        if self.spec.multi_writer:
-            self._follow_coordinator(epoch, primary)
+        if self.file_level:
+            self.follow_coordinator(epoch, primary)
             return
         if epoch <= self.epoch:
             return
@@ -570,9 +586,9 @@ class VolumeEngine:
                 f"promotion needs an epoch newer than {self.epoch}, got {epoch}")
         if self.role is Role.PRIMARY and epoch == self.epoch and not self.fenced:
             return
-        if self.spec.multi_writer:
+        if self.file_level:
             # every replica is writable already: only the coordinator role moves here
-            self._follow_coordinator(epoch, self.node)
+            self.follow_coordinator(epoch, self.node)
             self.audit(AuditKind.PROMOTION, epoch=epoch, multi_writer=True)
             return
         async with self._receive_lock:
@@ -637,9 +653,9 @@ class VolumeEngine:
 
     async def cycle(self) -> SnapRef | None:
         """Snapshot ``live`` if it changed and make that the snapshot every peer wants."""
-        if self.spec.multi_writer:
-            raise FailedPrecondition(f"volume {self.volume_id} is multi-writer: it ships no "
-                                     "replication snapshots")
+        if self.file_level:
+            raise FailedPrecondition(f"volume {self.volume_id} replicates file by file here: "
+                                     "it ships no replication snapshots")
         if self.role is not Role.PRIMARY or self.fenced:
             raise FailedPrecondition(f"volume {self.volume_id} is not primary on {self.node}")
         async with self._cycle_lock:
@@ -852,9 +868,11 @@ class VolumeEngine:
 
     async def receive(self, header: pb.StreamHeader,
                       messages: AsyncIterator[pb.PushMessage]) -> pb.PushResult:
-        if self.spec.multi_writer:
-            raise FailedPrecondition(f"volume {self.volume_id} is multi-writer here: a snapshot "
-                                     "stream would overwrite local writes")
+        if self.file_level:
+            raise FailedPrecondition(
+                f"volume {self.volume_id} replicates file by file on {self.node} (multi-writer, "
+                "or the ext4 fallback store): a snapshot stream would overwrite local writes; "
+                "every replica of a volume needs the same store filesystem")
         self.check_epoch(header.epoch, header.sender_node)
         if header.epoch > self.epoch:
             await self.adopt_epoch(header.epoch, header.sender_node)
@@ -905,16 +923,27 @@ class VolumeEngine:
         A damaged replica asks the primary to rebuild it (its snapshots are dropped, so the
         rebuild is a full stream). A damaged primary re-reads every file of its live data and
         replaces each unreadable one with the copy in a healthy replica's newest snapshot.
+        A file-level replica repairs each damaged file from a peer; on ext4, which checksums
+        no data, "damaged" means its content no longer matches the digest recorded for it.
         """
-        counters = await asyncio.to_thread(btrfs.scrub, self.lineage.root)
-        errors = sum(counters.get(k, 0) for k in btrfs.SCRUB_ERROR_COUNTERS)
+        damaged: list[str] | None = None
+        if self.filesystem is StoreFilesystem.EXT4 and self.multiwriter is not None:
+            # ext4 keeps no data checksums: every file whose stat says unchanged is read
+            # again and its digest compared with the one recorded when it was written
+            damaged = await self.multiwriter.verify()
+            errors = len(damaged)
+            counters = {"digest_mismatches": errors}
+        else:
+            counters = await asyncio.to_thread(btrfs.scrub, self.lineage.root)
+            errors = sum(counters.get(k, 0) for k in btrfs.SCRUB_ERROR_COUNTERS)
         metrics.SCRUB_ERRORS.labels(self.volume_id).inc(errors)
         if errors == 0:
             return pb.ScrubResponse(errors=0, message="no errors")
         log.warning("scrub found damage", volume_id=self.volume_id, errors=errors,
                     counters=counters)
         if self.multiwriter is not None:
-            damaged = await asyncio.to_thread(self._damaged_files)
+            if damaged is None:
+                damaged = await asyncio.to_thread(self._damaged_files)
             repaired = await self.multiwriter.repair(damaged) if self.spec.policy.auto_repair \
                 else []
             self.audit(AuditKind.REPAIR, errors=errors, repaired=len(repaired),
@@ -944,9 +973,9 @@ class VolumeEngine:
 
     def resync(self, node: str, reason: str) -> None:
         """A replica lost its copy: forget what it held and rebuild it from scratch."""
-        if self.spec.multi_writer:
-            raise FailedPrecondition(f"volume {self.volume_id} is multi-writer: damaged files "
-                                     "are repaired file by file, not by a rebuild")
+        if self.file_level:
+            raise FailedPrecondition(f"volume {self.volume_id} replicates file by file: damaged "
+                                     "files are repaired one by one, not by a rebuild")
         link = self.links.get(node)
         if link is None:
             raise FailedPrecondition(f"{node} is not a replica of {self.volume_id} here")

@@ -471,21 +471,30 @@ class PullChangesHeader(_message.Message):
 
     INCARNATION_FIELD_NUMBER: _builtins.int
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    PRIMARY_NODE_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     """Identifies this peer's change log: a new value (the replica was removed and made again)
     means sequence numbers started over, and the caller pulls from 0.
     """
     head_seq: _builtins.int
     """The newest sequence number in the peer's change log when the answer was made."""
+    epoch: _builtins.int
+    """The volume's epoch and coordinator (primary) as the peer knows them: a replica that was
+    down while the operator moved the coordinator learns the move from its first pull.
+    """
+    primary_node: _builtins.str
     def __init__(
         self,
         *,
         incarnation: _builtins.str = ...,
         head_seq: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        primary_node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_seq", b"head_seq", "incarnation", b"incarnation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "head_seq", b"head_seq", "incarnation", b"incarnation", "primary_node", b"primary_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -241,6 +241,19 @@ def needs_hash(record: Record | None, observed: StatKey) -> bool:
     return observed.mtime_ns + RACY_NS >= record.hashed_at_ns
 
 
+def verifiable(record: Record | None, observed: StatKey) -> bool:
+    """Whether a file's content can be checked against ``record``'s digest.
+
+    Only a regular file whose stat proves it unchanged since it was recorded (see
+    :func:`needs_hash`) can be judged: a digest that differs then is damage done behind the
+    filesystem's back, while any other difference is a write that the next scan records. A scrub
+    on a filesystem without data checksums (ext4) finds corruption this way.
+    """
+    if record is None or record.deleted or not stat_module.S_ISREG(observed.mode):
+        return False
+    return not needs_hash(record, observed)
+
+
 @dataclass(frozen=True, slots=True)
 class Hashed:
     """A file the scanner read completely while its stat stayed the same."""

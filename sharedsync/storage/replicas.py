@@ -1,18 +1,30 @@
-"""The replica store: one btrfs filesystem in a loop image per volume, on this node's disk.
+"""The replica store: one filesystem in a loop image per volume, on this node's disk.
 
 Layout under the store's root directory::
 
-    volumes/<volume-id>/image      sparse image file holding the replica's btrfs
-    volumes/<volume-id>/meta.json  size, kind and lifecycle flags, written atomically
+    volumes/<volume-id>/image      sparse image file holding the replica's filesystem
+    volumes/<volume-id>/meta.json  size, kind, filesystem and lifecycle flags, written atomically
     volumes/<volume-id>/opened     present while a caller holds the replica open (open/close)
-    mnt/<volume-id>/               where the image's top-level subvolume is mounted while open
+    mnt/<volume-id>/               where the image's filesystem is mounted while the replica is open
     locks/<volume-id>.lock         serialises every operation on one replica across processes
 
-Inside each filesystem, ``live/`` is the subvolume users see (a filesystem volume's root, or the
-directory holding ``disk.img`` for a block volume) and ``snapshots/<id>`` are read-only
-snapshots of it: CSI snapshots now, the replication agent's sync points later. A clone or a
-restore is a ``btrfs send | btrfs receive`` into a fresh filesystem, so a volume never shares
-blocks with another volume's image.
+Each replica's filesystem is btrfs, or ext4 on nodes whose kernel has no btrfs
+(:class:`StoreFilesystem`). A store makes new replicas with the filesystem it was given, and
+every later operation on a replica follows the filesystem its ``meta.json`` records, so one
+store can hold both (replicas made before ext4 existed record none: they are btrfs).
+
+btrfs: ``live/`` is the subvolume users see (a filesystem volume's root, or the directory holding
+``disk.img`` for a block volume) and ``snapshots/<id>`` are read-only snapshots of it: CSI
+snapshots now, the replication agent's sync points later. A clone or a restore is a
+``btrfs send | btrfs receive`` into a fresh filesystem, so a volume never shares blocks with
+another volume's image. Growth is ``btrfs filesystem resize``, health the device error counters.
+
+ext4 has none of that machinery. ``live/`` is a plain directory, and a CSI snapshot is a full copy
+of it in ``snapshots/<id>``, inside the same image: it costs as much space as the data, at once
+(there is no copy-on-write), and it appears only once complete (it is copied under a temporary
+name first). A clone or a restore copies the tree, which is also how content crosses between a
+btrfs and an ext4 replica. Growth is ``resize2fs``, health the error count ext4 keeps in its
+superblock. ``lost+found`` sits next to ``live/`` at the top, where nobody sees it.
 
 Every operation is idempotent and recovers from a crash at any step: the store reads the kernel's
 state (loop attachments, mounts, subvolumes) instead of trusting a record of it, a replica is
@@ -26,7 +38,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -36,8 +48,8 @@ from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sharedsync.core.ids import is_snapshot_id, is_volume_id
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 
-from . import btrfs, loop, mounts
-from .files import atomic_write, exclusive_lock
+from . import btrfs, ext4, loop, mounts
+from .files import atomic_write, exclusive_lock, fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -46,9 +58,21 @@ SNAPSHOTS = "snapshots"
 BLOCK_FILE = "disk.img"
 #: Temporary read-only snapshot of a clone's source, named after the clone.
 CLONE_PREFIX = ".clone-"
+#: ext4 only: a snapshot being copied (or being deleted) inside ``snapshots/``. Never listed as
+#: a snapshot, removed by the next snapshot or open of the replica.
+PARTIAL_PREFIX = ".partial-"
 #: A block volume's image leaves room for one full rewrite after a snapshot (copy-on-write)
 #: plus btrfs metadata. Images are sparse, so the headroom costs nothing until used.
 BLOCK_METADATA_HEADROOM = 256 * MiB
+
+
+class StoreFilesystem(enum.StrEnum):
+    """The filesystem inside a replica's image (also the ``mount -t`` type)."""
+
+    #: Subvolumes, cheap snapshots, send/receive, checksums: what replication is built on.
+    BTRFS = "btrfs"
+    #: The fallback for kernels without btrfs: snapshots and clones are full copies.
+    EXT4 = "ext4"
 
 
 class VolumeKind(enum.StrEnum):
@@ -67,6 +91,8 @@ class ReplicaMeta:
     kind: VolumeKind
     complete: bool = False
     deleted: bool = False  # the volume is gone; the image lives on for its snapshots
+    #: What the image holds; chosen when the replica is made and never changed.
+    filesystem: StoreFilesystem = StoreFilesystem.BTRFS
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -76,7 +102,9 @@ class ReplicaMeta:
         raw = json.loads(data)
         return cls(volume_id=str(raw["volume_id"]), size_bytes=int(raw["size_bytes"]),
                    kind=VolumeKind(raw["kind"]), complete=bool(raw["complete"]),
-                   deleted=bool(raw.get("deleted", False)))
+                   deleted=bool(raw.get("deleted", False)),
+                   # replicas made before the ext4 store record no filesystem: all were btrfs
+                   filesystem=StoreFilesystem(raw.get("filesystem", StoreFilesystem.BTRFS)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +114,7 @@ class Source:
     ``subvolume`` names a read-only subvolume inside the source's filesystem (relative to its
     root, e.g. the replication agent's ``sync/<name>``) to copy instead of the live data: a
     replica's ``live`` is not what it holds, its newest complete replication snapshot is.
+    In an ext4 replica, which has no subvolumes, it names a directory.
     """
 
     volume_id: str
@@ -102,17 +131,26 @@ class Health:
 
 
 def image_size(size_bytes: int, kind: VolumeKind) -> int:
-    """Bytes of the image file that backs a replica of ``size_bytes``."""
+    """Bytes of the image file that backs a replica of ``size_bytes``.
+
+    The same on ext4, which needs no copy-on-write headroom for a block volume but uses it for
+    its one full-copy snapshot of the disk image; images are sparse either way.
+    """
     if kind is VolumeKind.BLOCK:
         return 2 * size_bytes + BLOCK_METADATA_HEADROOM
     return size_bytes
 
 
 class ReplicaStore:
-    """The replicas held on this node, under one root directory."""
+    """The replicas held on this node, under one root directory.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    ``filesystem`` is what new replicas are made with; existing replicas keep theirs.
+    """
+
+    def __init__(self, root: str | os.PathLike[str],
+                 filesystem: StoreFilesystem = StoreFilesystem.BTRFS) -> None:
         self.root = Path(root).absolute()
+        self.filesystem = StoreFilesystem(filesystem)  # also accepts the plain string
         self._volumes = self.root / "volumes"
         self._mnt = self.root / "mnt"
         self._locks = self.root / "locks"
@@ -179,6 +217,10 @@ class ReplicaStore:
             return None
         return meta if meta.complete else None
 
+    def filesystem_of(self, volume_id: str) -> StoreFilesystem:
+        """The filesystem the replica was made with (NotFound when there is no live replica)."""
+        return self._require(volume_id).filesystem
+
     def _require(self, volume_id: str) -> ReplicaMeta:
         meta = self.meta(volume_id)
         if meta is None or meta.deleted:
@@ -200,11 +242,21 @@ class ReplicaStore:
                       if m.source in devices and m.mount_point != own)
 
     def snapshots(self, volume_id: str) -> list[str]:
-        """Ids of the CSI snapshots held in this replica (the replica must be open)."""
+        """Ids of the CSI snapshots held in this replica (the replica must be open).
+
+        An ext4 snapshot still being copied has a temporary name, so it is never listed.
+        """
         folder = self.mount_point(volume_id) / SNAPSHOTS
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if is_snapshot_id(p.name))
+
+    @staticmethod
+    def _is_snapshot(path: Path, filesystem: StoreFilesystem) -> bool:
+        """Whether ``path`` holds a complete snapshot: a subvolume, or (ext4) a directory."""
+        if filesystem is StoreFilesystem.EXT4:
+            return path.is_dir() and not path.is_symlink()
+        return btrfs.is_subvolume(path)
 
     def available_bytes(self) -> int:
         """Free space for new replica images on the store's filesystem."""
@@ -225,6 +277,8 @@ class ReplicaStore:
         The id of a deleted volume whose snapshots still live in its image is refused
         (``FailedPrecondition``) until those snapshots are deleted: building a new replica there
         would destroy them.
+
+        The new replica gets the store's :attr:`filesystem`, whatever ``source``'s is.
         """
         if size_bytes < MIN_VOLUME_BYTES:
             raise InvalidArgument(
@@ -240,35 +294,42 @@ class ReplicaStore:
             self._discard(volume_id)
             if source is not None:
                 self._check_source(source, size_bytes, kind)
+            filesystem = self.filesystem  # read once: the meta must name what _build made
             try:
-                self._build(volume_id, size_bytes, kind, source)
+                self._build(volume_id, size_bytes, kind, source, filesystem)
             except BaseException:
                 with contextlib.suppress(Exception):
                     self._discard(volume_id)
                 raise
-            meta = ReplicaMeta(volume_id, size_bytes, kind, complete=True)
+            meta = ReplicaMeta(volume_id, size_bytes, kind, complete=True, filesystem=filesystem)
             atomic_write(self._meta_path(volume_id), meta.to_json())
             return meta
 
     def _build(self, volume_id: str, size_bytes: int, kind: VolumeKind,
-               source: Source | None) -> None:
+               source: Source | None, filesystem: StoreFilesystem) -> None:
         folder = self._dir(volume_id)
         folder.mkdir(parents=True, mode=0o700)
         atomic_write(self._meta_path(volume_id),
-                     ReplicaMeta(volume_id, size_bytes, kind).to_json())
+                     ReplicaMeta(volume_id, size_bytes, kind, filesystem=filesystem).to_json())
         with open(self._image(volume_id), "wb") as image:
             image.truncate(image_size(size_bytes, kind))
         failpoints.hit("replica.create.after_image")
         device = loop.attach(self._image(volume_id))
-        btrfs.make_filesystem(device, image_size(size_bytes, kind), volume_id)
-        mount_point = self._open(volume_id)
+        if filesystem is StoreFilesystem.EXT4:
+            ext4.make_filesystem(device, volume_id)
+        else:
+            btrfs.make_filesystem(device, image_size(size_bytes, kind), volume_id)
+        mount_point = self._open(volume_id, filesystem)
         try:
             if source is None:
-                self._populate_empty(volume_id, size_bytes, kind)
+                self._populate_empty(volume_id, size_bytes, kind, filesystem)
             else:
-                self._populate_from(volume_id, size_bytes, kind, source)
+                self._populate_from(volume_id, size_bytes, kind, source, filesystem)
             (mount_point / SNAPSHOTS).mkdir(exist_ok=True)
-            btrfs.sync(mount_point)
+            if filesystem is StoreFilesystem.EXT4:
+                ext4.sync(mount_point)
+            else:
+                btrfs.sync(mount_point)
             failpoints.hit("replica.create.before_commit")
         finally:
             self._close(volume_id)
@@ -292,53 +353,115 @@ class ReplicaStore:
                 f"{size_bytes} bytes requested")
         return src_meta
 
-    def _populate_empty(self, volume_id: str, size_bytes: int, kind: VolumeKind) -> None:
+    def _populate_empty(self, volume_id: str, size_bytes: int, kind: VolumeKind,
+                        filesystem: StoreFilesystem) -> None:
         live = self.live_path(volume_id)
-        btrfs.create_subvolume(live)
+        if filesystem is StoreFilesystem.EXT4:
+            # What a new subvolume's root is (under the usual umask 022), whatever the umask.
+            live.mkdir()
+            live.chmod(0o755)
+        else:
+            btrfs.create_subvolume(live)
         if kind is VolumeKind.BLOCK:
             with open(live / BLOCK_FILE, "wb") as disk:
                 disk.truncate(size_bytes)
 
     def _populate_from(self, volume_id: str, size_bytes: int, kind: VolumeKind,
-                       source: Source) -> None:
-        """Fill a new replica from a snapshot or a live volume through send/receive.
+                       source: Source, filesystem: StoreFilesystem) -> None:
+        """Fill a new replica from a snapshot or a live volume.
 
-        The new filesystem was made at its full size, so it needs no resize afterwards.
+        Between two btrfs replicas through send/receive; when either side is ext4 by copying
+        the tree (:meth:`_copy_from`), which works across every pair of filesystems. The new
+        filesystem was made at its full size, so it needs no resize afterwards.
         """
         dest = self.mount_point(volume_id)
+        snap: Path | None = None
         with self.locked(source.volume_id):
-            self._check_source(source, size_bytes, kind)  # again, now that the source is locked
-            with self._mounted(source.volume_id):
-                if source.subvolume is not None:
-                    snap = self._inner_subvolume(source.volume_id, source.subvolume)
+            # again, now that the source is locked
+            src_meta = self._check_source(source, size_bytes, kind)
+            with self._mounted(source.volume_id, src_meta.filesystem):
+                if (filesystem is not StoreFilesystem.BTRFS
+                        or src_meta.filesystem is not StoreFilesystem.BTRFS):
+                    self._copy_from(source, volume_id, src_meta.filesystem, filesystem)
+                elif source.subvolume is not None:
+                    snap = self._inner_subvolume(source.volume_id, source.subvolume,
+                                                 src_meta.filesystem)
                     btrfs.send_receive(snap, dest)
                 elif source.snapshot_id is None:
-                    snap = self._clone_point_path(source.volume_id, volume_id)
-                    btrfs.delete_subvolume(snap)  # left by an interrupted clone
-                    btrfs.snapshot(self.live_path(source.volume_id), snap, read_only=True)
-                    try:
+                    with self._clone_point(source.volume_id, volume_id) as snap:
                         btrfs.send_receive(snap, dest)
-                    finally:
-                        btrfs.delete_subvolume(snap)
                 else:
                     snap = self._snapshot_path(source.volume_id, source.snapshot_id)
                     if not btrfs.is_subvolume(snap):
                         raise NotFound(f"snapshot {source.snapshot_id} not found in volume "
                                        f"{source.volume_id}")
                     btrfs.send_receive(snap, dest)
-        received = dest / snap.name
-        btrfs.snapshot(received, self.live_path(volume_id), read_only=False)
-        btrfs.delete_subvolume(received)
+        if snap is not None:
+            received = dest / snap.name
+            btrfs.snapshot(received, self.live_path(volume_id), read_only=False)
+            btrfs.delete_subvolume(received)
         if kind is VolumeKind.BLOCK:
             with open(self.block_file(volume_id), "r+b") as disk:
                 disk.truncate(size_bytes)
 
-    def _inner_subvolume(self, volume_id: str, relative: str) -> Path:
-        """A read-only subvolume inside an open replica, refusing any path that leaves it."""
+    def _copy_from(self, source: Source, volume_id: str, src_fs: StoreFilesystem,
+                   dest_fs: StoreFilesystem) -> None:
+        """Copy ``source``'s content (the source is locked and mounted) into the new ``live``.
+
+        A btrfs source is copied from a read-only snapshot taken for the purpose, so a clone of
+        a volume in use is a point-in-time copy. An ext4 source has no such thing: its live
+        tree is copied as it is, file after file, while its users may write to it.
+        """
+        live = self.live_path(volume_id)
+        if dest_fs is StoreFilesystem.BTRFS:
+            btrfs.create_subvolume(live)  # the copy fills it (and gives it the source's mode)
+        if source.subvolume is not None:
+            ext4.copy_tree(self._inner_subvolume(source.volume_id, source.subvolume, src_fs),
+                           live)
+        elif source.snapshot_id is not None:
+            snap = self._snapshot_path(source.volume_id, source.snapshot_id)
+            if not self._is_snapshot(snap, src_fs):
+                raise NotFound(f"snapshot {source.snapshot_id} not found in volume "
+                               f"{source.volume_id}")
+            ext4.copy_tree(snap, live)
+        elif src_fs is StoreFilesystem.BTRFS:
+            with self._clone_point(source.volume_id, volume_id) as point:
+                ext4.copy_tree(point, live)
+        else:
+            ext4.copy_tree(self.live_path(source.volume_id), live)
+
+    @contextlib.contextmanager
+    def _clone_point(self, source_id: str, clone_id: str) -> Iterator[Path]:
+        """A read-only snapshot of a btrfs source's live data for one clone, removed after
+        (a clone of a volume in use is then a point-in-time copy)."""
+        point = self._clone_point_path(source_id, clone_id)
+        btrfs.delete_subvolume(point)  # left by an interrupted clone
+        btrfs.snapshot(self.live_path(source_id), point, read_only=True)
+        try:
+            yield point
+        finally:
+            btrfs.delete_subvolume(point)
+
+    def _inner_subvolume(self, volume_id: str, relative: str,
+                         filesystem: StoreFilesystem) -> Path:
+        """A read-only subvolume inside an open replica, refusing any path that leaves it.
+
+        ext4 has no subvolumes: there a directory is accepted, as long as it really is inside
+        the replica once symlinks are followed.
+        """
         parts = Path(relative).parts
         if not parts or relative.startswith("/") or ".." in parts or parts[0] == SNAPSHOTS:
             raise InvalidArgument(f"{relative!r} is not a subvolume path inside the replica")
         path = self.mount_point(volume_id) / relative
+        if filesystem is StoreFilesystem.EXT4:
+            try:
+                resolved = path.resolve(strict=True)
+            except OSError:
+                resolved = None
+            if (resolved is None or not resolved.is_dir()
+                    or not resolved.is_relative_to(self.mount_point(volume_id).resolve())):
+                raise NotFound(f"{relative} is not a directory inside volume {volume_id}")
+            return resolved
         if not btrfs.is_subvolume(path) or not btrfs.subvolume_info(path).read_only:
             raise NotFound(f"{relative} is not a complete snapshot of volume {volume_id}")
         return path
@@ -354,13 +477,14 @@ class ReplicaStore:
                 self._discard(volume_id)
                 return
             self._refuse_if_in_use(volume_id)
-            with self._mounted(volume_id):
+            with self._mounted(volume_id, meta.filesystem):
                 remaining = self.snapshots(volume_id)
                 if remaining:
-                    btrfs.delete_subvolume(self.live_path(volume_id))
-                    atomic_write(meta_file, ReplicaMeta(
-                        volume_id, meta.size_bytes, meta.kind, complete=True,
-                        deleted=True).to_json())
+                    if meta.filesystem is StoreFilesystem.EXT4:
+                        self._remove_tree(volume_id, self.live_path(volume_id))
+                    else:
+                        btrfs.delete_subvolume(self.live_path(volume_id))
+                    atomic_write(meta_file, replace(meta, deleted=True).to_json())
             if remaining:  # nobody may open a deleted volume: do not leave it mounted
                 self._close(volume_id)
                 self._opened_marker(volume_id).unlink(missing_ok=True)
@@ -393,7 +517,7 @@ class ReplicaStore:
         """Attach and mount the replica (idempotent) and return its mount point."""
         with self.locked(volume_id):
             meta = self._require(volume_id)
-            mount_point = self._open(volume_id)
+            mount_point = self._open(volume_id, meta.filesystem)
             self._grow_if_needed(volume_id, meta)  # the image may have grown while closed
             self._opened_marker(volume_id).touch()
             return mount_point
@@ -407,7 +531,14 @@ class ReplicaStore:
             self._close(volume_id)
             self._opened_marker(volume_id).unlink(missing_ok=True)
 
-    def _open(self, volume_id: str) -> Path:
+    def _open(self, volume_id: str, filesystem: StoreFilesystem) -> Path:
+        """Attach and mount the image (idempotent), as the ``filesystem`` it holds.
+
+        An ext4 that is behind its grown image is grown before it is mounted: offline growth
+        needs no CAP_SYS_RESOURCE, unlike the kernel's online resize. Its interrupted snapshot
+        copies are removed once it is mounted (callers hold the replica's lock, so none is in
+        progress).
+        """
         image = self._image(volume_id)
         if not image.exists():
             raise NotFound(f"the image of volume {volume_id} is missing")
@@ -419,22 +550,30 @@ class ReplicaStore:
         if not self.is_open(volume_id):
             mount_point.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
-                mounts.mount(device, mount_point, fs_type="btrfs", options=["noatime"])
+                if filesystem is StoreFilesystem.EXT4 and ext4.slack(device) > 0:
+                    ext4.grow_offline(device)
+                mounts.mount(device, mount_point, fs_type=filesystem.value, options=["noatime"])
             except BaseException:
                 with contextlib.suppress(Exception):
                     if not self.is_open(volume_id):
                         loop.detach_all(image)
                 raise
+        if filesystem is StoreFilesystem.EXT4:
+            self._remove_partial_snapshots(volume_id)
         return mount_point
 
     def _close(self, volume_id: str) -> None:
         mount_point = self.mount_point(volume_id)
         block = self.block_file(volume_id)
-        if self.is_open(volume_id):
+        entries = mounts.mounts_at(mount_point)
+        if entries:
             # Best effort (a filesystem that went read-only cannot commit): keep health honest
-            # across a close and reopen.
-            with contextlib.suppress(Exception):
-                btrfs.persist_error_counters(mount_point)
+            # across a close and reopen. The mount table, not meta.json, says whether this is
+            # btrfs: a half-built replica being discarded may have no readable meta. ext4 keeps
+            # its error count in the superblock by itself.
+            if entries[-1].fs_type == StoreFilesystem.BTRFS:
+                with contextlib.suppress(Exception):
+                    btrfs.persist_error_counters(mount_point)
             if block.exists():
                 loop.detach_all(block)
         mounts.unmount(mount_point)
@@ -446,14 +585,14 @@ class ReplicaStore:
             mount_point.rmdir()
 
     @contextlib.contextmanager
-    def _mounted(self, volume_id: str) -> Iterator[Path]:
+    def _mounted(self, volume_id: str, filesystem: StoreFilesystem) -> Iterator[Path]:
         """Open the replica for the block's duration, then close it unless a caller opened it.
 
         Whether a caller holds the replica open is recorded by :meth:`open` (not read from the
         mount table), so that a mount left behind by a crashed operation is cleaned up here
         instead of being mistaken for a user's and kept forever.
         """
-        mount_point = self._open(volume_id)
+        mount_point = self._open(volume_id, filesystem)
         try:
             yield mount_point
         finally:
@@ -471,8 +610,8 @@ class ReplicaStore:
             with open(self._image(volume_id), "r+b") as image:
                 image.truncate(image_size(size_bytes, meta.kind))
             if self.is_open(volume_id):
-                self._grow_open(volume_id, meta.kind, size_bytes)
-            grown = ReplicaMeta(volume_id, size_bytes, meta.kind, complete=True)
+                self._grow_open(volume_id, meta, size_bytes)
+            grown = replace(meta, size_bytes=size_bytes)
             atomic_write(self._meta_path(volume_id), grown.to_json())
             return grown
 
@@ -481,21 +620,36 @@ class ReplicaStore:
         with self.locked(volume_id):
             meta = self._require(volume_id)
             if self.is_open(volume_id):
-                self._grow_open(volume_id, meta.kind, meta.size_bytes)
+                self._grow_open(volume_id, meta, meta.size_bytes)
             return meta
 
     def _grow_if_needed(self, volume_id: str, meta: ReplicaMeta) -> None:
         """Finish an expansion done while the replica was closed (or interrupted by a crash)."""
         block = self.block_file(volume_id)
-        if (btrfs.device_slack(self.mount_point(volume_id)) > 0
+        if meta.filesystem is StoreFilesystem.EXT4:
+            slack = ext4.slack(self._mounted_device(volume_id))
+        else:
+            slack = btrfs.device_slack(self.mount_point(volume_id))
+        if (slack > 0
                 or (meta.kind is VolumeKind.BLOCK and block.exists()
                     and block.stat().st_size < meta.size_bytes)):
-            self._grow_open(volume_id, meta.kind, meta.size_bytes)
+            self._grow_open(volume_id, meta, meta.size_bytes)
 
-    def _grow_open(self, volume_id: str, kind: VolumeKind, size_bytes: int) -> None:
+    def _grow_open(self, volume_id: str, meta: ReplicaMeta, size_bytes: int) -> None:
+        """Grow the open replica's filesystem to its image, then a block volume's disk file.
+
+        ext4 is resized only when it is behind: growing a block volume's disk file alone (the
+        filesystem was grown offline at mount) then needs no CAP_SYS_RESOURCE.
+        """
+        kind = meta.kind
         for device in self._devices(volume_id):
             loop.refresh_size(device)
-        btrfs.resize_to_device(self.mount_point(volume_id))
+        if meta.filesystem is StoreFilesystem.EXT4:
+            device = self._mounted_device(volume_id)
+            if ext4.slack(device) > 0:
+                ext4.grow_online(device)
+        else:
+            btrfs.resize_to_device(self.mount_point(volume_id))
         if kind is VolumeKind.BLOCK:
             block = self.block_file(volume_id)
             with open(block, "r+b") as disk:
@@ -504,6 +658,13 @@ class ReplicaStore:
             for device in loop.devices_for(block):
                 loop.refresh_size(device)
 
+    def _mounted_device(self, volume_id: str) -> str:
+        """The block device the open replica's filesystem is mounted from."""
+        entries = mounts.mounts_at(self.mount_point(volume_id))
+        if not entries:
+            raise FailedPrecondition(f"volume {volume_id} is not open")
+        return entries[-1].source
+
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self, volume_id: str, snapshot_id: str, of: str | None = None) -> int:
@@ -511,24 +672,85 @@ class ReplicaStore:
         subvolume ``of`` inside the replica (see :class:`Source`); returns its size.
 
         A btrfs snapshot is a subvolume of its own: deleting ``of`` later leaves it intact.
+
+        An ext4 snapshot is a full copy (ext4 has no copy-on-write) inside the same image: it
+        takes as much of the volume's space as the data it holds, at once, and fails with
+        ``ResourceExhausted`` when that space is not free. Nothing but the store ever writes
+        to it. ``of`` may be any directory inside the replica there.
         """
         with self.locked(volume_id):
             meta = self._require(volume_id)
-            with self._mounted(volume_id):
+            with self._mounted(volume_id, meta.filesystem):
                 dest = self._snapshot_path(volume_id, snapshot_id)
-                if not btrfs.is_subvolume(dest):
+                if not self._is_snapshot(dest, meta.filesystem):
                     origin = self.live_path(volume_id) if of is None else \
-                        self._inner_subvolume(volume_id, of)
+                        self._inner_subvolume(volume_id, of, meta.filesystem)
                     dest.parent.mkdir(exist_ok=True)
-                    btrfs.snapshot(origin, dest, read_only=True)
+                    if meta.filesystem is StoreFilesystem.EXT4:
+                        self._copy_snapshot(origin, dest)
+                    else:
+                        btrfs.snapshot(origin, dest, read_only=True)
             return meta.size_bytes
+
+    @staticmethod
+    def _copy_snapshot(origin: Path, dest: Path) -> None:
+        """Copy ``origin`` to the ext4 snapshot ``dest``, which appears only once complete.
+
+        The copy goes to a temporary name and is renamed only after everything is on disk
+        (syncfs, then the rename made durable): an interrupted copy never looks like a
+        snapshot, and the next snapshot or open removes it.
+        """
+        partial = dest.with_name(f"{PARTIAL_PREFIX}{dest.name}")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            ext4.copy_tree(origin, partial)
+            ext4.sync(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # give the space back now
+            raise
+        partial.rename(dest)
+        fsync_dir(dest.parent)
+
+    def _remove_tree(self, volume_id: str, path: Path) -> None:
+        """Remove an ext4 snapshot or live directory so that it is gone at once, durably.
+
+        It is renamed into ``snapshots/`` as a partial first: deleting a big tree takes a
+        while, and one interrupted half-way must not pass for a (damaged) snapshot.
+        """
+        if not path.exists():
+            return
+        folder = self.mount_point(volume_id) / SNAPSHOTS
+        folder.mkdir(exist_ok=True)
+        doomed = folder / f"{PARTIAL_PREFIX}{path.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        path.rename(doomed)
+        fsync_dir(folder)
+        if path.parent != folder:
+            fsync_dir(path.parent)
+        shutil.rmtree(doomed)
+
+    def _remove_partial_snapshots(self, volume_id: str) -> None:
+        """Remove what interrupted ext4 snapshot copies and deletions left in ``snapshots/``."""
+        folder = self.mount_point(volume_id) / SNAPSHOTS
+        if not folder.is_dir():
+            return
+        for entry in folder.iterdir():
+            if entry.name.startswith(PARTIAL_PREFIX):
+                log.info("removing an interrupted snapshot copy", volume_id=volume_id,
+                         path=str(entry))
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def has_snapshot(self, volume_id: str, snapshot_id: str) -> bool:
         with self.locked(volume_id):
-            if self.meta(volume_id) is None:
+            meta = self.meta(volume_id)
+            if meta is None:
                 return False
-            with self._mounted(volume_id):
-                return btrfs.is_subvolume(self._snapshot_path(volume_id, snapshot_id))
+            with self._mounted(volume_id, meta.filesystem):
+                return self._is_snapshot(self._snapshot_path(volume_id, snapshot_id),
+                                         meta.filesystem)
 
     def delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
         """Delete a snapshot (idempotent); the last one of a deleted volume frees the image."""
@@ -536,8 +758,12 @@ class ReplicaStore:
             meta = self.meta(volume_id)
             if meta is None:
                 return
-            with self._mounted(volume_id):
-                btrfs.delete_subvolume(self._snapshot_path(volume_id, snapshot_id))
+            with self._mounted(volume_id, meta.filesystem):
+                path = self._snapshot_path(volume_id, snapshot_id)
+                if meta.filesystem is StoreFilesystem.EXT4:
+                    self._remove_tree(volume_id, path)
+                else:
+                    btrfs.delete_subvolume(path)
                 remaining = self.snapshots(volume_id)
             if meta.deleted and not remaining:
                 self._discard(volume_id)
@@ -557,7 +783,12 @@ class ReplicaStore:
             return Health(False, "replica is healthy (not mounted)")
         if entries[-1].read_only or entries[-1].fs_read_only:
             return Health(True, "the replica's filesystem went read-only after an I/O error")
-        if btrfs.has_device_errors(mount_point):
+        if meta.filesystem is StoreFilesystem.EXT4:
+            errors = ext4.error_count(mount_point)
+            if errors:
+                return Health(True, f"ext4 recorded {errors} filesystem error(s) on the replica "
+                                    "(e2fsck clears the count once the replica is repaired)")
+        elif btrfs.has_device_errors(mount_point):
             return Health(True, "btrfs counted I/O or checksum errors on the replica")
         return Health(False, "replica is healthy")
 

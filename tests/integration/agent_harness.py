@@ -145,6 +145,10 @@ class AgentCluster:
                 raise AssertionError(f"agents left behind: {leaked}")
 
 
+#: The replica stores every file-level suite runs on (parametrize a ``cluster`` fixture).
+STORE_FILESYSTEMS = ["btrfs", "ext4"]
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every regular file under ``root`` (symlinks by target)."""
     import hashlib
@@ -161,10 +165,11 @@ def tree_digest(root: Path) -> dict[str, str]:
     return digests
 
 
-def started_cluster(tmp_path_factory: Any, name: str) -> Iterator[AgentCluster]:
+def started_cluster(tmp_path_factory: Any, name: str,
+                    store_filesystem: str = "btrfs") -> Iterator[AgentCluster]:
     """The body of a test module's ``cluster`` fixture: three agents in network namespaces,
-    started, and closed (with its leftover checks) afterwards; skipped where namespaces
-    cannot be made."""
+    with their replicas on ``store_filesystem``, started, and closed (with its leftover
+    checks) afterwards; skipped where namespaces cannot be made."""
     import pytest
 
     from tests.cluster.netns import netns_unavailable
@@ -172,7 +177,8 @@ def started_cluster(tmp_path_factory: Any, name: str) -> Iterator[AgentCluster]:
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    cluster = AgentCluster(Path(tmp_path_factory.mktemp(name)))
+    cluster = AgentCluster(Path(tmp_path_factory.mktemp(name)),
+                           extra_config={"storeFilesystem": store_filesystem})
     try:
         yield cluster.start()
     finally:

@@ -28,7 +28,13 @@ from replication_agent.audit import read_records
 from replication_agent.proto import agent_pb2 as pb
 from sharedsync.core.file_merge import TEMP_PREFIX
 from sharedsync.core.version_vectors import conflict_name
-from tests.integration.agent_harness import AgentCluster, started_cluster, volume_spec, wait_until
+from tests.integration.agent_harness import (
+    STORE_FILESYSTEMS,
+    AgentCluster,
+    started_cluster,
+    volume_spec,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -37,9 +43,12 @@ PLAIN = "vol-" + "4e" * 12
 NODES = ["a", "b", "c"]
 
 
-@pytest.fixture
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
-    yield from started_cluster(tmp_path_factory, "multiwriter")
+@pytest.fixture(params=STORE_FILESYSTEMS)
+def cluster(tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[AgentCluster]:
+    """Three agents on btrfs, or on the ext4 fallback store (the same file-level engine, with
+    inotify instead of btrfs generations telling it when to scan)."""
+    yield from started_cluster(tmp_path_factory, "multiwriter", request.param)
 
 
 def mw_spec(*, resolution: pb.ConflictResolution.ValueType = pb.LAST_WRITER_WINS,

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
-from tests.integration.agent_harness import AgentCluster, started_cluster, volume_spec, wait_until
+from tests.integration.agent_harness import (
+    STORE_FILESYSTEMS,
+    AgentCluster,
+    started_cluster,
+    volume_spec,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
 
@@ -25,9 +31,15 @@ RECORDS = 1000
 PER_FILE = 100
 
 
-@pytest.fixture
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentCluster]:
-    yield from started_cluster(tmp_path_factory, "sync")
+@pytest.fixture(params=STORE_FILESYSTEMS)
+def cluster(tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[AgentCluster]:
+    """Three agents on btrfs (snapshot increments) or on the ext4 fallback (file by file)."""
+    yield from started_cluster(tmp_path_factory, "sync", request.param)
+
+
+def on_ext4(cluster: AgentCluster) -> bool:
+    return bool(cluster.agents["a"].config.get("storeFilesystem") == "ext4")
 
 
 def record(i: int) -> bytes:
@@ -54,7 +66,11 @@ def records_in(root: Path) -> dict[int, bool]:
     return found
 
 
-def newest_snapshot(cluster: AgentCluster, node: str) -> Path:
+def replicated(cluster: AgentCluster, node: str) -> Path:
+    """What a replica holds for sure: its newest complete snapshot on btrfs, its live tree on
+    the ext4 fallback (where files are merged into place one by one)."""
+    if on_ext4(cluster):
+        return cluster.agents[node].live(VOLUME)
     sync_dir = cluster.agents[node].sync_dir(VOLUME)
     names = sorted(p.name for p in sync_dir.iterdir() if p.name.startswith("e"))
     assert names, f"{node} holds no snapshot"
@@ -94,8 +110,16 @@ def test_acknowledged_writes_survive_replica_kill_and_partition(cluster: AgentCl
     # every acknowledged record reached a quorum: after the last write, at least one of b and
     # c held it; once everything settles, both do
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    if on_ext4(cluster):
+        # file by file, a replica pulls what it missed while cut off: its own sync-now does it
+        # at once (its puller may be backing off after the partition)
+        for node in ("b", "c"):
+            wait_until(lambda node=node: cluster.agents[node].call(
+                "SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=120) is not None
+                and set(acked) <= set(records_in(replicated(cluster, node))),
+                timeout=120, interval=1, what=f"{node} holds every acknowledged record")
     for node in ("b", "c"):
-        check_all(acked, newest_snapshot(cluster, node), f"replica {node}")
+        check_all(acked, replicated(cluster, node), f"replica {node}")
     cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
 
 
@@ -113,9 +137,10 @@ def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) ->
             break  # the mount is gone: this write was never acknowledged
         acked.append(i)
     assert 150 <= len(acked) <= 200
-    # promote whichever replica holds the newest snapshot, as the operator would
+    # promote whichever replica holds the newest snapshot, as the operator would (on ext4
+    # every replica merged every acknowledged write: any of them will do)
     held = {n: cluster.agents[n].volume(VOLUME).last_snapshot for n in ("b", "c")}
-    new_primary = max(held, key=lambda n: (held[n].epoch, held[n].seq))
+    new_primary = max(held, key=lambda n: (held[n].epoch, held[n].seq, n == "b"))
     cluster.agents[new_primary].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
     check_all(acked, cluster.agents[new_primary].live(VOLUME), f"promoted {new_primary}")
     # the old primary restarts fenced, rejoins as a replica of the new primary
@@ -130,6 +155,10 @@ def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) ->
 
 def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster) -> None:
     import urllib.request
+
+    if on_ext4(cluster):
+        pytest.skip("onLagExceeded: Throttle holds writers of snapshot-shipped volumes; on the "
+                    "ext4 fallback a lagging peer pulls, and writers are not held (documented)")
 
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=0.5,
                        bandwidth=1 << 20)

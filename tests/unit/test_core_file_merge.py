@@ -8,6 +8,7 @@ node overwrote or deleted it knowingly or a conflict note reports it.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -35,6 +36,7 @@ from sharedsync.core.file_merge import (
     plan_merge,
     plan_scan,
     raised_floor,
+    verifiable,
 )
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 
@@ -101,6 +103,19 @@ def test_needs_hash_for_new_changed_and_racy_files() -> None:
     assert needs_hash(settled, replace(key, inode=6))
     assert needs_hash(replace(settled, hashed_at_ns=10 * SEC + 1), key)  # hashed too soon
     assert needs_hash(replace(settled, digest=TOMBSTONE), key)
+
+
+def test_only_files_proven_unchanged_are_verifiable() -> None:
+    """A scrub without data checksums judges a digest only where the stat proves no write."""
+    key = StatKey(size=1, mtime_ns=10 * SEC, inode=5, mode=REG)
+    settled = rec(stat=key, hashed_at_ns=10 * SEC + RACY_NS + 1)
+    assert verifiable(settled, key)
+    assert not verifiable(None, key)  # never recorded
+    assert not verifiable(settled, replace(key, size=2))  # written since: a change, not damage
+    assert not verifiable(replace(settled, hashed_at_ns=10 * SEC + 1), key)  # racy
+    assert not verifiable(replace(settled, digest=TOMBSTONE), key)  # deleted
+    directory = StatKey(size=0, mtime_ns=0, inode=5, mode=stat.S_IFDIR | 0o755)
+    assert not verifiable(rec(stat=directory, hashed_at_ns=RACY_NS * 10), directory)
 
 
 def test_scan_bumps_changed_files_and_tombstones_vanished_ones() -> None:
