@@ -27,13 +27,15 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "sync": ("agent_sync", 1),
     "async": ("agent_async", 2),
     "delta": ("agent_delta", 3),
+    "delta-ext4": ("agent_delta_ext4", 3),
     "rebuild": ("agent_rebuild", 4),
     "qos": ("agent_qos", 5),
     "operator": ("operator_scale", 6),
     "cluster": ("cluster_pod", 7),
 }
-ALIASES = {**{m: n for n, (m, _) in BENCHMARKS.items()},
-           **{str(i): n for n, (_, i) in BENCHMARKS.items()}}
+#: Module names, and issue numbers (a number names the first benchmark that has it).
+ALIASES = {**{str(i): n for n, (_, i) in reversed(BENCHMARKS.items())},
+           **{m: n for n, (m, _) in BENCHMARKS.items()}}
 
 
 def resolve(names: list[str]) -> list[str]:

@@ -14,6 +14,12 @@ the same after tree (timed); bytes are ``Total bytes sent`` + ``Total bytes rece
 
 Goals: bytes <= 0.9x rsync's, time <= 0.2x rsync's. Rounds (full: 3, quick: 2) each apply a
 new change set to both trees; medians.
+
+``delta-ext4`` (``bench.agent_delta_ext4``) runs the same on the ext4 fallback store, where
+files replicate one by one: the volume's policy is paused so that nothing moves on its own, and
+the timed sync is a SyncNow on a (which scans) then one on b (which pulls the changed files as
+chunk deltas against the versions it holds); its bytes are b's ``bytes_received`` delta (the
+framed delta streams).
 """
 
 from __future__ import annotations
@@ -126,8 +132,10 @@ def change(roots: list[Path], files: int, file_size: int, count: int, seed: int)
                 os.close(fd)
 
 
-def body(quick: bool, workdir: Path, result: Result) -> None:
+def body(quick: bool, workdir: Path, result: Result, store_filesystem: str = "btrfs") -> None:
     from tests.integration.agent_harness import volume_spec
+
+    file_level = store_filesystem == "ext4"
 
     files, file_size = (16, 8 * MiB) if quick else (64, 16 * MiB)
     total = files * file_size
@@ -136,12 +144,20 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
     size = 512 * MiB if quick else 2 * GiB
     result.params.update(files=files, file_bytes=file_size, total_bytes=total,
                          changes_per_round=changes, change_bytes=CHANGE, rounds=rounds,
-                         volume_bytes=size, replicas=["a", "b"], mode="Scheduled+SyncNow")
-    with agent_cluster(workdir, result) as cluster, RsyncDaemon(workdir) as rsync:
-        spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.SCHEDULED,
-                           schedule="0 0 1 1 *", size=size)
+                         volume_bytes=size, replicas=["a", "b"],
+                         mode="paused+SyncNow on a then b" if file_level
+                         else "Scheduled+SyncNow")
+    with agent_cluster(workdir, result, store_filesystem=store_filesystem) as cluster, \
+            RsyncDaemon(workdir) as rsync:
+        if file_level:
+            spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, size=size)
+            spec.policy.paused = True
+        else:
+            spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.SCHEDULED,
+                               schedule="0 0 1 1 *", size=size)
         cluster.apply(spec)
         agent = cluster.agents["a"]
+        puller = cluster.agents["b"]
         live = agent.live(VOLUME) / "data"
         source = workdir / "rsync-src"
         log(f"writing {files} x {file_size // MiB} MiB of random data into the live replica "
@@ -149,15 +165,20 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
         write_random_files(live, files, file_size, seed=1)
         write_random_files(source, files, file_size, seed=1)
 
-        with StatusClient(agent.socket) as status:
+        with StatusClient(agent.socket) as status, StatusClient(puller.socket) as pulled:
             def sync_now() -> dict[str, float]:
-                before = status.volume(VOLUME).bytes_shipped
+                before = pulled.volume(VOLUME).bytes_received if file_level \
+                    else status.volume(VOLUME).bytes_shipped
                 wire = _proxy_total(cluster)
                 t = time.perf_counter()
                 reply = agent.call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=600)
+                if file_level:  # a recorded its changes; b pulls them
+                    reply = puller.call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME),
+                                        timeout=600)
                 seconds = time.perf_counter() - t
                 after_wire = _proxy_total(cluster)
-                return {"seconds": seconds, "bytes": reply.bytes_shipped - before,
+                moved = reply.bytes_received if file_level else reply.bytes_shipped
+                return {"seconds": seconds, "bytes": moved - before,
                         "wire_up": after_wire[0] - wire[0],
                         "wire_down": after_wire[1] - wire[1],
                         "wire": sum(after_wire) - sum(wire), "seq": reply.last_snapshot.seq}
@@ -181,7 +202,7 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
                 log(f"round {i + 1}/{rounds}: SyncNow {a['seconds'] * 1e3:.0f} ms, "
                     f"{a['bytes'] / 1e6:.2f} MB stream, {a['wire'] / 1e6:.2f} MB on the wire; "
                     f"rsync {r['seconds'] * 1e3:.0f} ms, {r['bytes'] / 1e6:.2f} MB")
-            _check_replica(cluster, live, files)
+            _check_replica(cluster, live, files, file_level)
     result.details.update(agent_rounds=agent_runs, rsync_rounds=rsync_runs)
     a_bytes = median([a["bytes"] for a in agent_runs])
     a_wire = median([a["wire"] for a in agent_runs])
@@ -202,14 +223,22 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
 
 
 def _proxy_total(cluster: object) -> tuple[int, int]:
-    stats = cluster.proxies[("a", "b")].client.stats()  # type: ignore[attr-defined]
-    return int(stats["up"]["bytes"]), int(stats["down"]["bytes"])
+    """Bytes through the a<->b link, both ways (a pushes through a->b; b pulls through b->a)."""
+    up = down = 0
+    for link in (("a", "b"), ("b", "a")):
+        stats = cluster.proxies[link].client.stats()  # type: ignore[attr-defined]
+        up, down = up + int(stats["up"]["bytes"]), down + int(stats["down"]["bytes"])
+    return up, down
 
 
-def _check_replica(cluster: object, live: Path, files: int) -> None:
-    """The replica's newest snapshot holds the primary's bytes (spot check of a few files)."""
-    sync_dir = cluster.agents["b"].sync_dir(VOLUME)  # type: ignore[attr-defined]
-    newest = sorted(p for p in sync_dir.iterdir() if p.name.startswith("e"))[-1]
+def _check_replica(cluster: object, live: Path, files: int, file_level: bool) -> None:
+    """The replica's newest snapshot (or, file by file, its live tree) holds the primary's bytes
+    (spot check of a few files)."""
+    if file_level:
+        newest = cluster.agents["b"].live(VOLUME)  # type: ignore[attr-defined]
+    else:
+        sync_dir = cluster.agents["b"].sync_dir(VOLUME)  # type: ignore[attr-defined]
+        newest = sorted(p for p in sync_dir.iterdir() if p.name.startswith("e"))[-1]
     for i in (0, files // 2, files - 1):
         name = f"file-{i:04d}.bin"
         if (newest / "data" / name).read_bytes() != (live / name).read_bytes():

@@ -327,9 +327,10 @@ class LocalBtrfs:
 
 @contextlib.contextmanager
 def agent_cluster(workdir: Path, result: Result, *, direct_links: bool = False,
-                  ) -> Iterator[Any]:
+                  store_filesystem: str = "btrfs") -> Iterator[Any]:
     """A started 3-agent AgentCluster (tests/integration/agent_harness.py), closed after;
-    ``direct_links``: agents dial each other, without the fault proxies in between."""
+    ``direct_links``: agents dial each other, without the fault proxies in between;
+    ``store_filesystem``: what the agents make replicas with (btrfs, or the ext4 fallback)."""
     from tests.cluster import netns
     from tests.cluster.netns import netns_unavailable
     from tests.integration.agent_harness import AgentCluster
@@ -353,10 +354,12 @@ def agent_cluster(workdir: Path, result: Result, *, direct_links: bool = False,
     netns._acquire_host_lock = timed_lock
     started = time.monotonic()
     try:
-        cluster = AgentCluster(workdir / "cluster", direct_links=direct_links)
+        cluster = AgentCluster(workdir / "cluster", direct_links=direct_links,
+                               extra_config={"storeFilesystem": store_filesystem})
     finally:
         netns._acquire_host_lock = original
     result.details["links"] = "direct" if direct_links else "through fault proxies"
+    result.details["store_filesystem"] = store_filesystem
     try:
         cluster.start()
         result.details["cluster_start_seconds"] = round(time.monotonic() - started, 2)

@@ -39,6 +39,7 @@ import grpc
 import structlog
 
 from sharedsync.core.audit_chain import AuditKind
+from sharedsync.core.chunk_delta import CHUNK_BYTES, DIGEST_BYTES, chunk_count, split_base
 from sharedsync.core.commit_quorum import (
     COMMIT_TIMEOUT_SECONDS,
     commit_settled,
@@ -52,6 +53,7 @@ from sharedsync.core.file_merge import (
     ConflictNote,
     MergePlan,
     Record,
+    StatKey,
     Step,
     Write,
     check_path,
@@ -71,6 +73,7 @@ from sharedsync.storage.change_watch import ChangeWatch
 from sharedsync.tasks import cancel_and_wait, wait_event
 
 from . import metrics
+from .chunk_fetch import Rebuild, base_of, encode_chunks
 from .livetree import Incoming, LiveTree
 from .manifest_db import ManifestDB
 from .peers import PeerPool
@@ -88,6 +91,9 @@ CHANGES_PER_PULL = 1000
 #: Most files (and bytes of their paths) one FetchContents call may ask for: the request must
 #: stay well within gRPC's message limit (peers.MAX_MESSAGE_BYTES).
 MAX_FILES_PER_FETCH = 10_000
+#: Chunk digests sent with one FetchContents request at most (a 1 GiB file's base is 512 KiB;
+#: a request must stay under the peers' 8 MiB message limit with its paths).
+MAX_BASE_BYTES_PER_FETCH = 4 << 20
 MAX_PATH_BYTES_PER_FETCH = 2 << 20
 PULL_TIMEOUT_SECONDS = 60.0
 FETCH_TIMEOUT_SECONDS = 600.0
@@ -342,6 +348,8 @@ class MultiWriter:
         self._task: asyncio.Task[None] | None = None
         self._first_scan = True
         self._scanned_hint: int | None = None
+        #: Versions whose delta did not rebuild them: fetched whole from then on.
+        self._whole: set[tuple[str, str]] = set()
         #: Without btrfs (the ext4 fallback store) inotify tells whether a walk is needed.
         self._watch_changes = watch_changes
         self._watch: ChangeWatch | None = None
@@ -765,20 +773,36 @@ class MultiWriter:
         one is kept only if its frames verified and its digest is the one asked for."""
         fetched = _Fetched()
         current: tuple[tuple[str, str], Incoming, FrameDecoder] | None = None
+        rebuild: Rebuild | None = None
+        bases = await asyncio.to_thread(self._bases, wanted)
         request = pb.FetchContentsRequest(
             volume_id=self.volume_id, from_node=self.node,
-            files=[pb.ContentWanted(path=path, digest=digest) for path, digest in wanted])
+            files=[pb.ContentWanted(path=path, digest=digest,
+                                    base=bases[path, digest][0] if (path, digest) in bases
+                                    else b"")
+                   for path, digest in wanted])
+
+        async def drop() -> None:
+            nonlocal current, rebuild
+            if current is not None:
+                await asyncio.to_thread(current[1].discard)
+            if rebuild is not None:
+                rebuild.close()
+            current = rebuild = None
+
         try:
             call = self.host.peers.stub(peer).FetchContents(request,
                                                            timeout=FETCH_TIMEOUT_SECONDS)
             async for message in call:
                 if message.WhichOneof("body") == "header":
-                    if current is not None:
-                        await asyncio.to_thread(current[1].discard)  # cut short
-                        current = None
+                    await drop()  # the previous file was cut short
                     header = message.header
                     key = (header.path, header.digest)
                     if not header.available or key not in wanted or key in fetched.ready:
+                        continue
+                    if header.delta and key not in bases:
+                        log.warning("a delta was sent for a file asked for whole",
+                                    volume_id=self.volume_id, peer=peer, path=key[0])
                         continue
                     destination, symlink = wanted[key]
                     try:
@@ -791,39 +815,78 @@ class MultiWriter:
                                     path=destination, error=str(exc))
                         continue
                     current = (key, incoming, FrameDecoder())
+                    if header.delta:
+                        rebuild = await asyncio.to_thread(
+                            self._rebuild, incoming, key, bases[key], header.size)
+                        if rebuild is None:  # the base changed here since it was digested
+                            await drop()
                     continue
                 if current is None:
                     continue  # frames of content we are not taking
                 key, incoming, decoder = current
                 try:
                     raw = decoder.accept(frame_of(message.frame))
-                except CorruptFrame as exc:
+                    if rebuild is not None:
+                        await asyncio.to_thread(rebuild.feed, raw)
+                    elif raw:
+                        await asyncio.to_thread(incoming.write, raw)
+                except (CorruptFrame, InvalidArgument) as exc:
                     log.warning("corrupt content frame", volume_id=self.volume_id, peer=peer,
                                 path=key[0], error=str(exc))
-                    await asyncio.to_thread(incoming.discard)
-                    current = None
+                    self._whole.add(key)
+                    await drop()
                     continue
-                if raw:
-                    await asyncio.to_thread(incoming.write, raw)
                 self.bytes_received += len(raw)
                 metrics.BYTES.labels(self.volume_id, "received").inc(len(raw))
                 if decoder.finished:
-                    if message.frame.stream_digest.hex() == key[1]:
+                    try:
+                        whole = rebuild.finish(key[1]) if rebuild is not None \
+                            else message.frame.stream_digest.hex() == key[1]
+                    except InvalidArgument:
+                        whole = False
+                    if whole:
                         fetched.ready[key] = incoming
+                        current = None
                     else:
-                        log.info("content changed on the peer while it was read",
-                                 volume_id=self.volume_id, peer=peer, path=key[0])
-                        await asyncio.to_thread(incoming.discard)
-                    current = None
+                        log.info("content changed while it was read (or its delta did not "
+                                 "rebuild it)", volume_id=self.volume_id, peer=peer,
+                                 path=key[0], delta=rebuild is not None)
+                        if rebuild is not None:
+                            self._whole.add(key)  # next time, the whole content
+                    await drop()
         except grpc.aio.AioRpcError as exc:
             fetched.error = exc  # apply what arrived whole; the rest waits for the next round
         except BaseException:
             await asyncio.to_thread(fetched.discard)
             raise
         finally:
-            if current is not None:
-                await asyncio.to_thread(current[1].discard)
+            await drop()
         return fetched
+
+    def _bases(self, wanted: dict[tuple[str, str], tuple[str, bool]],
+               ) -> dict[tuple[str, str], tuple[bytes, StatKey]]:
+        """Chunk digests of the local versions worth a delta (worker thread), within a budget
+        per request so that the request stays small."""
+        bases: dict[tuple[str, str], tuple[bytes, StatKey]] = {}
+        budget = MAX_BASE_BYTES_PER_FETCH
+        for key, (_, symlink) in wanted.items():
+            if symlink or key in self._whole:
+                continue
+            record = self.records.get(key[0])
+            if record is None or record.size // CHUNK_BYTES * DIGEST_BYTES > budget:
+                continue
+            found = base_of(self.tree, record)
+            if found is not None:
+                bases[key] = found
+                budget -= len(found[0])
+        return bases
+
+    def _rebuild(self, incoming: Incoming, key: tuple[str, str], base: tuple[bytes, StatKey],
+                 size: int) -> Rebuild | None:
+        reader = self.tree.open_version(key[0], base[1])
+        if reader is None:
+            return None
+        return Rebuild(incoming, reader, size, len(base[0]) // DIGEST_BYTES)
 
     def _apply(self, peer: str, incarnation: str, changes: list[Record], end: int,
                fetched: _Fetched) -> _Batch:
@@ -1052,13 +1115,26 @@ class MultiWriter:
                 yield pb.ContentMessage(header=pb.ContentHeader(
                     path=wanted.path, digest=wanted.digest, available=False))
                 continue
+            base = split_base(wanted.base) if wanted.base else None
             with reader:
                 yield pb.ContentMessage(header=pb.ContentHeader(
-                    path=wanted.path, digest=wanted.digest, available=True, size=record.size))
+                    path=wanted.path, digest=wanted.digest, available=True, size=record.size,
+                    delta=base is not None))
                 encoder = FrameEncoder()
-                while chunk := await asyncio.to_thread(reader.read, READ_SIZE):
-                    for frame in encoder.feed(chunk):
-                        yield await self._sent(frame_message(frame).frame)
+                if base is None:
+                    while chunk := await asyncio.to_thread(reader.read, READ_SIZE):
+                        for frame in encoder.feed(chunk):
+                            yield await self._sent(frame_message(frame).frame)
+                else:
+                    index, end = 0, chunk_count(record.size)
+                    while index < end:
+                        items, after = await asyncio.to_thread(encode_chunks, reader, base,
+                                                               index, end)
+                        if after == index:
+                            break  # shorter than recorded: the caller refuses what it got
+                        index = after
+                        for frame in encoder.feed(items):
+                            yield await self._sent(frame_message(frame).frame)
                 yield await self._sent(frame_message(encoder.finish()).frame)
 
     async def _sent(self, frame: pb.Frame) -> pb.ContentMessage:

@@ -722,17 +722,24 @@ class ContentWanted(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     digest: _builtins.str
+    base: _builtins.bytes
+    """The caller's current version of `path`, as the xxh3-64 digests (8 bytes each, concatenated)
+    of its 16 KiB chunks (sharedsync.core.chunk_delta): the peer may then send only the chunks
+    that differ (ContentHeader.delta). Empty: send the whole content.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         digest: _builtins.str = ...,
+        base: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "digest", b"digest", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,6 +779,7 @@ class ContentHeader(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     digest: _builtins.str
     available: _builtins.bool
@@ -779,6 +787,10 @@ class ContentHeader(_message.Message):
     follow, and the caller asks again after its next pull.
     """
     size: _builtins.int
+    delta: _builtins.bool
+    """The frames carry a chunk delta against the caller's base (sharedsync.core.chunk_delta), not
+    the content; the caller checks the rebuilt file against `digest` before using it.
+    """
     def __init__(
         self,
         *,
@@ -786,10 +798,11 @@ class ContentHeader(_message.Message):
         digest: _builtins.str = ...,
         available: _builtins.bool = ...,
         size: _builtins.int = ...,
+        delta: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "digest", b"digest", "path", b"path", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "delta", b"delta", "digest", b"digest", "path", b"path", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
