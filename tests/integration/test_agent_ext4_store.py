@@ -152,3 +152,24 @@ def test_what_the_fallback_refuses_says_why(cluster: AgentCluster) -> None:
         cluster.agents["a"].call("ApplyVolume", pb.ApplyVolumeRequest(spec=block))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "btrfs" in (refused.value.details() or "")
+
+
+def test_writes_through_the_pod_mount_are_noticed_without_a_full_walk(
+        cluster: AgentCluster) -> None:
+    """Pods write through the FUSE mount (kernel passthrough: the writes never reach the
+    daemon); inotify on the replica must still see them, well before the once-a-minute walk."""
+    cluster.apply(volume_spec(VOLUME, NODES, "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    mount = Path(cluster.agents["a"].call("Attach", pb.AttachRequest(volume_id=VOLUME)).path)
+    first = random.Random(21).randbytes(200 << 10)
+    with open(mount / "written-by-a-pod", "wb") as out:
+        out.write(first)
+    wait_until(lambda: same_as(cluster, "a", ["b", "c"]), timeout=20, what="the new file")
+    # an in-place write to a file kept open: no create, no close in between
+    with open(mount / "written-by-a-pod", "r+b") as out:
+        out.seek(1000)
+        out.write(b"in place")
+        out.flush()
+        expected = first[:1000] + b"in place" + first[1008:]
+        wait_until(lambda: (live(cluster, "b") / "written-by-a-pod").read_bytes() == expected,
+                   timeout=20, what="the in-place write, with the file still open")
+    cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))

@@ -1053,3 +1053,27 @@ def test_cleanup_stale_leaves_live_mounts_alone(workdir: Path) -> None:
         assert fmount.is_mounted(mounted.mnt)
     finally:
         mounted.server.stop()
+
+
+def test_inotify_on_the_backing_tree_sees_writes_through_the_mount(fs: Mounted) -> None:
+    """The ext4 fallback store learns of changes from inotify on the replica (the backing
+    tree), while pods write through the mount: with passthrough the writes never reach the
+    daemon, so the kernel must report them on the backing file itself."""
+    from sharedsync.storage.change_watch import ChangeWatch
+
+    mnt, backing = fs.both("watched")
+    with open(mnt, "wb") as out:
+        out.write(b"first")
+    watch = ChangeWatch(fs.backing)
+    try:
+        with open(mnt, "r+b") as out:
+            settled = watch.generation()
+            out.write(b"in place")
+            out.flush()  # a write(2), no close and no fsync
+            deadline = time.monotonic() + 5
+            while watch.generation() == settled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert watch.generation() != settled
+    finally:
+        watch.close()
+    assert backing.read_bytes() == b"in place"
