@@ -533,8 +533,8 @@ class VolumeEngine:
     # -- epochs ------------------------------------------------------------------------------
 
     def follow_coordinator(self, epoch: int, primary: str) -> None:
-        """Multi-writer: the operator's epoch and coordinator, taken as they come (no data
-        moves, nothing is fenced: every replica stays writable)."""
+        """File-level replication: the operator's (or a peer's) epoch and coordinator, taken as
+        they come (no data moves, nothing is fenced: every replica stays writable)."""
         if epoch < self.epoch or (epoch == self.epoch and primary == self.primary):
             return
         previous = self.primary
@@ -1151,7 +1151,7 @@ class VolumeEngine:
             sync_latency_p99_seconds=percentile(latencies, 0.99),
             bytes_shipped=shipped, bytes_received=received, conflicts=conflicts,
             snapshot_bytes=self.snapshot_bytes(), size_bytes=self.spec.size_bytes,
-            spec_revision=self.spec.revision, **extra)
+            spec_revision=self.spec.revision, store_filesystem=str(self.filesystem), **extra)
 
     def _multiwriter_status(self, writer: MultiWriter) -> pb.VolumeStatus:
         """Each peer's state is how current this replica is with that peer's writes."""
@@ -1166,7 +1166,8 @@ class VolumeEngine:
         lat = list(writer.latencies)
         return self._status_message(
             replicas, lat, shipped=writer.bytes_sent, received=writer.bytes_received,
-            conflicts=writer.conflicts, multi_writer=True)
+            conflicts=writer.conflicts, multi_writer=self.spec.multi_writer,
+            attached=self.attached, attach_wanted=self.attach_wanted())
 
 
 class _CommitHooks:

@@ -1437,6 +1437,7 @@ class VolumeStatus(_message.Message):
     MULTI_WRITER_FIELD_NUMBER: _builtins.int
     ATTACHED_FIELD_NUMBER: _builtins.int
     ATTACH_WANTED_FIELD_NUMBER: _builtins.int
+    STORE_FILESYSTEM_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     epoch: _builtins.int
     primary_node: _builtins.str
@@ -1468,6 +1469,10 @@ class VolumeStatus(_message.Message):
     """A pod on this node asked for the volume (Attach) within the last few minutes while another
     node was primary: the operator moves the primary here (a switchover) once that is safe, and
     kubelet's next retry of the mount succeeds. This is how an RWO volume follows its pod.
+    """
+    store_filesystem: _builtins.str
+    """The filesystem of this node's replica: "btrfs", or "ext4" (the fallback store, where every
+    volume replicates file by file). Every replica of a volume needs the same one.
     """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
@@ -1502,10 +1507,11 @@ class VolumeStatus(_message.Message):
         multi_writer: _builtins.bool = ...,
         attached: _builtins.bool = ...,
         attach_wanted: _builtins.bool = ...,
+        store_filesystem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_snapshot", b"last_snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_wanted", b"attach_wanted", "attached", b"attached", "bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "multi_writer", b"multi_writer", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_wanted", b"attach_wanted", "attached", b"attached", "bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "multi_writer", b"multi_writer", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "store_filesystem", b"store_filesystem", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

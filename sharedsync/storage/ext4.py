@@ -16,6 +16,8 @@ from sharedsync.core.errors import Internal, ResourceExhausted
 
 from ._run import CommandFailed, run
 
+#: The e2fsprogs commands the ext4 store runs (the node image must have them: test_image).
+TOOLS = ("mkfs.ext4", "dumpe2fs", "resize2fs", "e2fsck")
 #: ext4 labels hold at most 16 bytes (``s_volume_name``); mkfs.ext4 refuses a longer one.
 LABEL_MAX_BYTES = 16
 #: Copying a whole volume, checking or resizing a large filesystem takes as long as it takes;

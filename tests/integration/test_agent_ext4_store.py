@@ -80,6 +80,8 @@ def test_replicas_are_ext4_and_a_single_writer_volume_replicates_file_by_file(
     assert not [p for n in NODES for p in cluster.agents[n].sync_dir(VOLUME).glob("e*")]
     status = cluster.agents["a"].volume(VOLUME)
     assert status.role == "primary"
+    assert status.store_filesystem == "ext4"
+    assert not status.multi_writer  # replicated file by file, still served by one node
     wait_until(lambda: all(r.state == pb.IN_SYNC
                            for r in cluster.agents["a"].volume(VOLUME).replicas),
                timeout=60, what="every replica InSync in a's status")

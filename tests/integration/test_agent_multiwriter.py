@@ -145,6 +145,7 @@ def test_writes_and_deletes_on_every_node_reach_every_node(cluster: AgentCluster
                == sha(b"rewritten on c"), timeout=120, what="the delete and the overwrite")
     status = cluster.agents["b"].volume(VOLUME)
     assert status.multi_writer
+    assert status.store_filesystem == cluster.agents["b"].config["storeFilesystem"]
     assert status.role == "replica"
     assert status.conflicts == 0
     assert cluster.agents["a"].volume(VOLUME).role == "primary"

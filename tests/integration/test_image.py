@@ -28,6 +28,7 @@ import pytest
 
 from csi_driver.backend import REQUIRED_TOOLS
 from sharedsync import __version__
+from sharedsync.storage import ext4
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGE = REPO / "scripts" / "build-image"
@@ -267,7 +268,7 @@ def test_runs_as_the_unprivileged_user_sharedsync(built: Built) -> None:
 
 def test_every_tool_the_node_plugin_requires_is_on_path(built: Built) -> None:
     done = run_in_image(built, ["sh", "-c", 'for t; do command -v "$t" || exit 1; done', "sh",
-                                *REQUIRED_TOOLS])
+                                *REQUIRED_TOOLS, *ext4.TOOLS])
     assert done.returncode == 0, f"missing from the image: {done.stdout}{done.stderr}"
 
 
