@@ -224,6 +224,11 @@ class LiveTree:
 
     # -- writing -------------------------------------------------------------------------------
 
+    def free_bytes(self) -> int:
+        """Space the tree's filesystem still has for new files."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def incoming(self, rel: str, symlink: bool) -> Incoming:
         """A temporary file beside ``rel`` (parents made as needed) to write new content to."""
         return Incoming(self, rel, symlink)

@@ -95,6 +95,9 @@ MAX_FILES_PER_FETCH = 10_000
 #: a request must stay under the peers' 8 MiB message limit with its paths).
 MAX_BASE_BYTES_PER_FETCH = 4 << 20
 MAX_PATH_BYTES_PER_FETCH = 2 << 20
+#: Space left free on the replica when a round decides how much new content to fetch: every
+#: new version is written beside the old one until the round installs it.
+FETCH_SPACE_MARGIN_BYTES = 16 << 20
 PULL_TIMEOUT_SECONDS = 60.0
 FETCH_TIMEOUT_SECONDS = 600.0
 #: A scan walks the tree at least this often even when ``ctransid`` did not move.
@@ -230,6 +233,9 @@ class _Batch:
     cursor: int
     deferred: bool
     applied: int = 0
+    #: Some changes were left for a next batch only to bound its size (space, request size),
+    #: not because they wait for anything: the round goes on while the cursor moves.
+    truncated: bool = False
     notes: list[tuple[ConflictNote, bool]] = field(default_factory=list)  # (note, resolved here)
 
 
@@ -679,8 +685,10 @@ class MultiWriter:
                 batch = await self._merge(view.node, incarnation, changes, end)
             applied += batch.applied
             self._report(view.node, batch)
-            cursor = batch.cursor
-            if batch.deferred or complete:
+            moved, cursor = batch.cursor > cursor, batch.cursor
+            if batch.deferred and not (batch.truncated and moved):
+                break  # what is left waits (behind local writes), or nothing moved
+            if complete and not batch.deferred:
                 break
         view.behind = batch.deferred
         if not batch.deferred:
@@ -731,9 +739,10 @@ class MultiWriter:
         """Plan, fetch what is missing (without holding the lock), then plan again and apply
         under the lock: whatever changed in between (a scan, another peer's merge) is seen."""
         wanted: dict[tuple[str, str], tuple[str, bool]] = {}
+        truncated = False
         if changes:
             async with self._lock:
-                wanted = await asyncio.to_thread(self._content_wanted, changes)
+                wanted, truncated = await asyncio.to_thread(self._content_wanted, changes)
         fetched = await self._fetch(peer, wanted) if wanted else _Fetched()
         try:
             async with self._lock:
@@ -743,29 +752,39 @@ class MultiWriter:
             await asyncio.to_thread(fetched.discard)
         if fetched.error is not None:
             raise fetched.error
-        return batch
+        return replace(batch, truncated=truncated)
 
-    def _content_wanted(self, changes: list[Record]) -> dict[tuple[str, str],
-                                                             tuple[str, bool]]:
+    def _content_wanted(self, changes: list[Record],
+                        ) -> tuple[dict[tuple[str, str], tuple[str, bool]], bool]:
         """(peer path, digest) -> (where it goes here, is it a symlink) for every step whose
-        content must come from the peer."""
+        content must come from the peer, for as many changes as one batch takes; and whether
+        some were left for the next batch.
+
+        A batch holds all its new versions beside the old ones until it installs them, so it
+        takes only what fits in the replica's free space (at least one change: one that cannot
+        fit fails with ENOSPC, and says so), and what one request can name.
+        """
         policy = self._policy()
         wanted: dict[tuple[str, str], tuple[str, bool]] = {}
-        path_bytes = 0
+        path_bytes = content_bytes = 0
+        room = self.tree.free_bytes() - FETCH_SPACE_MARGIN_BYTES
         for change in changes:
             try:
                 plan = plan_merge(self.records, change, policy)
             except InvalidArgument:
                 continue
-            for step in plan.steps:
-                source = step.source
-                if step.write is Write.CONTENT and source is not None and not source.local:
-                    wanted.setdefault((source.path, step.record.digest),
-                                      (step.path, stat_module.S_ISLNK(step.record.mode)))
-                    path_bytes += len(source.path.encode()) + 80
-            if len(wanted) >= MAX_FILES_PER_FETCH or path_bytes >= MAX_PATH_BYTES_PER_FETCH:
-                break  # the rest waits for the next round
-        return wanted
+            needed = {(s.source.path, s.record.digest): (s.path, s.record)
+                      for s in plan.steps if s.write is Write.CONTENT and s.source is not None
+                      and not s.source.local}
+            size = sum(record.size for _, record in needed.values())
+            if wanted and (content_bytes + size > room or len(wanted) >= MAX_FILES_PER_FETCH
+                           or path_bytes >= MAX_PATH_BYTES_PER_FETCH):
+                return wanted, True  # the rest goes in the next batch
+            for key, (path, record) in needed.items():
+                wanted.setdefault(key, (path, stat_module.S_ISLNK(record.mode)))
+                path_bytes += len(key[0].encode()) + 80
+            content_bytes += size
+        return wanted, False
 
     async def _fetch(self, peer: str,
                      wanted: dict[tuple[str, str], tuple[str, bool]]) -> _Fetched:

@@ -451,6 +451,30 @@ def test_a_file_changed_in_place_travels_as_its_changed_chunks(cluster: AgentClu
     assert 0 < received <= 3 * CHUNK_BYTES + (64 << 10), f"{received} bytes for 3 chunks"
 
 
+def test_rewriting_most_of_a_full_volume_merges_in_batches_that_fit(
+        cluster: AgentCluster) -> None:
+    """Every new version is written beside the old one until its batch is installed: when the
+    new versions together do not fit in the free space, a round takes them a batch at a time
+    (it used to fetch them all at once, fail with ENOSPC, and never catch up)."""
+    cluster.apply(mw_spec(paused=True))  # 256 MiB volumes; only sync-now moves anything
+    rng = random.Random(31)
+    names = [f"big-{i}.bin" for i in range(5)]
+
+    def rewrite_all() -> dict[str, bytes]:
+        contents = {name: rng.randbytes(32 << 20) for name in names}  # 160 MiB in all
+        for name, data in contents.items():
+            write(live(cluster, "a") / name, data)
+        for node in ("a", "b"):  # a records, b pulls: one round
+            cluster.agents[node].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME),
+                                      timeout=300)
+        return contents
+
+    rewrite_all()
+    contents = rewrite_all()  # b must hold 160 MiB of new versions beside 160 MiB of old ones
+    for name, data in contents.items():
+        assert sha((live(cluster, "b") / name).read_bytes()) == sha(data), name
+
+
 def test_killed_agent_restarts_and_converges_with_nothing_lost(cluster: AgentCluster) -> None:
     # a bandwidth cap on the serving side, so that b can be killed in the middle of a pull
     cluster.apply(mw_spec(bandwidth=2 << 20))
