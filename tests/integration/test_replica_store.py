@@ -205,6 +205,16 @@ def fs_total(path: Path) -> int:
     return st.f_blocks * st.f_frsize
 
 
+def assert_restores(store: ReplicaStore, restored: str, source: Source, digest: str) -> None:
+    """A new filesystem volume made from ``source`` holds exactly the tree ``digest`` names."""
+    store.create(restored, SIZE, VolumeKind.FILESYSTEM, source)
+    store.open(restored)
+    try:
+        assert tree_digest(store.live_path(restored)) == digest
+    finally:
+        store.close(restored)
+
+
 def volume_dir(store: ReplicaStore, volume_id: str) -> Path:
     return store.root / "volumes" / volume_id
 
@@ -527,12 +537,7 @@ def test_restore_after_source_volume_deleted(store: ReplicaStore) -> None:
     assert store.has_snapshot(src, snap1)
 
     restored = vid("restored-after-delete")
-    store.create(restored, SIZE, VolumeKind.FILESYSTEM, Source(src, snap1))
-    store.open(restored)
-    try:
-        assert tree_digest(store.live_path(restored)) == digest
-    finally:
-        store.close(restored)
+    assert_restores(store, restored, Source(src, snap1), digest)
 
     store.delete_snapshot(src, snap1)
     assert volume_dir(store, src).exists()  # one snapshot left
@@ -928,12 +933,7 @@ def test_ext4_snapshot_is_a_frozen_full_copy(ext4_store: ReplicaStore) -> None:
         assert store.snapshots(v) == [snap]
     finally:
         store.close(v)
-    store.create(restored, SIZE, VolumeKind.FILESYSTEM, Source(v, snap))
-    store.open(restored)
-    try:
-        assert tree_digest(store.live_path(restored)) == at_snapshot
-    finally:
-        store.close(restored)
+    assert_restores(store, restored, Source(v, snap), at_snapshot)
 
 
 def test_ext4_interrupted_snapshot_copy_is_not_listed_and_is_removed(
