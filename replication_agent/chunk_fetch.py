@@ -26,6 +26,7 @@ from sharedsync.core.chunk_delta import (
     Copy,
     DeltaDecoder,
     chunk_digest,
+    chunk_length,
     encode_chunk,
 )
 from sharedsync.core.errors import InvalidArgument
@@ -95,8 +96,7 @@ class Rebuild:
         for item in self.decoder.feed(data):
             if isinstance(item, Copy):
                 chunk = os.pread(self.base.fileno(), CHUNK_BYTES, item.index * CHUNK_BYTES)
-                expected = min(CHUNK_BYTES, self.decoder.size - item.index * CHUNK_BYTES)
-                if len(chunk) != expected:
+                if len(chunk) != chunk_length(self.decoder.size, item.index):
                     raise InvalidArgument(f"the base is shorter than its chunk {item.index}")
             else:
                 chunk = item.data

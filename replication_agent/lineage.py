@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sharedsync.storage import btrfs
+from sharedsync.storage.files import syncfs
 from sharedsync.storage.replicas import LIVE, ReplicaStore
 
 SYNC_DIR = "sync"
@@ -116,7 +117,7 @@ class Lineage:
 
     def changed_since(self, ref: SnapRef | None) -> bool:
         """Whether ``live`` differs from snapshot ``ref`` (always True without one)."""
-        btrfs.syncfs(self.live)
+        syncfs(self.live)
         if ref is None or not btrfs.is_subvolume(self.path(ref)):
             return True
         return btrfs.subvolume_info(self.live).ctransid != \

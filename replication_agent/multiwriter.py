@@ -39,7 +39,7 @@ import grpc
 import structlog
 
 from sharedsync.core.audit_chain import AuditKind
-from sharedsync.core.chunk_delta import CHUNK_BYTES, DIGEST_BYTES, chunk_count, split_base
+from sharedsync.core.chunk_delta import DIGEST_BYTES, chunk_count, split_base
 from sharedsync.core.commit_quorum import (
     COMMIT_TIMEOUT_SECONDS,
     commit_settled,
@@ -70,6 +70,7 @@ from sharedsync.core.framing import CorruptFrame, FrameDecoder, FrameEncoder
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 from sharedsync.storage import btrfs
 from sharedsync.storage.change_watch import ChangeWatch
+from sharedsync.storage.files import syncfs
 from sharedsync.tasks import cancel_and_wait, wait_event
 
 from . import metrics
@@ -592,7 +593,7 @@ class MultiWriter:
         if self._watch is not None:
             return self._watch.generation()
         try:
-            btrfs.syncfs(self.tree.root)
+            syncfs(self.tree.root)
             return btrfs.subvolume_info(self.tree.root).ctransid
         except OSError:
             return None
@@ -892,7 +893,7 @@ class MultiWriter:
             if symlink or key in self._whole:
                 continue
             record = self.records.get(key[0])
-            if record is None or record.size // CHUNK_BYTES * DIGEST_BYTES > budget:
+            if record is None or chunk_count(record.size) * DIGEST_BYTES > budget:
                 continue
             found = base_of(self.tree, record)
             if found is not None:

@@ -31,6 +31,7 @@ from sharedsync.core.framing import (
     FrameFault,
 )
 from sharedsync.storage import btrfs
+from sharedsync.storage.files import syncfs
 
 from .lineage import Lineage, SnapRef
 from .proto import agent_pb2 as pb
@@ -317,7 +318,7 @@ async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
     # btrfs receive writes through the page cache and does not sync: write the snapshot back
     # before it is acknowledged, or a crash of this node could lose what the sender counts on
     # (a Synchronous fsync's quorum)
-    await asyncio.to_thread(btrfs.syncfs, lineage.directory)
+    await asyncio.to_thread(syncfs, lineage.directory)
     return ref
 
 

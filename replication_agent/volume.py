@@ -409,11 +409,15 @@ class VolumeEngine:
         self._scrubber: asyncio.Task[None] | None = None
         self.fuse_root = state_dir.parent / "fuse"
         self.multiwriter: MultiWriter | None = None
-        #: Replicated file by file (MultiWriter) rather than by snapshot streams: multi-writer
-        #: volumes, and every filesystem volume on the ext4 fallback store (set by ``start``).
-        self.file_level = spec.multi_writer
+        #: The replica's filesystem (read from the store by ``start``).
         self.filesystem = StoreFilesystem.BTRFS
         self.multiwriter_db = state_dir.parent / "multiwriter" / f"{self.volume_id}.sqlite"
+
+    @property
+    def file_level(self) -> bool:
+        """Replicated file by file (MultiWriter) rather than by snapshot streams: multi-writer
+        volumes, and every filesystem volume on the ext4 fallback store."""
+        return self.spec.multi_writer or self.filesystem is StoreFilesystem.EXT4
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -429,9 +433,7 @@ class VolumeEngine:
         await asyncio.to_thread(self.lineage.discard_partial)
         self.persist()
         metrics.EPOCH.labels(self.volume_id).set(self.epoch)
-        filesystem = await asyncio.to_thread(self.store.filesystem_of, self.volume_id)
-        self.filesystem = filesystem
-        self.file_level = self.spec.multi_writer or filesystem is StoreFilesystem.EXT4
+        self.filesystem = await asyncio.to_thread(self.store.filesystem_of, self.volume_id)
         if self.file_level:
             if kind is VolumeKind.BLOCK:
                 raise InvalidArgument(
@@ -441,7 +443,7 @@ class VolumeEngine:
                     "files, which a raw block device does not have")
             self.multiwriter = MultiWriter(
                 self, self.lineage.live, self.multiwriter_db,
-                watch_changes=filesystem is StoreFilesystem.EXT4)
+                watch_changes=self.filesystem is StoreFilesystem.EXT4)
             await self.multiwriter.start()
         else:
             self._sync_links()

@@ -21,6 +21,7 @@ from pathlib import Path
 from sharedsync.core.sizes import MIXED_MODE_BELOW_BYTES
 
 from ._run import CommandFailed, pipe, run
+from .files import syncfs_fd
 
 
 def make_filesystem(device: str | os.PathLike[str], size_bytes: int, label: str) -> None:
@@ -138,7 +139,7 @@ def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> No
         except FileNotFoundError:
             return  # deleted meanwhile
         if commit:
-            _syncfs(parent_fd, path)
+            syncfs_fd(parent_fd, path)
     finally:
         os.close(parent_fd)
 
@@ -258,24 +259,6 @@ def subvolume_info(path: str | os.PathLike[str]) -> SubvolumeInfo:
     return SubvolumeInfo(tree_id=fields[0], generation=fields[4], ctransid=fields[9],
                          read_only=bool(fields[5] & _SUBVOL_RDONLY),
                          uuid=fields[6], parent_uuid=fields[7], received_uuid=fields[8])
-
-
-def syncfs(path: str | os.PathLike[str]) -> None:
-    """Write back the filesystem holding ``path`` (syncfs(2)): commits pending changes."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _syncfs(fd, path)
-    finally:
-        os.close(fd)
-
-
-def _syncfs(fd: int, path: str | os.PathLike[str]) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fspath(path))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def exclusive_bytes(path: str | os.PathLike[str]) -> int:

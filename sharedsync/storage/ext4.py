@@ -187,11 +187,6 @@ def copy_tree(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None
         raise
 
 
-def sync(path: str | os.PathLike[str]) -> None:
-    """Write back the whole filesystem holding ``path`` (``sync --file-system``: syncfs(2))."""
-    run(["sync", "--file-system", os.fspath(path)])
-
-
 def error_count(mount_point: str | os.PathLike[str]) -> int:
     """How many errors the kernel recorded on the ext4 mounted at ``mount_point``.
 

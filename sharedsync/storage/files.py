@@ -1,10 +1,31 @@
 """Crash-safe small-file writes: a reader sees the old content or the new, never a mix."""
 
 import contextlib
+import ctypes
 import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Write back the filesystem holding ``path`` (syncfs(2), any filesystem: on btrfs it also
+    commits the transaction)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        syncfs_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def syncfs_fd(fd: int, path: str | os.PathLike[str]) -> None:
+    """syncfs(2) on an open descriptor; ``path`` names it in the error."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(path))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def fsync_dir(path: Path) -> None:

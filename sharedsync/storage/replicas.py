@@ -49,7 +49,7 @@ from sharedsync.core.ids import is_snapshot_id, is_volume_id
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 
 from . import btrfs, ext4, loop, mounts
-from .files import atomic_write, exclusive_lock, fsync_dir
+from .files import atomic_write, exclusive_lock, fsync_dir, syncfs
 
 log = structlog.get_logger(__name__)
 
@@ -326,10 +326,7 @@ class ReplicaStore:
             else:
                 self._populate_from(volume_id, size_bytes, kind, source, filesystem)
             (mount_point / SNAPSHOTS).mkdir(exist_ok=True)
-            if filesystem is StoreFilesystem.EXT4:
-                ext4.sync(mount_point)
-            else:
-                btrfs.sync(mount_point)
+            syncfs(mount_point)
             failpoints.hit("replica.create.before_commit")
         finally:
             self._close(volume_id)
@@ -704,7 +701,7 @@ class ReplicaStore:
         shutil.rmtree(partial, ignore_errors=True)
         try:
             ext4.copy_tree(origin, partial)
-            ext4.sync(partial)
+            syncfs(partial)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)  # give the space back now
             raise
