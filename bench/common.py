@@ -463,6 +463,15 @@ def proxy_bytes(cluster: Any, src: str, dst: str) -> dict[str, int]:
     return {"up": up, "down": down, "total": up + down}
 
 
+def veth_bytes(cluster: Any, node: str) -> tuple[int, int]:
+    """Bytes ``node`` sent and received on its link (its veth's counters, seen from the bridge
+    side: what the node sends arrives there). IP packets, so TCP/IP headers count too."""
+    stats = Path("/sys/class/net") / cluster.net.node(node).veth / "statistics"
+    received_from_node = int((stats / "rx_bytes").read_text())
+    sent_to_node = int((stats / "tx_bytes").read_text())
+    return received_from_node, sent_to_node
+
+
 def agent_log_errors(cluster: Any, limit: int = 5) -> list[str]:
     """The last few warning/error lines of every agent's log (for crash reports)."""
     out = []
