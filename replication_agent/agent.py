@@ -65,7 +65,7 @@ def spec_from_config(volume: VolumeConfig) -> pb.VolumeSpec:
     return pb.VolumeSpec(volume_id=volume.volume_id, size_bytes=volume.size, kind=volume.kind,
                          policy=policy, replica_nodes=volume.replicas,
                          primary_node=volume.primary, epoch=volume.epoch,
-                         multi_writer=volume.multi_writer)
+                         multi_writer=volume.multi_writer, file_level=volume.file_level)
 
 
 def validate_spec(spec: pb.VolumeSpec, node: str) -> None:
@@ -91,6 +91,9 @@ def validate_spec(spec: pb.VolumeSpec, node: str) -> None:
     if policy.write_quorum > len(spec.replica_nodes):
         raise InvalidArgument(f"policy.write_quorum {policy.write_quorum} exceeds the "
                               f"{len(spec.replica_nodes)} replicas")
+    if spec.file_level and spec.kind == "block":
+        raise InvalidArgument("file_level needs a filesystem volume: files are replicated one "
+                              "by one, and a block device has no files")
     if spec.multi_writer and spec.kind == "block":
         raise InvalidArgument("multi_writer needs a filesystem volume: concurrent writers on "
                               "several nodes are merged file by file, and a block device has "

@@ -19,7 +19,7 @@ import structlog
 
 from sharedsync import __version__
 from sharedsync.kubeclient import api_client
-from sharedsync.leases import LeaseKeeper
+from sharedsync.leases import STORE_FILESYSTEM_ANNOTATION, LeaseKeeper
 
 from .config import AgentConfig
 
@@ -32,13 +32,16 @@ def lease_name(node: str) -> str:
     return f"sharedsync-agent-{node}"
 
 
-def advertised(config: AgentConfig, data_dir: Path) -> Mapping[str, str]:
-    """What the Lease carries besides its holder: address, space and version."""
+def advertised(config: AgentConfig, data_dir: Path,
+               store_filesystem: str = "btrfs") -> Mapping[str, str]:
+    """What the Lease carries besides its holder: address, space, store filesystem and
+    version."""
     data_dir.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(data_dir)
     return {"sharedsync.io/node": config.node, "sharedsync.io/address": config.advertise_address,
             "sharedsync.io/capacity-bytes": str(usage.total),
             "sharedsync.io/available-bytes": str(usage.free),
+            STORE_FILESYSTEM_ANNOTATION: store_filesystem,
             "sharedsync.io/version": __version__}
 
 
@@ -48,7 +51,8 @@ WEDGED_AFTER_SECONDS = 120.0
 
 
 async def announce_forever(config: AgentConfig,
-                           heartbeat: Callable[[], float] | None = None) -> None:
+                           heartbeat: Callable[[], float] | None = None,
+                           store_filesystem: str = "btrfs") -> None:
     """Renew the Lease until cancelled; API errors are logged and retried, never fatal (the
     data path must not depend on the API server being up). With ``heartbeat`` (the monotonic
     time the agent's main loop last ticked), renewal stops while that loop is wedged."""
@@ -59,7 +63,7 @@ async def announce_forever(config: AgentConfig,
     keeper = LeaseKeeper(
         connection, kube.namespace, lease_name(config.node),
         holder=config.node, duration_seconds=kube.lease_duration_seconds, labels=LEASE_LABELS,
-        annotations=lambda: advertised(config, config.data_dir))
+        annotations=lambda: advertised(config, config.data_dir, store_filesystem))
     try:
         while True:
             stalled = time.monotonic() - heartbeat() if heartbeat is not None else 0.0
@@ -87,8 +91,9 @@ class Announcer:
     as the main loop still ticks (a heartbeat task), and stops when it is really wedged.
     """
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, store_filesystem: str = "btrfs") -> None:
         self.config = config
+        self.store_filesystem = store_filesystem
         self.beat = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -107,7 +112,8 @@ class Announcer:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._task = loop.create_task(announce_forever(self.config, lambda: self.beat))
+        self._task = loop.create_task(announce_forever(self.config, lambda: self.beat,
+                                                     self.store_filesystem))
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(self._task)
         loop.close()

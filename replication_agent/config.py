@@ -76,6 +76,9 @@ class VolumeConfig(_Strict):
     epoch: int = Field(1, ge=1)
     #: ReadWriteMany on several nodes: every replica writable, files merged by version vectors.
     multi_writer: bool = Field(False, alias="multiWriter")
+    #: Replicated file by file although one node writes: needed when some replica's node
+    #: stores on ext4 while others store on btrfs (ext4 nodes replicate file by file anyway).
+    file_level: bool = Field(False, alias="fileLevel")
 
     @field_validator("size", mode="before")
     @classmethod

@@ -53,7 +53,7 @@ async def serve(config: AgentConfig) -> None:
     announcer = None
     if config.kubernetes is not None:
         from .announce import Announcer
-        announcer = Announcer(config)
+        announcer = Announcer(config, agent.store.filesystem)
         announcer.start()
     log.info("agent serving", node=config.node, listen=config.listen,
              control_socket=str(config.control_socket), volumes=len(agent.engines),

@@ -416,8 +416,10 @@ class VolumeEngine:
     @property
     def file_level(self) -> bool:
         """Replicated file by file (MultiWriter) rather than by snapshot streams: multi-writer
-        volumes, and every filesystem volume on the ext4 fallback store."""
-        return self.spec.multi_writer or self.filesystem is StoreFilesystem.EXT4
+        volumes, volumes the operator made file-level (``spec.file_level``: some replica is on
+        an ext4 node), and every filesystem volume on the ext4 fallback store."""
+        return (self.spec.multi_writer or self.spec.file_level
+                or self.filesystem is StoreFilesystem.EXT4)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -439,6 +441,8 @@ class VolumeEngine:
                 raise InvalidArgument(
                     "multi_writer needs a filesystem volume: files are merged one by one, which "
                     "a raw block device does not have" if self.spec.multi_writer else
+                    "file_level needs a filesystem volume: a raw block device has no files"
+                    if self.spec.file_level else
                     "a block volume needs the btrfs replica store: the ext4 fallback replicates "
                     "files, which a raw block device does not have")
             self.multiwriter = MultiWriter(
@@ -496,6 +500,11 @@ class VolumeEngine:
             raise FailedPrecondition(
                 f"volume {self.volume_id} was made with multi_writer={old.multi_writer}; it "
                 "cannot change on an existing volume (make a new volume and copy the data)")
+        if spec.file_level != old.file_level:
+            raise FailedPrecondition(
+                f"volume {self.volume_id} was made with file_level={old.file_level}; how a "
+                "volume replicates cannot change on an existing volume (make a new volume and "
+                "copy the data)")
         if self.file_level:
             self.follow_coordinator(spec.epoch, spec.primary_node)
         elif spec.epoch > self.epoch:

@@ -17,6 +17,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 log = structlog.get_logger(__name__)
 
+#: The agent Lease annotation naming the filesystem the agent makes new replicas with
+#: (``btrfs`` or ``ext4``): the operator places a volume that ships btrfs snapshots on btrfs
+#: nodes only, and makes one that needs an ext4 node replicate file by file. Agents that
+#: predate it made btrfs replicas only.
+STORE_FILESYSTEM_ANNOTATION = "sharedsync.io/store-filesystem"
+
 _MICROTIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 

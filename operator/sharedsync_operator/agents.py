@@ -22,7 +22,8 @@ from replication_agent.config import TlsConfig
 from replication_agent.peers import open_channel
 from replication_agent.proto import agent_pb2 as pb
 from replication_agent.proto import agent_pb2_grpc
-from sharedsync.leases import expires_at
+from sharedsync.core.placement import BTRFS
+from sharedsync.leases import STORE_FILESYSTEM_ANNOTATION, expires_at
 
 if TYPE_CHECKING:
     from replication_agent.proto.agent_pb2_grpc import AgentAsyncStub, ReplicationAsyncStub
@@ -45,6 +46,8 @@ class AgentInfo:
     expires: datetime.datetime | None
     capacity_bytes: int = 0
     available_bytes: int = 0
+    #: What the agent makes new replicas with (Lease annotation; older agents: btrfs only).
+    store_filesystem: str = BTRFS
 
     def alive(self, now: datetime.datetime) -> bool:
         return self.expires is not None and now < self.expires
@@ -69,7 +72,8 @@ def agent_from_lease(lease: Mapping[str, object]) -> AgentInfo | None:
             return 0
     return AgentInfo(node=str(node), address=str(address), expires=expires_at(lease),
                      capacity_bytes=number("sharedsync.io/capacity-bytes"),
-                     available_bytes=number("sharedsync.io/available-bytes"))
+                     available_bytes=number("sharedsync.io/available-bytes"),
+                     store_filesystem=str(annotations.get(STORE_FILESYSTEM_ANNOTATION) or BTRFS))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 import structlog
 
-from sharedsync.core.placement import NodeView
+from sharedsync.core.placement import BTRFS, NodeView
 
 from .agents import AgentInfo, Agents, agent_from_lease
 from .kube import GROUP, SYNC_POLICIES, VERSION, Kube
@@ -90,7 +90,9 @@ class Runtime:
             views.append(NodeView.of(name, facts.labels, ready=facts.ready,
                                      schedulable=facts.schedulable,
                                      agent_alive=name in alive,
-                                     available_bytes=info.available_bytes if info else 0))
+                                     available_bytes=info.available_bytes if info else 0,
+                                     store_filesystem=info.store_filesystem if info
+                                     else BTRFS))
         return views
 
 

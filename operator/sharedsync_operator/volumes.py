@@ -30,6 +30,7 @@ from sharedsync.core.volume_plan import (
     Intent,
     Layout,
     Plan,
+    Replication,
     Report,
     consumer_switchover,
     plan_volume,
@@ -104,7 +105,8 @@ def volume_spec(volume_id: str, size: int, kind: str, policy: Policy, layout: La
         policy=agent_policy(policy, write_quorum), replica_nodes=list(layout.replicas),
         primary_node=layout.primary, epoch=layout.epoch,
         peer_addresses={n: addresses[n] for n in layout.replicas if n in addresses},
-        content_source=content, multi_writer=many_writers)
+        content_source=content, multi_writer=many_writers,
+        file_level=layout.replication is Replication.FILES and not many_writers)
     spec.revision = spec_fingerprint({"spec": spec.SerializeToString(deterministic=True).hex()})
     return spec
 
@@ -124,7 +126,16 @@ def layout_from_status(status: Mapping[str, Any]) -> Layout:
     replicas = tuple(str(r["node"]) for r in status.get("replicas") or () if r.get("node"))
     return Layout(replicas=replicas, primary=str(status.get("primary") or ""),
                   epoch=int(status.get("epoch") or 0),
-                  quorum_lowered_epoch=int(status.get("quorumLoweredAtEpoch") or 0))
+                  quorum_lowered_epoch=int(status.get("quorumLoweredAtEpoch") or 0),
+                  replication=_replication(status.get("replication")))
+
+
+def _replication(value: object) -> Replication:
+    """Absent for volumes placed before it was recorded: they all ship snapshots."""
+    try:
+        return Replication(str(value)) if value else Replication.SNAPSHOTS
+    except ValueError:
+        return Replication.SNAPSHOTS
 
 
 def _view_from_status(status: Mapping[str, Any]) -> dict[str, ReplicaState]:
@@ -255,7 +266,8 @@ class VolumeReconciler:
                 emit("Normal", *following)
         intent = Intent(volume_id=name, size_bytes=size, policy=policy, desired_replicas=desired,
                         consumer=spec.get("consumerNode") or None,
-                        switchover_to=switchover_to, prefer=holder)
+                        switchover_to=switchover_to, prefer=holder,
+                        multi_writer=multi_writer(spec))
         # the caller's node views are from before this reconcile awaited anything
         nodes = [replace(n, agent_alive=n.name in alive) for n in nodes]
         down_for = self.agents.down_for(
@@ -293,6 +305,7 @@ class VolumeReconciler:
             layout_status = {
                 "primary": plan.layout.primary, "epoch": plan.layout.epoch,
                 "quorumLoweredAtEpoch": plan.layout.quorum_lowered_epoch,
+                "replication": str(plan.layout.replication),
                 "replicas": _replica_entries(plan, status, reports, down_for, statuses),
             }
             if not await self.kube.patch_status(SHARED_VOLUMES, name, layout_status):
@@ -475,7 +488,8 @@ def _volume_status(plan: Plan, status: Mapping[str, Any], reports: Mapping[str, 
         "observedGeneration": generation, "phase": phase, "mode": str(policy.mode),
         "primary": plan.layout.primary,
         "epoch": plan.layout.epoch, "quorumLoweredAtEpoch": plan.layout.quorum_lowered_epoch,
-        "replicas": entries, "readyReplicas": len(healthy),
+        "replication": str(plan.layout.replication), "replicas": entries,
+        "readyReplicas": len(healthy),
         "desiredReplicas": desired, "replicasReady": f"{len(healthy)}/{desired}",
         "lag": _duration_text(lag), "lagSeconds": lag, "conditions": conditions,
     }

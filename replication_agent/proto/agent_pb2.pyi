@@ -1112,6 +1112,7 @@ class VolumeSpec(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CONTENT_SOURCE_FIELD_NUMBER: _builtins.int
     MULTI_WRITER_FIELD_NUMBER: _builtins.int
+    FILE_LEVEL_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     size_bytes: _builtins.int
     kind: _builtins.str
@@ -1127,6 +1128,13 @@ class VolumeSpec(_message.Message):
     merged with version vectors (policy.conflict_resolution settles concurrent writes to one
     file). No snapshot streams, epochs or promotion apply to the data; `primary_node` only
     names the coordinator that CSI snapshots and sync-now are asked of first. Filesystem
+    volumes only; fixed when the volume is created.
+    """
+    file_level: _builtins.bool
+    """Replicate file by file (as multi-writer volumes do) although one node writes: set by the
+    operator when a replica's node keeps its replicas on the ext4 fallback store, which has no
+    snapshots to send, so that btrfs and ext4 nodes can share the volume. A replica on ext4
+    replicates file by file whatever this says; a btrfs replica does when it is set. Filesystem
     volumes only; fixed when the volume is created.
     """
     @_builtins.property
@@ -1161,10 +1169,11 @@ class VolumeSpec(_message.Message):
         revision: _builtins.str = ...,
         content_source: Global___ContentSource | None = ...,
         multi_writer: _builtins.bool = ...,
+        file_level: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "epoch", b"epoch", "kind", b"kind", "multi_writer", b"multi_writer", "peer_addresses", b"peer_addresses", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "revision", b"revision", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_source", b"content_source", "epoch", b"epoch", "file_level", b"file_level", "kind", b"kind", "multi_writer", b"multi_writer", "peer_addresses", b"peer_addresses", "policy", b"policy", "primary_node", b"primary_node", "replica_nodes", b"replica_nodes", "revision", b"revision", "size_bytes", b"size_bytes", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,7 +16,8 @@ Rules:
   is cordoned, not Ready or short of space: it already holds the data.
 * **New replicas** go only to *eligible* nodes (:func:`eligible`): Ready, schedulable, agent
   alive, matching ``nodeSelector``, carrying the topology label, with ``available_bytes >=
-  size_bytes``, and not already in ``current``.
+  size_bytes``, and not already in ``current``; for a volume that ships btrfs snapshots
+  (``snapshots_only``), also keeping replicas on btrfs (an ext4 node cannot receive them).
 * **Spread.** Every replica sits in a distinct value ("domain") of ``policy.topology_key``. For
   ``kubernetes.io/hostname`` a node without the label is its own domain (its name); for any
   other key a node without the label has no domain and is not eligible. When the domains run out
@@ -54,6 +55,9 @@ from dataclasses import dataclass
 from .errors import InvalidArgument
 from .policy import HOSTNAME_KEY, Policy
 
+#: ``NodeView.store_filesystem`` of a node whose replicas can receive btrfs snapshot streams.
+BTRFS = "btrfs"
+
 
 @dataclass(frozen=True, slots=True)
 class NodeView:
@@ -65,14 +69,16 @@ class NodeView:
     schedulable: bool = True  # not cordoned
     agent_alive: bool = True  # the node's agent Lease is current
     available_bytes: int = 0  # free space the agent reported
+    #: What the agent makes new replicas with: "btrfs", or "ext4" (the fallback store).
+    store_filesystem: str = BTRFS
 
     @classmethod
     def of(cls, name: str, labels: Mapping[str, str] | None = None, *, ready: bool = True,
            schedulable: bool = True, agent_alive: bool = True,
-           available_bytes: int = 0) -> NodeView:
+           available_bytes: int = 0, store_filesystem: str = BTRFS) -> NodeView:
         return cls(name=name, labels=tuple(sorted((labels or {}).items())), ready=ready,
                    schedulable=schedulable, agent_alive=agent_alive,
-                   available_bytes=available_bytes)
+                   available_bytes=available_bytes, store_filesystem=store_filesystem)
 
     def label(self, key: str) -> str | None:
         for have, value in self.labels:
@@ -132,10 +138,13 @@ class _Why(enum.Enum):
     SELECTOR = ("does not match nodeSelector {selector}", "do not match nodeSelector {selector}")
     NO_DOMAIN = ("has no {key} label", "have no {key} label")
     SPACE = ("has less than {size} free", "have less than {size} free")
+    STORE = ("keeps replicas on ext4 (this volume ships btrfs snapshots)",
+             "keep replicas on ext4 (this volume ships btrfs snapshots)")
     DOMAIN_USED = ("shares its {key} with a replica", "share their {key} with a replica")
 
 
-def _why_not(node: NodeView, policy: Policy, size_bytes: int) -> tuple[_Why, str] | None:
+def _why_not(node: NodeView, policy: Policy, size_bytes: int,
+             snapshots_only: bool = False) -> tuple[_Why, str] | None:
     if not node.ready:
         return _Why.NOT_READY, "node is not Ready"
     if not node.schedulable:
@@ -154,16 +163,21 @@ def _why_not(node: NodeView, policy: Policy, size_bytes: int) -> tuple[_Why, str
     if node.available_bytes < size_bytes:
         return _Why.SPACE, (f"has {human_bytes(max(node.available_bytes, 0))} free, needs "
                             f"{human_bytes(size_bytes)}")
+    if snapshots_only and node.store_filesystem != BTRFS:
+        return _Why.STORE, (f"keeps replicas on {node.store_filesystem}, and this volume ships "
+                            "btrfs snapshots (only a volume first placed on a node without "
+                            "btrfs replicates file by file)")
     return None
 
 
-def eligible(node: NodeView, policy: Policy, size_bytes: int) -> str:
+def eligible(node: NodeView, policy: Policy, size_bytes: int,
+             snapshots_only: bool = False) -> str:
     """"" when ``node`` may take a new replica of a volume of ``size_bytes``, else why not.
 
     Whether the node already holds a replica, or its domain is taken, depends on the other
     replicas and is :func:`place`'s business.
     """
-    why = _why_not(node, policy, size_bytes)
+    why = _why_not(node, policy, size_bytes, snapshots_only)
     return "" if why is None else why[1]
 
 
@@ -189,13 +203,16 @@ def _check_inputs(desired: int, size_bytes: int, nodes: Sequence[NodeView],
 
 def place(policy: Policy, desired: int, size_bytes: int, nodes: Sequence[NodeView],
           current: Sequence[str], *, keep: Collection[str] = (), consumer: str | None = None,
-          protect: Collection[str] = (), prefer: str | None = None) -> Placement:
+          protect: Collection[str] = (), prefer: str | None = None,
+          snapshots_only: bool = False) -> Placement:
     """The replica set for a volume of ``size_bytes`` that should have ``desired`` replicas.
 
     See the module docstring for the rules. Raises :class:`InvalidArgument` for inputs that
     cannot be meant (duplicate names, more protected replicas than ``desired``).
     ``prefer`` is a node to add before any other eligible one whatever the policy says (the
     node holding a new volume's content source, which must become its primary).
+    ``snapshots_only``: the volume ships btrfs snapshots, so new replicas go to btrfs nodes
+    only (replicas it has are kept wherever they are).
     """
     _check_inputs(desired, size_bytes, nodes, current)
     by_name = {node.name: node for node in nodes}
@@ -236,7 +253,8 @@ def place(policy: Policy, desired: int, size_bytes: int, nodes: Sequence[NodeVie
     used: Counter[str | None] = Counter(d for d in map(domain, kept) if d is not None)
     candidates = sorted(
         (node for node in nodes
-         if node.name not in current_set and _why_not(node, policy, size_bytes) is None),
+         if node.name not in current_set
+         and _why_not(node, policy, size_bytes, snapshots_only) is None),
         key=lambda node: (node.name != prefer, node.name != local, -node.available_bytes,
                           node.name))
     added: list[str] = []
@@ -273,7 +291,8 @@ def place(policy: Policy, desired: int, size_bytes: int, nodes: Sequence[NodeVie
         added=tuple(sorted(added)),
         removed=tuple(sorted(current_set - final)),
         shortfall=shortfall,
-        reason=_reason(policy, desired, size_bytes, nodes, final) if shortfall else "",
+        reason=_reason(policy, desired, size_bytes, nodes, final, snapshots_only)
+        if shortfall else "",
         misplaced=tuple(sorted(final & misplaced)),
     )
 
@@ -313,14 +332,14 @@ def _misplaced(survivors: set[str], by_name: Mapping[str, NodeView], policy: Pol
 
 
 def _reason(policy: Policy, desired: int, size_bytes: int, nodes: Sequence[NodeView],
-            final: set[str]) -> str:
+            final: set[str], snapshots_only: bool) -> str:
     """Why only ``len(final)`` of ``desired`` replicas could be placed, node by node."""
     counts: Counter[_Why] = Counter()
     for node in nodes:
         if node.name in final:
             counts[_Why.HOLDS] += 1
             continue
-        why = _why_not(node, policy, size_bytes)
+        why = _why_not(node, policy, size_bytes, snapshots_only)
         # An eligible node left out while replicas are missing can only be in a used domain.
         counts[_Why.DOMAIN_USED if why is None else why[0]] += 1
     values = {"selector": format_selector(policy.node_selector), "key": policy.topology_key,

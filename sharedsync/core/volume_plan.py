@@ -24,7 +24,11 @@ Decisions, in order:
 3. Stale replacement: a replica whose agent has been gone longer than ``staleReplicaTimeout``
    leaves the layout; placement picks a replacement, which the primary rebuilds.
 4. Placement (:func:`sharedsync.core.placement.place`) fills the layout up to the desired count,
-   or trims it, never touching the primary.
+   or trims it, never touching the primary. A new volume's first placement also fixes how it
+   replicates (:class:`Replication`): by btrfs snapshots when enough nodes keep their replicas
+   on btrfs, else file by file when nodes on the ext4 fallback store are needed to place it
+   (multi-writer volumes always replicate file by file). From then on a volume that ships
+   snapshots takes new replicas on btrfs nodes only.
 5. Actions: promote where the primary does not report itself primary at the epoch; apply the
    spec to every live replica whose view is out of date (spec fingerprint, epoch or primary);
    remove the volume from live agents that hold it but are not in the layout, once a live
@@ -37,7 +41,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from .placement import NodeView, place
+from .placement import BTRFS, NodeView, Placement, place
 from .policy import Mode, Policy
 from .replica_state import ReplicaState
 
@@ -56,6 +60,15 @@ class Action:
     epoch: int = 0
 
 
+class Replication(enum.StrEnum):
+    """How a volume's replicas stay in sync; fixed when the volume is first placed."""
+
+    #: The primary ships btrfs increments (every replica on a btrfs node).
+    SNAPSHOTS = "Snapshots"
+    #: Files travel one by one (multi-writer volumes, and volumes with a replica on ext4).
+    FILES = "Files"
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Where a volume lives: decided by the operator, persisted in the SharedVolume status."""
@@ -68,6 +81,9 @@ class Layout:
     #: ``epoch``, every write the primary acknowledged is on writeQuorum replicas, whatever its
     #: last view of them said.
     quorum_lowered_epoch: int = 0
+    #: Decided by the first placement (volumes placed before it was recorded were all made
+    #: to ship snapshots, hence the default).
+    replication: Replication = Replication.SNAPSHOTS
 
     @property
     def placed(self) -> bool:
@@ -122,6 +138,8 @@ class Intent:
     switchover_to: str | None = None
     #: The node that must be the primary of a new volume (it holds the content source).
     prefer: str | None = None
+    #: ReadWriteMany on several nodes: replicated file by file whatever the nodes' stores.
+    multi_writer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +222,21 @@ def _serving(report: Report | None, layout: Layout) -> bool:
     """Whether the layout's primary reports that it serves the layout's epoch."""
     return report is not None and report.role == "primary" and not report.fenced \
         and report.epoch == layout.epoch
+
+
+def _first_placement(place_replicas: Callable[[bool], Placement],
+                     nodes: Sequence[NodeView]) -> tuple[Placement, Replication]:
+    """A new volume's replicas and how they will replicate: btrfs snapshots if enough btrfs
+    nodes can hold it (work in proportion to the change, checksummed stores), else file by
+    file over whichever nodes can, ext4 ones included."""
+    on_btrfs = place_replicas(True)
+    if not on_btrfs.shortfall:
+        return on_btrfs, Replication.SNAPSHOTS
+    anywhere = place_replicas(False)
+    stores = {node.name: node.store_filesystem for node in nodes}
+    if any(stores.get(name, BTRFS) != BTRFS for name in anywhere.nodes):
+        return anywhere, Replication.FILES
+    return anywhere, Replication.SNAPSHOTS
 
 
 def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
@@ -294,10 +327,21 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
 
     # -- 4. placement --------------------------------------------------------------------
     first = not layout.placed
-    placement = place(policy, intent.desired_replicas, intent.size_bytes, nodes, current,
-                      keep=keep, consumer=intent.consumer,
-                      protect=() if first else (layout.primary,),
-                      prefer=intent.prefer if first else None)
+
+    def place_replicas(snapshots_only: bool) -> Placement:
+        return place(policy, intent.desired_replicas, intent.size_bytes, nodes, current,
+                     keep=keep, consumer=intent.consumer,
+                     protect=() if first else (layout.primary,),
+                     prefer=intent.prefer if first else None, snapshots_only=snapshots_only)
+
+    if intent.multi_writer:
+        replication = Replication.FILES
+        placement = place_replicas(False)
+    elif first:
+        placement, replication = _first_placement(place_replicas, nodes)
+    else:
+        replication = layout.replication
+        placement = place_replicas(replication is Replication.SNAPSHOTS)
     if first and placement.shortfall:
         # a new volume is placed whole or not at all: half a volume would look provisioned
         return Plan(layout=Layout(), actions=(), problem=placement.reason,
@@ -307,11 +351,11 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
     if first:
         primary = intent.prefer if intent.prefer in replicas else (
             intent.consumer if intent.consumer in replicas else replicas[0])
-        layout = Layout(replicas=replicas, primary=primary, epoch=1)
+        layout = Layout(replicas=replicas, primary=primary, epoch=1, replication=replication)
         events.append(Event("Normal", "Placed",
                             f"replicas on {', '.join(replicas)}; primary {primary}"))
     else:
-        layout = replace(layout, replicas=replicas)
+        layout = replace(layout, replicas=replicas, replication=replication)
         for node in placement.added:
             events.append(Event("Normal", "RebuildStarted",
                                 f"new replica on {node}, rebuilding from {layout.primary}"))

@@ -52,8 +52,14 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     for line in text.split("\n"):
         if not line.strip():
             continue
-        left, _, right = line.partition(" - ")
-        fields = left.split(" ")
+        fields = line.split(" ")
+        # The optional fields end at a lone "-", which only ever follows the six fixed fields
+        # (searching for the text " - " would stop at a per-mount option spelled "-").
+        try:
+            separator = fields.index("-", 6)
+        except ValueError:
+            separator = len(fields)
+        right = " ".join(fields[separator + 1:])
         # Fields are separated by single spaces and never contain one (it is escaped as \040);
         # a mount made with an empty source string shows two spaces in a row after the type.
         fs_type, source, super_opts = ([*right.split(" ", 2), "", "", ""])[:3]

@@ -97,7 +97,8 @@ class OperatorCluster:
     """Three agents + Node objects + the operator, against one control plane."""
 
     def __init__(self, cp: ControlPlane, workdir: Path, names: tuple[str, ...] = ("a", "b", "c"),
-                 zones: dict[str, str] | None = None, lease_seconds: int = LEASE_SECONDS) -> None:
+                 zones: dict[str, str] | None = None, lease_seconds: int = LEASE_SECONDS,
+                 node_config: dict[str, dict[str, Any]] | None = None) -> None:
         self.cp = cp
         self.workdir = workdir
         self.operator_kubeconfig = bind_component(cp, "operator")
@@ -106,7 +107,8 @@ class OperatorCluster:
             workdir / "agents", names, clients=("operator",),
             extra_config={"kubernetes": {"namespace": NAMESPACE,
                                          "leaseDurationSeconds": lease_seconds,
-                                         "kubeconfig": str(agent_kubeconfig)}})
+                                         "kubeconfig": str(agent_kubeconfig)}},
+            node_config=node_config)
         self.zones = zones or {}
         for name in names:
             labels = {"kubernetes.io/hostname": name}
@@ -186,7 +188,9 @@ BRIDGE_ADDRESS = "10.77.0.254"
 
 @contextlib.contextmanager
 def started_cluster(cp: ControlPlane, tmp_path_factory: Any, name: str,
-                    zones: dict[str, str] | None = None) -> Iterator[OperatorCluster]:
+                    zones: dict[str, str] | None = None,
+                    node_config: dict[str, dict[str, Any]] | None = None
+                    ) -> Iterator[OperatorCluster]:
     """A started OperatorCluster for a test module (skipped where network namespaces are not
     available), closed when the module is done."""
     from tests.cluster.netns import netns_unavailable
@@ -195,7 +199,8 @@ def started_cluster(cp: ControlPlane, tmp_path_factory: Any, name: str,
     if reason:
         import pytest
         pytest.skip(reason)
-    cluster = OperatorCluster(cp, Path(tmp_path_factory.mktemp(name)), zones=zones)
+    cluster = OperatorCluster(cp, Path(tmp_path_factory.mktemp(name)), zones=zones,
+                              node_config=node_config)
     try:
         yield cluster.start()
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class AgentCluster:
 
     def __init__(self, workdir: Path, names: Sequence[str] = ("a", "b", "c"), *,
                  extra_config: dict[str, Any] | None = None,
+                 node_config: Mapping[str, dict[str, Any]] | None = None,
                  clients: Sequence[str] = (), direct_links: bool = False) -> None:
         from replication_agent.tls import issue_dev_pki
         from tests.cluster.faultproxy import start_proxy_process
@@ -98,7 +99,7 @@ class AgentCluster:
                       "controlSocket": str(home / "agent.sock"), "dataDir": str(home / "data"),
                       "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
                       "metricsAddress": node.endpoint(METRICS_PORT), "peers": peers,
-                      **(extra_config or {})}
+                      **(extra_config or {}), **(node_config or {}).get(src, {})}
             self.agents[src] = AgentProcess(
                 node=src, listen=node.endpoint(AGENT_PORT), workdir=home, config=config,
                 argv_prefix=("nsenter", f"--net=/run/netns/{node.namespace}", "--"))
@@ -166,10 +167,11 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def started_cluster(tmp_path_factory: Any, name: str,
-                    store_filesystem: str = "btrfs") -> Iterator[AgentCluster]:
+                    store_filesystem: str | Mapping[str, str] = "btrfs"
+                    ) -> Iterator[AgentCluster]:
     """The body of a test module's ``cluster`` fixture: three agents in network namespaces,
-    with their replicas on ``store_filesystem``, started, and closed (with its leftover
-    checks) afterwards; skipped where namespaces cannot be made."""
+    with their replicas on ``store_filesystem`` (one for all, or per node), started, and
+    closed (with its leftover checks) afterwards; skipped where namespaces cannot be made."""
     import pytest
 
     from tests.cluster.netns import netns_unavailable
@@ -177,8 +179,12 @@ def started_cluster(tmp_path_factory: Any, name: str,
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    cluster = AgentCluster(Path(tmp_path_factory.mktemp(name)),
-                           extra_config={"storeFilesystem": store_filesystem})
+    per_node = {} if isinstance(store_filesystem, str) else store_filesystem
+    cluster = AgentCluster(
+        Path(tmp_path_factory.mktemp(name)),
+        extra_config={"storeFilesystem": store_filesystem} if isinstance(store_filesystem, str)
+        else None,
+        node_config={node: {"storeFilesystem": fs} for node, fs in per_node.items()})
     try:
         yield cluster.start()
     finally:

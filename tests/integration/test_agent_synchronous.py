@@ -4,6 +4,10 @@ The volume is attached through the agent's FUSE data path (kernel passthrough); 
 appends checksummed records, fsyncs each, and remembers what was acknowledged. Agents are
 SIGKILLed and partitioned along the way; afterwards every acknowledged record must be on every
 replica that the quorum rule says holds it, intact.
+
+The suite runs on three clusters: every replica on btrfs (snapshot increments), every replica
+on the ext4 fallback (file by file), and a mixed one (b on ext4, a and c on btrfs) whose
+volumes the operator would make ``file_level``, so that btrfs and ext4 nodes share them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,15 +36,33 @@ RECORDS = 1000
 PER_FILE = 100
 
 
-@pytest.fixture(params=STORE_FILESYSTEMS)
+MIXED = {"a": "btrfs", "b": "ext4", "c": "btrfs"}
+
+
+@pytest.fixture(params=[*STORE_FILESYSTEMS, "mixed"])
 def cluster(tmp_path_factory: pytest.TempPathFactory,
             request: pytest.FixtureRequest) -> Iterator[AgentCluster]:
-    """Three agents on btrfs (snapshot increments) or on the ext4 fallback (file by file)."""
-    yield from started_cluster(tmp_path_factory, "sync", request.param)
+    """Three agents on btrfs (snapshot increments), on the ext4 fallback (file by file), or
+    on both (file by file)."""
+    yield from started_cluster(tmp_path_factory, "sync",
+                               MIXED if request.param == "mixed" else request.param)
+
+
+def stores(cluster: AgentCluster) -> set[str]:
+    return {str(agent.config.get("storeFilesystem")) for agent in cluster.agents.values()}
 
 
 def on_ext4(cluster: AgentCluster) -> bool:
-    return bool(cluster.agents["a"].config.get("storeFilesystem") == "ext4")
+    """Whether the volume replicates file by file: some replica is on ext4."""
+    return "ext4" in stores(cluster)
+
+
+def spec(cluster: AgentCluster, *args: Any, **kwargs: Any) -> pb.VolumeSpec:
+    """``volume_spec``, made file-level where btrfs and ext4 nodes share it (as the operator
+    does)."""
+    made = volume_spec(*args, **kwargs)
+    made.file_level = len(stores(cluster)) > 1
+    return made
 
 
 def record(i: int) -> bytes:
@@ -91,7 +114,7 @@ def attach(cluster: AgentCluster, node: str) -> Path:
 
 
 def test_acknowledged_writes_survive_replica_kill_and_partition(cluster: AgentCluster) -> None:
-    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
+    cluster.apply(spec(cluster, VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
                               write_quorum=2))
     mount = attach(cluster, "a")
     acked: list[int] = []
@@ -124,7 +147,7 @@ def test_acknowledged_writes_survive_replica_kill_and_partition(cluster: AgentCl
 
 
 def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) -> None:
-    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
+    cluster.apply(spec(cluster, VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
                               write_quorum=2))
     mount = attach(cluster, "a")
     acked: list[int] = []
@@ -144,7 +167,7 @@ def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) ->
     cluster.agents[new_primary].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
     check_all(acked, cluster.agents[new_primary].live(VOLUME), f"promoted {new_primary}")
     # the old primary restarts fenced, rejoins as a replica of the new primary
-    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], new_primary, mode=pb.SYNCHRONOUS,
+    cluster.apply(spec(cluster, VOLUME, ["a", "b", "c"], new_primary, mode=pb.SYNCHRONOUS,
                               write_quorum=2, epoch=2), nodes=[new_primary, *(
                                   n for n in ("b", "c") if n != new_primary)])
     cluster.agents["a"].start()
@@ -160,10 +183,10 @@ def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster)
         pytest.skip("onLagExceeded: Throttle holds writers of snapshot-shipped volumes; on the "
                     "ext4 fallback a lagging peer pulls, and writers are not held (documented)")
 
-    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=0.5,
-                       bandwidth=1 << 20)
-    spec.policy.on_lag_exceeded = pb.THROTTLE
-    cluster.apply(spec)
+    throttled = spec(cluster, VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=0.5,
+                     bandwidth=1 << 20)
+    throttled.policy.on_lag_exceeded = pb.THROTTLE
+    cluster.apply(throttled)
     mount = attach(cluster, "a")
     # 1 MiB files at a 1 MiB/s cap: the replica soon falls more than maxLag behind, and from
     # then on each close waits until it is back within maxLag

@@ -38,7 +38,8 @@ NO_LOCALITY = policy_from_spec({"placement": {"dataLocality": "Disabled"}})
 
 def node(name: str, free: int = 10 * GiB, **kwargs: Any) -> NodeView:
     labels = {key: value for key, value in kwargs.items() if isinstance(value, str)}
-    flags = {key: value for key, value in kwargs.items() if isinstance(value, bool)}
+    flags: dict[str, Any] = {key: value for key, value in kwargs.items()
+                             if isinstance(value, bool)}
     return NodeView.of(name, labels, available_bytes=free, **flags)
 
 
@@ -677,3 +678,30 @@ def test_swaps_go_one_at_a_time_and_fix_what_they_can(s: Scenario) -> None:
         for n in s.nodes:
             if n.name not in p.nodes and eligible(n, s.policy, s.size) == "":
                 assert s.domain(n.name) in used
+
+
+# -- nodes on the ext4 fallback store ----------------------------------------------------------
+
+
+def test_a_volume_that_ships_snapshots_takes_new_replicas_on_btrfs_nodes_only() -> None:
+    nodes = [node("a"), NodeView.of("b", available_bytes=50 * GiB, store_filesystem="ext4"),
+             node("c")]
+    result = place(DEFAULT, 2, GiB, nodes, [], snapshots_only=True)
+    assert result.nodes == ("a", "c")  # b has the most room, but cannot receive btrfs streams
+    refused = eligible(nodes[1], DEFAULT, GiB, snapshots_only=True)
+    assert refused.startswith("keeps replicas on ext4")
+    assert eligible(nodes[1], DEFAULT, GiB) == ""
+    short = place(DEFAULT, 3, GiB, nodes, [], snapshots_only=True)
+    assert short.shortfall == 1
+    assert "1 keeps replicas on ext4 (this volume ships btrfs snapshots)" in short.reason
+    # without the constraint (a volume replicated file by file) any store will do
+    assert place(DEFAULT, 3, GiB, nodes, []).nodes == ("a", "b", "c")
+
+
+def test_a_replica_already_on_ext4_is_kept_even_for_a_snapshot_volume() -> None:
+    nodes = [node("a"), NodeView.of("b", available_bytes=10 * GiB, store_filesystem="ext4"),
+             node("c")]
+    result = place(DEFAULT, 2, GiB, nodes, ["a", "b"], snapshots_only=True)
+    assert result.nodes == ("a", "b")
+    assert not result.added
+    assert not result.removed

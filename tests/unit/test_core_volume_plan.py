@@ -32,6 +32,7 @@ from sharedsync.core.volume_plan import (
     Intent,
     Layout,
     Plan,
+    Replication,
     Report,
     plan_volume,
     replica_states,
@@ -1384,3 +1385,50 @@ def test_synchronous_failover_never_promotes_a_replica_missing_an_acknowledged_w
     if p.layout.primary != "a":
         promoted = p.layout.primary
         assert held[promoted] >= acknowledged, (promoted, held, acknowledged, last_view)
+
+
+# -- how a volume replicates: btrfs snapshots, or file by file ----------------------------------
+
+
+def stores(**filesystems: str) -> list[NodeView]:
+    """Nodes keeping their replicas on the given stores (node name -> btrfs | ext4)."""
+    return [NodeView.of(name, available_bytes=10 * GiB, store_filesystem=fs)
+            for name, fs in filesystems.items()]
+
+
+def test_a_new_volume_ships_snapshots_when_enough_nodes_keep_btrfs() -> None:
+    nodes = stores(a="btrfs", b="ext4", c="btrfs", d="btrfs")
+    p = plan(intent(), Layout(), nodes, {})
+    assert p.layout.replication is Replication.SNAPSHOTS
+    assert p.layout.replicas == ("a", "c", "d")  # b left out: it cannot receive the streams
+
+
+def test_a_new_volume_that_needs_an_ext4_node_replicates_file_by_file() -> None:
+    p = plan(intent(), Layout(), stores(a="btrfs", b="ext4", c="btrfs"), {})
+    assert p.layout.replication is Replication.FILES
+    assert p.layout.replicas == ("a", "b", "c")
+    every_node_on_ext4 = plan(intent(), Layout(), stores(a="ext4", b="ext4", c="ext4"), {})
+    assert every_node_on_ext4.layout.replication is Replication.FILES
+
+
+def test_a_multi_writer_volume_replicates_file_by_file_on_any_store() -> None:
+    many = dataclasses.replace(intent(), multi_writer=True)
+    p = plan(many, Layout(), stores(a="btrfs", b="btrfs", c="btrfs"), {})
+    assert p.layout.replication is Replication.FILES
+
+
+def test_how_a_volume_replicates_never_changes_after_its_first_placement() -> None:
+    snapshots = dataclasses.replace(ABC, replication=Replication.SNAPSHOTS)
+    # c is gone for good; only an ext4 node could replace it: the volume stays short
+    nodes = [*stores(a="btrfs", b="btrfs", d="ext4"),
+             NodeView.of("c", available_bytes=10 * GiB, agent_alive=False)]
+    p = plan(intent(), snapshots, nodes, settled(snapshots, nodes=["a", "b"]),
+             down_for={"c": 10_000})
+    assert p.layout.replication is Replication.SNAPSHOTS
+    assert "d" not in p.layout.replicas
+    assert "keeps replicas on ext4" in p.problem
+    # a volume that replicates file by file takes the ext4 node
+    files = dataclasses.replace(ABC, replication=Replication.FILES)
+    p = plan(intent(), files, nodes, settled(files, nodes=["a", "b"]), down_for={"c": 10_000})
+    assert p.layout.replication is Replication.FILES
+    assert p.layout.replicas == ("a", "b", "d")

@@ -1,11 +1,11 @@
-"""What the operator tells the agents about a volume: the multi-writer switch."""
+"""What the operator tells the agents about a volume: the multi-writer and file-level switches."""
 
 from __future__ import annotations
 
 from sharedsync_operator.volumes import multi_writer, volume_spec
 
 from sharedsync.core.policy import policy_from_spec
-from sharedsync.core.volume_plan import Layout
+from sharedsync.core.volume_plan import Layout, Replication
 
 
 def test_read_write_many_filesystem_volumes_are_multi_writer() -> None:
@@ -28,3 +28,18 @@ def test_the_switch_reaches_the_spec_and_its_revision() -> None:
     assert many.multi_writer
     # agents echo the revision: a changed switch must reach them as a new spec
     assert single.revision != many.revision
+
+
+def test_a_volume_placed_to_replicate_files_tells_single_writer_agents_so() -> None:
+    policy = policy_from_spec({"mode": "Synchronous", "replicas": 2})
+    snapshots = Layout(replicas=("a", "b"), primary="a", epoch=1)
+    files = Layout(replicas=("a", "b"), primary="a", epoch=1, replication=Replication.FILES)
+    assert not volume_spec("vol-1", 1 << 30, "filesystem", policy, snapshots, 2, {}).file_level
+    by_file = volume_spec("vol-1", 1 << 30, "filesystem", policy, files, 2, {})
+    assert by_file.file_level
+    assert by_file.revision != volume_spec("vol-1", 1 << 30, "filesystem", policy, snapshots,
+                                           2, {}).revision
+    # multi-writer volumes replicate file by file anyway: multi_writer says it all
+    many = volume_spec("vol-1", 1 << 30, "filesystem", policy, files, 2, {}, many_writers=True)
+    assert many.multi_writer
+    assert not many.file_level
