@@ -25,6 +25,7 @@ is never overwritten: the change waits for the next round, after the next scan.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import stat as stat_module
 import string
@@ -39,6 +40,7 @@ import grpc
 import structlog
 
 from sharedsync.core.audit_chain import AuditKind
+from sharedsync.core.change_ages import ChangeAges
 from sharedsync.core.chunk_delta import DIGEST_BYTES, chunk_count, split_base
 from sharedsync.core.commit_quorum import (
     COMMIT_TIMEOUT_SECONDS,
@@ -343,6 +345,8 @@ class MultiWriter:
         self.floor = VersionVector()
         #: Peer -> the sequence of this replica's change log it says it merged (this run).
         self.merged_by: dict[str, int] = {}
+        #: When this run recorded its changes: how long each peer has left them unmerged.
+        self.change_ages = ChangeAges()
         self.known_conflicts: set[str] = set()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -535,6 +539,8 @@ class MultiWriter:
                     self._suspect(node, str(exc))
                     return False
                 self.suspects.discard(node)
+                if self.db is not None and incarnation == self.db.incarnation:
+                    self._merged(node, max(seq, self.merged_by.get(node, 0)))
                 return True
 
         task = asyncio.create_task(call(), name=f"merge-now-{node}")
@@ -629,6 +635,7 @@ class MultiWriter:
             self.head = result.next_seq - 1
         if result.changed:
             self.last_change_ns = now
+            self.change_ages.note(self.head, now / 1e9)
             log.debug("scan recorded changes", volume_id=self.volume_id,
                       changed=len(result.changed), unstable=unstable)
         self._first_scan = False
@@ -666,6 +673,7 @@ class MultiWriter:
         started = time.monotonic()
         stub = self.host.peers.stub(view.node)
         incarnation, cursor = await asyncio.to_thread(db.cursor, view.node)
+        first_cursor = cursor
         applied = 0
         while True:
             header, changes, last_seq = await self._read_changes(stub, incarnation, cursor)
@@ -691,6 +699,11 @@ class MultiWriter:
                 break  # what is left waits (behind local writes), or nothing moved
             if complete and not batch.deferred:
                 break
+        if cursor > first_cursor:
+            # tell the peer now what this round merged (its view of our lag behind it, and its
+            # Throttle, count on it); it would learn it only with the next round's request
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._read_changes(stub, incarnation, cursor, limit=1)
         view.behind = batch.deferred
         if not batch.deferred:
             view.caught_up_wall, view.caught_up_ns = started_wall, started_ns
@@ -712,11 +725,12 @@ class MultiWriter:
                                         cursor=(peer, incarnation, seq))
 
     async def _read_changes(self, stub: ReplicationAsyncStub, incarnation: str, since: int,
+                            limit: int = CHANGES_PER_PULL,
                             ) -> tuple[pb.PullChangesHeader, list[Record], int | None]:
         """One PullChanges answer: header, valid changes, last sequence number seen."""
         call = stub.PullChanges(pb.PullChangesRequest(
             volume_id=self.volume_id, since_seq=since, from_node=self.node,
-            max_changes=CHANGES_PER_PULL, incarnation=incarnation),
+            max_changes=limit, incarnation=incarnation),
             timeout=PULL_TIMEOUT_SECONDS)
         header: pb.PullChangesHeader | None = None
         changes: list[Record] = []
@@ -1105,6 +1119,13 @@ class MultiWriter:
 
     # -- serving -----------------------------------------------------------------------------
 
+    def _merged(self, peer: str, seq: int) -> None:
+        """``peer`` said it merged this replica's change log up to ``seq`` (a peer that starts
+        over, its replica rebuilt, says less than before)."""
+        self.merged_by[peer] = seq
+        peers = [n for n in self.host.spec.replica_nodes if n != self.node]
+        self.change_ages.forget_merged(self.merged_by.get(n, 0) for n in peers)
+
     async def serve_changes(self, request: pb.PullChangesRequest,
                             ) -> AsyncIterator[pb.PullChangesMessage]:
         db = self.db
@@ -1113,7 +1134,7 @@ class MultiWriter:
         limit = min(request.max_changes or CHANGES_PER_PULL, 10 * CHANGES_PER_PULL)
         head, records = await asyncio.to_thread(db.changes_after, request.since_seq, limit)
         if request.incarnation == db.incarnation and request.since_seq <= head:
-            self.merged_by[request.from_node] = request.since_seq
+            self._merged(request.from_node, request.since_seq)
         yield pb.PullChangesMessage(header=pb.PullChangesHeader(
             incarnation=db.incarnation, head_seq=head, epoch=self.host.epoch,
             primary_node=self.host.primary))
@@ -1223,9 +1244,36 @@ class MultiWriter:
     # -- status ------------------------------------------------------------------------------
 
     def lag_of(self, view: PeerView) -> float:
-        """Upper bound on the age of a peer change not merged here yet: the time since the
-        start of the last round that merged everything the peer had."""
-        return max(0.0, time.time() - (view.caught_up_wall or view.since_wall))
+        """How far this replica and the peer are apart, either way: the age of the oldest
+        change of the peer's not merged here (bounded by the time since the start of the last
+        round that merged everything it had), or of this replica's the peer has not merged."""
+        pulled = max(0.0, time.time() - (view.caught_up_wall or view.since_wall))
+        return max(pulled, self.behind_by(view.node))
+
+    def behind_by(self, peer: str) -> float:
+        """Seconds the oldest change recorded here that ``peer`` has not merged has waited."""
+        return self.change_ages.age(self.merged_by.get(peer, 0), time.time())
+
+    async def hold_writer(self, limit: float) -> None:
+        """``onLagExceeded: Throttle``: hold a writer (its fsync or close) while a reachable
+        peer has left a change of this replica unmerged for longer than maxLag.
+
+        What was written so far is recorded first, so that it counts; the writer is released
+        once no reachable peer lags so, or after ``limit`` seconds. A writer that outpaces
+        replication is thereby slowed to its pace.
+        """
+        await self.scan()
+        started = time.monotonic()
+        throttled = False
+        while time.monotonic() - started < limit:
+            max_lag = self.max_lag()
+            if not any(puller.view.unreachable_since is None and self.behind_by(node) > max_lag
+                       for node, puller in self._pullers.items()):
+                return
+            if not throttled:
+                throttled = True
+                metrics.THROTTLED.labels(self.volume_id).inc()
+            await asyncio.sleep(0.05)
 
     def max_lag(self) -> float:
         policy = self.host.spec.policy

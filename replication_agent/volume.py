@@ -1193,24 +1193,29 @@ class _CommitHooks:
         log.debug("commit requested", volume_id=engine.volume_id, paths=len(paths),
                   mode=pb.Mode.Name(engine.spec.policy.mode))
         policy = engine.spec.policy
+        throttle = policy.mode == pb.ASYNCHRONOUS and policy.on_lag_exceeded == pb.THROTTLE
         if engine.multiwriter is not None:
             if policy.mode == pb.SYNCHRONOUS:
                 self._wait(engine.multiwriter.commit())
+            elif throttle:
+                self._hold(engine.multiwriter.hold_writer(THROTTLE_MAX_WAIT_SECONDS))
             return
         if engine.fenced:
             raise OSError(errno.EROFS, "this replica was fenced: a newer primary exists")
         if engine.role is not Role.PRIMARY:
             return
-        if policy.mode == pb.ASYNCHRONOUS and policy.on_lag_exceeded == pb.THROTTLE:
-            # Throttle writers: an fsync or close waits while a replica lags beyond maxLag,
-            # so writers slow down to the pace replication keeps (bounded, never an error).
-            asyncio.run_coroutine_threadsafe(
-                engine.wait_lag_within(THROTTLE_MAX_WAIT_SECONDS), self.loop).result(
-                timeout=THROTTLE_MAX_WAIT_SECONDS + 5)
+        if throttle:
+            self._hold(engine.wait_lag_within(THROTTLE_MAX_WAIT_SECONDS))
             return
         if policy.mode != pb.SYNCHRONOUS:
             return  # Asynchronous/Scheduled: the daemon already made it durable locally
         self._wait(engine.commit())
+
+    def _hold(self, throttle: Coroutine[Any, Any, None]) -> None:
+        """Throttle writers: an fsync or close waits while a replica lags beyond maxLag, so
+        writers slow down to the pace replication keeps (bounded, never an error)."""
+        asyncio.run_coroutine_threadsafe(throttle, self.loop).result(
+            timeout=THROTTLE_MAX_WAIT_SECONDS + 5)
 
     def _wait(self, commit: Coroutine[Any, Any, None]) -> None:
         """Run a quorum commit on the agent's loop; any failure is the caller's EIO."""

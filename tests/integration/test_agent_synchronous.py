@@ -179,10 +179,6 @@ def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) ->
 def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster) -> None:
     import urllib.request
 
-    if on_ext4(cluster):
-        pytest.skip("onLagExceeded: Throttle holds writers of snapshot-shipped volumes; on the "
-                    "ext4 fallback a lagging peer pulls, and writers are not held (documented)")
-
     throttled = spec(cluster, VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=0.5,
                      bandwidth=1 << 20)
     throttled.policy.on_lag_exceeded = pb.THROTTLE
