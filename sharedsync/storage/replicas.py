@@ -26,6 +26,9 @@ name first). A clone or a restore copies the tree, which is also how content cro
 btrfs and an ext4 replica. Growth is ``resize2fs``, health the error count ext4 keeps in its
 superblock. ``lost+found`` sits next to ``live/`` at the top, where nobody sees it.
 
+What differs between the two is in :mod:`sharedsync.storage._replica_fs` (one class each); the
+store itself is written once.
+
 Every operation is idempotent and recovers from a crash at any step: the store reads the kernel's
 state (loop attachments, mounts, subvolumes) instead of trusting a record of it, a replica is
 usable only once ``meta.json`` says ``complete``, and an incomplete one is discarded and rebuilt
@@ -49,7 +52,11 @@ from sharedsync.core.ids import is_snapshot_id, is_volume_id
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 
 from . import btrfs, ext4, loop, mounts
-from .files import atomic_write, exclusive_lock, fsync_dir, syncfs
+from ._replica_fs import PARTIAL_PREFIX, StoreFilesystem, replica_filesystem
+from .files import atomic_write, exclusive_lock, syncfs
+
+__all__ = ["PARTIAL_PREFIX", "Health", "ReplicaMeta", "ReplicaStore", "Source", "StoreFilesystem",
+           "VolumeKind", "image_size"]
 
 log = structlog.get_logger(__name__)
 
@@ -58,21 +65,9 @@ SNAPSHOTS = "snapshots"
 BLOCK_FILE = "disk.img"
 #: Temporary read-only snapshot of a clone's source, named after the clone.
 CLONE_PREFIX = ".clone-"
-#: ext4 only: a snapshot being copied (or being deleted) inside ``snapshots/``. Never listed as
-#: a snapshot, removed by the next snapshot or open of the replica.
-PARTIAL_PREFIX = ".partial-"
 #: A block volume's image leaves room for one full rewrite after a snapshot (copy-on-write)
 #: plus btrfs metadata. Images are sparse, so the headroom costs nothing until used.
 BLOCK_METADATA_HEADROOM = 256 * MiB
-
-
-class StoreFilesystem(enum.StrEnum):
-    """The filesystem inside a replica's image (also the ``mount -t`` type)."""
-
-    #: Subvolumes, cheap snapshots, send/receive, checksums: what replication is built on.
-    BTRFS = "btrfs"
-    #: The fallback for kernels without btrfs: snapshots and clones are full copies.
-    EXT4 = "ext4"
 
 
 class VolumeKind(enum.StrEnum):
@@ -251,12 +246,8 @@ class ReplicaStore:
             return []
         return sorted(p.name for p in folder.iterdir() if is_snapshot_id(p.name))
 
-    @staticmethod
-    def _is_snapshot(path: Path, filesystem: StoreFilesystem) -> bool:
-        """Whether ``path`` holds a complete snapshot: a subvolume, or (ext4) a directory."""
-        if filesystem is StoreFilesystem.EXT4:
-            return path.is_dir() and not path.is_symlink()
-        return btrfs.is_subvolume(path)
+    def _snapshots_dir(self, volume_id: str) -> Path:
+        return self.mount_point(volume_id) / SNAPSHOTS
 
     def available_bytes(self) -> int:
         """Free space for new replica images on the store's filesystem."""
@@ -315,10 +306,7 @@ class ReplicaStore:
             image.truncate(image_size(size_bytes, kind))
         failpoints.hit("replica.create.after_image")
         device = loop.attach(self._image(volume_id))
-        if filesystem is StoreFilesystem.EXT4:
-            ext4.make_filesystem(device, volume_id)
-        else:
-            btrfs.make_filesystem(device, image_size(size_bytes, kind), volume_id)
+        replica_filesystem(filesystem).make(device, image_size(size_bytes, kind), volume_id)
         mount_point = self._open(volume_id, filesystem)
         try:
             if source is None:
@@ -353,12 +341,7 @@ class ReplicaStore:
     def _populate_empty(self, volume_id: str, size_bytes: int, kind: VolumeKind,
                         filesystem: StoreFilesystem) -> None:
         live = self.live_path(volume_id)
-        if filesystem is StoreFilesystem.EXT4:
-            # What a new subvolume's root is (under the usual umask 022), whatever the umask.
-            live.mkdir()
-            live.chmod(0o755)
-        else:
-            btrfs.create_subvolume(live)
+        replica_filesystem(filesystem).make_live(live)
         if kind is VolumeKind.BLOCK:
             with open(live / BLOCK_FILE, "wb") as disk:
                 disk.truncate(size_bytes)
@@ -410,14 +393,13 @@ class ReplicaStore:
         tree is copied as it is, file after file, while its users may write to it.
         """
         live = self.live_path(volume_id)
-        if dest_fs is StoreFilesystem.BTRFS:
-            btrfs.create_subvolume(live)  # the copy fills it (and gives it the source's mode)
+        replica_filesystem(dest_fs).make_live(live)  # the copy fills it, with the source's mode
         if source.subvolume is not None:
             ext4.copy_tree(self._inner_subvolume(source.volume_id, source.subvolume, src_fs),
                            live)
         elif source.snapshot_id is not None:
             snap = self._snapshot_path(source.volume_id, source.snapshot_id)
-            if not self._is_snapshot(snap, src_fs):
+            if not replica_filesystem(src_fs).is_snapshot(snap):
                 raise NotFound(f"snapshot {source.snapshot_id} not found in volume "
                                f"{source.volume_id}")
             ext4.copy_tree(snap, live)
@@ -449,19 +431,8 @@ class ReplicaStore:
         parts = Path(relative).parts
         if not parts or relative.startswith("/") or ".." in parts or parts[0] == SNAPSHOTS:
             raise InvalidArgument(f"{relative!r} is not a subvolume path inside the replica")
-        path = self.mount_point(volume_id) / relative
-        if filesystem is StoreFilesystem.EXT4:
-            try:
-                resolved = path.resolve(strict=True)
-            except OSError:
-                resolved = None
-            if (resolved is None or not resolved.is_dir()
-                    or not resolved.is_relative_to(self.mount_point(volume_id).resolve())):
-                raise NotFound(f"{relative} is not a directory inside volume {volume_id}")
-            return resolved
-        if not btrfs.is_subvolume(path) or not btrfs.subvolume_info(path).read_only:
-            raise NotFound(f"{relative} is not a complete snapshot of volume {volume_id}")
-        return path
+        return replica_filesystem(filesystem).inner(self.mount_point(volume_id), relative,
+                                                    volume_id)
 
     def delete(self, volume_id: str) -> None:
         """Delete the replica; its image outlives it while CSI snapshots still live in it."""
@@ -477,10 +448,8 @@ class ReplicaStore:
             with self._mounted(volume_id, meta.filesystem):
                 remaining = self.snapshots(volume_id)
                 if remaining:
-                    if meta.filesystem is StoreFilesystem.EXT4:
-                        self._remove_tree(volume_id, self.live_path(volume_id))
-                    else:
-                        btrfs.delete_subvolume(self.live_path(volume_id))
+                    replica_filesystem(meta.filesystem).remove(
+                        self.live_path(volume_id), self._snapshots_dir(volume_id))
                     atomic_write(meta_file, replace(meta, deleted=True).to_json())
             if remaining:  # nobody may open a deleted volume: do not leave it mounted
                 self._close(volume_id)
@@ -531,11 +500,11 @@ class ReplicaStore:
     def _open(self, volume_id: str, filesystem: StoreFilesystem) -> Path:
         """Attach and mount the image (idempotent), as the ``filesystem`` it holds.
 
-        An ext4 that is behind its grown image is grown before it is mounted: offline growth
-        needs no CAP_SYS_RESOURCE, unlike the kernel's online resize. Its interrupted snapshot
-        copies are removed once it is mounted (callers hold the replica's lock, so none is in
-        progress).
+        The filesystem prepares itself for the mount (an ext4 behind its grown image grows
+        offline) and cleans up after interrupted snapshots once mounted (callers hold the
+        replica's lock, so none is in progress).
         """
+        fs = replica_filesystem(filesystem)
         image = self._image(volume_id)
         if not image.exists():
             raise NotFound(f"the image of volume {volume_id} is missing")
@@ -547,16 +516,14 @@ class ReplicaStore:
         if not self.is_open(volume_id):
             mount_point.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
-                if filesystem is StoreFilesystem.EXT4 and ext4.slack(device) > 0:
-                    ext4.grow_offline(device)
+                fs.before_mount(device)
                 mounts.mount(device, mount_point, fs_type=filesystem.value, options=["noatime"])
             except BaseException:
                 with contextlib.suppress(Exception):
                     if not self.is_open(volume_id):
                         loop.detach_all(image)
                 raise
-        if filesystem is StoreFilesystem.EXT4:
-            self._remove_partial_snapshots(volume_id)
+        fs.after_mount(self._snapshots_dir(volume_id))
         return mount_point
 
     def _close(self, volume_id: str) -> None:
@@ -565,12 +532,10 @@ class ReplicaStore:
         entries = mounts.mounts_at(mount_point)
         if entries:
             # Best effort (a filesystem that went read-only cannot commit): keep health honest
-            # across a close and reopen. The mount table, not meta.json, says whether this is
-            # btrfs: a half-built replica being discarded may have no readable meta. ext4 keeps
-            # its error count in the superblock by itself.
-            if entries[-1].fs_type == StoreFilesystem.BTRFS:
-                with contextlib.suppress(Exception):
-                    btrfs.persist_error_counters(mount_point)
+            # across a close and reopen. The mount table, not meta.json, names the filesystem:
+            # a half-built replica being discarded may have no readable meta.
+            with contextlib.suppress(Exception):
+                replica_filesystem(entries[-1].fs_type).before_unmount(mount_point)
             if block.exists():
                 loop.detach_all(block)
         mounts.unmount(mount_point)
@@ -623,30 +588,20 @@ class ReplicaStore:
     def _grow_if_needed(self, volume_id: str, meta: ReplicaMeta) -> None:
         """Finish an expansion done while the replica was closed (or interrupted by a crash)."""
         block = self.block_file(volume_id)
-        if meta.filesystem is StoreFilesystem.EXT4:
-            slack = ext4.slack(self._mounted_device(volume_id))
-        else:
-            slack = btrfs.device_slack(self.mount_point(volume_id))
+        slack = replica_filesystem(meta.filesystem).slack(self.mount_point(volume_id),
+                                                          self._mounted_device(volume_id))
         if (slack > 0
                 or (meta.kind is VolumeKind.BLOCK and block.exists()
                     and block.stat().st_size < meta.size_bytes)):
             self._grow_open(volume_id, meta, meta.size_bytes)
 
     def _grow_open(self, volume_id: str, meta: ReplicaMeta, size_bytes: int) -> None:
-        """Grow the open replica's filesystem to its image, then a block volume's disk file.
-
-        ext4 is resized only when it is behind: growing a block volume's disk file alone (the
-        filesystem was grown offline at mount) then needs no CAP_SYS_RESOURCE.
-        """
+        """Grow the open replica's filesystem to its image, then a block volume's disk file."""
         kind = meta.kind
         for device in self._devices(volume_id):
             loop.refresh_size(device)
-        if meta.filesystem is StoreFilesystem.EXT4:
-            device = self._mounted_device(volume_id)
-            if ext4.slack(device) > 0:
-                ext4.grow_online(device)
-        else:
-            btrfs.resize_to_device(self.mount_point(volume_id))
+        replica_filesystem(meta.filesystem).grow(self.mount_point(volume_id),
+                                                 self._mounted_device(volume_id))
         if kind is VolumeKind.BLOCK:
             block = self.block_file(volume_id)
             with open(block, "r+b") as disk:
@@ -679,66 +634,13 @@ class ReplicaStore:
             meta = self._require(volume_id)
             with self._mounted(volume_id, meta.filesystem):
                 dest = self._snapshot_path(volume_id, snapshot_id)
-                if not self._is_snapshot(dest, meta.filesystem):
+                fs = replica_filesystem(meta.filesystem)
+                if not fs.is_snapshot(dest):
                     origin = self.live_path(volume_id) if of is None else \
                         self._inner_subvolume(volume_id, of, meta.filesystem)
                     dest.parent.mkdir(exist_ok=True)
-                    if meta.filesystem is StoreFilesystem.EXT4:
-                        self._copy_snapshot(origin, dest)
-                    else:
-                        btrfs.snapshot(origin, dest, read_only=True)
+                    fs.take_snapshot(origin, dest)
             return meta.size_bytes
-
-    @staticmethod
-    def _copy_snapshot(origin: Path, dest: Path) -> None:
-        """Copy ``origin`` to the ext4 snapshot ``dest``, which appears only once complete.
-
-        The copy goes to a temporary name and is renamed only after everything is on disk
-        (syncfs, then the rename made durable): an interrupted copy never looks like a
-        snapshot, and the next snapshot or open removes it.
-        """
-        partial = dest.with_name(f"{PARTIAL_PREFIX}{dest.name}")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            ext4.copy_tree(origin, partial)
-            syncfs(partial)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)  # give the space back now
-            raise
-        partial.rename(dest)
-        fsync_dir(dest.parent)
-
-    def _remove_tree(self, volume_id: str, path: Path) -> None:
-        """Remove an ext4 snapshot or live directory so that it is gone at once, durably.
-
-        It is renamed into ``snapshots/`` as a partial first: deleting a big tree takes a
-        while, and one interrupted half-way must not pass for a (damaged) snapshot.
-        """
-        if not path.exists():
-            return
-        folder = self.mount_point(volume_id) / SNAPSHOTS
-        folder.mkdir(exist_ok=True)
-        doomed = folder / f"{PARTIAL_PREFIX}{path.name}"
-        shutil.rmtree(doomed, ignore_errors=True)
-        path.rename(doomed)
-        fsync_dir(folder)
-        if path.parent != folder:
-            fsync_dir(path.parent)
-        shutil.rmtree(doomed)
-
-    def _remove_partial_snapshots(self, volume_id: str) -> None:
-        """Remove what interrupted ext4 snapshot copies and deletions left in ``snapshots/``."""
-        folder = self.mount_point(volume_id) / SNAPSHOTS
-        if not folder.is_dir():
-            return
-        for entry in folder.iterdir():
-            if entry.name.startswith(PARTIAL_PREFIX):
-                log.info("removing an interrupted snapshot copy", volume_id=volume_id,
-                         path=str(entry))
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
 
     def has_snapshot(self, volume_id: str, snapshot_id: str) -> bool:
         with self.locked(volume_id):
@@ -746,8 +648,8 @@ class ReplicaStore:
             if meta is None:
                 return False
             with self._mounted(volume_id, meta.filesystem):
-                return self._is_snapshot(self._snapshot_path(volume_id, snapshot_id),
-                                         meta.filesystem)
+                return replica_filesystem(meta.filesystem).is_snapshot(
+                    self._snapshot_path(volume_id, snapshot_id))
 
     def delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
         """Delete a snapshot (idempotent); the last one of a deleted volume frees the image."""
@@ -756,11 +658,8 @@ class ReplicaStore:
             if meta is None:
                 return
             with self._mounted(volume_id, meta.filesystem):
-                path = self._snapshot_path(volume_id, snapshot_id)
-                if meta.filesystem is StoreFilesystem.EXT4:
-                    self._remove_tree(volume_id, path)
-                else:
-                    btrfs.delete_subvolume(path)
+                replica_filesystem(meta.filesystem).remove(
+                    self._snapshot_path(volume_id, snapshot_id), self._snapshots_dir(volume_id))
                 remaining = self.snapshots(volume_id)
             if meta.deleted and not remaining:
                 self._discard(volume_id)
@@ -780,13 +679,9 @@ class ReplicaStore:
             return Health(False, "replica is healthy (not mounted)")
         if entries[-1].read_only or entries[-1].fs_read_only:
             return Health(True, "the replica's filesystem went read-only after an I/O error")
-        if meta.filesystem is StoreFilesystem.EXT4:
-            errors = ext4.error_count(mount_point)
-            if errors:
-                return Health(True, f"ext4 recorded {errors} filesystem error(s) on the replica "
-                                    "(e2fsck clears the count once the replica is repaired)")
-        elif btrfs.has_device_errors(mount_point):
-            return Health(True, "btrfs counted I/O or checksum errors on the replica")
+        damage = replica_filesystem(meta.filesystem).damage(mount_point)
+        if damage is not None:
+            return Health(True, damage)
         return Health(False, "replica is healthy")
 
     def devices(self, volume_id: str) -> list[str]:
