@@ -81,6 +81,9 @@ def test_a_volume_that_needs_the_ext4_node_replicates_file_by_file(
     cluster.apply(volume(name, "three"))
     status = ready(cluster, name)
     assert status["replication"] == "Files"
+    wide = cluster.cp.kubectl("get", "sv", name, "-o", "wide").stdout
+    assert "REPLICATION" in wide, wide
+    assert "Files" in wide, wide
     primary = str(status["primary"])
     agents = cluster.agents.agents
     for node in STORES:
