@@ -224,13 +224,14 @@ def _serving(report: Report | None, layout: Layout) -> bool:
         and report.epoch == layout.epoch
 
 
-def _first_placement(place_replicas: Callable[[bool], Placement],
-                     nodes: Sequence[NodeView]) -> tuple[Placement, Replication]:
+def _first_placement(place_replicas: Callable[[bool], Placement], nodes: Sequence[NodeView],
+                     prefer: str | None) -> tuple[Placement, Replication]:
     """A new volume's replicas and how they will replicate: btrfs snapshots if enough btrfs
     nodes can hold it (work in proportion to the change, checksummed stores), else file by
-    file over whichever nodes can, ext4 ones included."""
+    file over whichever nodes can, ext4 ones included. The node holding the content source
+    (``prefer``) must be among them: on an ext4 node it makes the volume file-level."""
     on_btrfs = place_replicas(True)
-    if not on_btrfs.shortfall:
+    if not on_btrfs.shortfall and (prefer is None or prefer in on_btrfs.nodes):
         return on_btrfs, Replication.SNAPSHOTS
     anywhere = place_replicas(False)
     stores = {node.name: node.store_filesystem for node in nodes}
@@ -338,7 +339,7 @@ def plan_volume(intent: Intent, layout: Layout, nodes: Sequence[NodeView],
         replication = Replication.FILES
         placement = place_replicas(False)
     elif first:
-        placement, replication = _first_placement(place_replicas, nodes)
+        placement, replication = _first_placement(place_replicas, nodes, intent.prefer)
     else:
         replication = layout.replication
         placement = place_replicas(replication is Replication.SNAPSHOTS)

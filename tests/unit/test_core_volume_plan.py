@@ -1432,3 +1432,15 @@ def test_how_a_volume_replicates_never_changes_after_its_first_placement() -> No
     p = plan(intent(), files, nodes, settled(files, nodes=["a", "b"]), down_for={"c": 10_000})
     assert p.layout.replication is Replication.FILES
     assert p.layout.replicas == ("a", "b", "d")
+
+
+def test_a_clone_of_a_volume_held_on_an_ext4_node_replicates_file_by_file() -> None:
+    """The node holding the content source must be the new volume's primary: when it stores
+    on ext4, the volume cannot ship snapshots, however many btrfs nodes there are."""
+    clone = dataclasses.replace(intent(desired=2), prefer="c")
+    p = plan(clone, Layout(), stores(a="btrfs", b="btrfs", c="ext4"), {})
+    assert p.layout.primary == "c"
+    assert p.layout.replication is Replication.FILES
+    on_btrfs = dataclasses.replace(intent(desired=2), prefer="b")
+    p = plan(on_btrfs, Layout(), stores(a="btrfs", b="btrfs", c="ext4"), {})
+    assert (p.layout.primary, p.layout.replication) == ("b", Replication.SNAPSHOTS)
