@@ -32,8 +32,7 @@ def lease_name(node: str) -> str:
     return f"sharedsync-agent-{node}"
 
 
-def advertised(config: AgentConfig, data_dir: Path,
-               store_filesystem: str = "btrfs") -> Mapping[str, str]:
+def advertised(config: AgentConfig, data_dir: Path, store_filesystem: str) -> Mapping[str, str]:
     """What the Lease carries besides its holder: address, space, store filesystem and
     version."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -50,9 +49,8 @@ def advertised(config: AgentConfig, data_dir: Path,
 WEDGED_AFTER_SECONDS = 120.0
 
 
-async def announce_forever(config: AgentConfig,
-                           heartbeat: Callable[[], float] | None = None,
-                           store_filesystem: str = "btrfs") -> None:
+async def announce_forever(config: AgentConfig, store_filesystem: str,
+                           heartbeat: Callable[[], float] | None = None) -> None:
     """Renew the Lease until cancelled; API errors are logged and retried, never fatal (the
     data path must not depend on the API server being up). With ``heartbeat`` (the monotonic
     time the agent's main loop last ticked), renewal stops while that loop is wedged."""
@@ -91,7 +89,7 @@ class Announcer:
     as the main loop still ticks (a heartbeat task), and stops when it is really wedged.
     """
 
-    def __init__(self, config: AgentConfig, store_filesystem: str = "btrfs") -> None:
+    def __init__(self, config: AgentConfig, store_filesystem: str) -> None:
         self.config = config
         self.store_filesystem = store_filesystem
         self.beat = time.monotonic()
@@ -112,8 +110,8 @@ class Announcer:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._task = loop.create_task(announce_forever(self.config, lambda: self.beat,
-                                                     self.store_filesystem))
+        self._task = loop.create_task(
+            announce_forever(self.config, self.store_filesystem, lambda: self.beat))
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(self._task)
         loop.close()

@@ -81,6 +81,7 @@ from .livetree import Incoming, LiveTree
 from .manifest_db import ManifestDB
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
+from .throttle import hold_writer
 from .transfer import frame_message, frame_of
 
 if TYPE_CHECKING:
@@ -407,9 +408,13 @@ class MultiWriter:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.db_path}{suffix}").unlink(missing_ok=True)
 
+    def peer_nodes(self) -> list[str]:
+        """The spec's other replicas, by name."""
+        return sorted(n for n in self.host.spec.replica_nodes if n != self.node)
+
     def sync_peers(self) -> None:
         """One puller per other replica of the spec (called again when the spec changes)."""
-        wanted = {n for n in self.host.spec.replica_nodes if n != self.node}
+        wanted = set(self.peer_nodes())
         for node in set(self._pullers) - wanted:
             puller = self._pullers.pop(node)
             asyncio.ensure_future(puller.stop())  # noqa: RUF006 - cancellation only
@@ -484,7 +489,7 @@ class MultiWriter:
         incarnation, seq = db.incarnation, self.head
         spec = self.host.spec
         need = write_quorum(spec.policy.write_quorum, len(spec.replica_nodes)) - 1
-        peers = sorted(n for n in spec.replica_nodes if n != self.node)
+        peers = self.peer_nodes()
         probing = {n for n, call in self._probes.items() if not call.done()}
         plan = plan_commit(peers, self.suspects, probing, need)
         if not plan.ask:
@@ -650,8 +655,7 @@ class MultiWriter:
         if not force and time.monotonic() - self._last_collect < COLLECT_EVERY_SECONDS:
             return
         self._last_collect = time.monotonic()
-        peers = [n for n in self.host.spec.replica_nodes if n != self.node]
-        dropped = collectable_tombstones(self.records, self.merged_by, peers)
+        dropped = collectable_tombstones(self.records, self.merged_by, self.peer_nodes())
         if not dropped:
             return
         floor = raised_floor(self.floor, dropped)
@@ -1123,8 +1127,7 @@ class MultiWriter:
         """``peer`` said it merged this replica's change log up to ``seq`` (a peer that starts
         over, its replica rebuilt, says less than before)."""
         self.merged_by[peer] = seq
-        peers = [n for n in self.host.spec.replica_nodes if n != self.node]
-        self.change_ages.forget_merged(self.merged_by.get(n, 0) for n in peers)
+        self.change_ages.forget_merged(self.merged_by.get(n, 0) for n in self.peer_nodes())
 
     async def serve_changes(self, request: pb.PullChangesRequest,
                             ) -> AsyncIterator[pb.PullChangesMessage]:
@@ -1263,17 +1266,9 @@ class MultiWriter:
         replication is thereby slowed to its pace.
         """
         await self.scan()
-        started = time.monotonic()
-        throttled = False
-        while time.monotonic() - started < limit:
-            max_lag = self.max_lag()
-            if not any(puller.view.unreachable_since is None and self.behind_by(node) > max_lag
-                       for node, puller in self._pullers.items()):
-                return
-            if not throttled:
-                throttled = True
-                metrics.THROTTLED.labels(self.volume_id).inc()
-            await asyncio.sleep(0.05)
+        await hold_writer(self.volume_id, lambda: any(
+            puller.view.unreachable_since is None and self.behind_by(node) > self.max_lag()
+            for node, puller in self._pullers.items()), limit)
 
     def max_lag(self) -> float:
         policy = self.host.spec.policy

@@ -83,6 +83,7 @@ from .multiwriter import MultiWriter
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .qos import NodeBandwidth
+from .throttle import hold_writer
 from .transfer import (
     Outgoing,
     Spool,
@@ -438,11 +439,9 @@ class VolumeEngine:
         self.filesystem = await asyncio.to_thread(self.store.filesystem_of, self.volume_id)
         if self.file_level:
             if kind is VolumeKind.BLOCK:
+                # validate_spec refused multi_writer and file_level block specs: what is left
+                # is a block replica the store made on ext4
                 raise InvalidArgument(
-                    "multi_writer needs a filesystem volume: files are merged one by one, which "
-                    "a raw block device does not have" if self.spec.multi_writer else
-                    "file_level needs a filesystem volume: a raw block device has no files"
-                    if self.spec.file_level else
                     "a block volume needs the btrfs replica store: the ext4 fallback replicates "
                     "files, which a raw block device does not have")
             self.multiwriter = MultiWriter(
@@ -724,17 +723,10 @@ class VolumeEngine:
         seconds. A writer that outpaces replication is thereby slowed to its pace.
         """
         await self.cycle()
-        started = time.monotonic()
         max_lag = self.max_lag()
-        throttled = False
-        while time.monotonic() - started < limit:
-            if not any(link.unreachable_since is None and self.lag_of(link) > max_lag
-                       for link in self.links.values()):
-                return
-            if not throttled:
-                throttled = True
-                metrics.THROTTLED.labels(self.volume_id).inc()
-            await asyncio.sleep(0.05)
+        await hold_writer(self.volume_id, lambda: any(
+            link.unreachable_since is None and self.lag_of(link) > max_lag
+            for link in self.links.values()), limit)
 
     def observe_sync(self, ref: SnapRef, seconds: float) -> None:
         self.latencies.append(seconds)

@@ -130,6 +130,14 @@ def layout_from_status(status: Mapping[str, Any]) -> Layout:
                   replication=_replication(status.get("replication")))
 
 
+def layout_to_status(layout: Layout) -> dict[str, Any]:
+    """The status fields :func:`layout_from_status` reads back (the replica list aside, which
+    the status also fills with each replica's state)."""
+    return {"primary": layout.primary, "epoch": layout.epoch,
+            "quorumLoweredAtEpoch": layout.quorum_lowered_epoch,
+            "replication": str(layout.replication)}
+
+
 def _replication(value: object) -> Replication:
     """Absent for volumes placed before it was recorded: they all ship snapshots."""
     try:
@@ -303,9 +311,7 @@ class VolumeReconciler:
             switched = True
         if plan.layout != old_layout:
             layout_status = {
-                "primary": plan.layout.primary, "epoch": plan.layout.epoch,
-                "quorumLoweredAtEpoch": plan.layout.quorum_lowered_epoch,
-                "replication": str(plan.layout.replication),
+                **layout_to_status(plan.layout),
                 "replicas": _replica_entries(plan, status, reports, down_for, statuses),
             }
             if not await self.kube.patch_status(SHARED_VOLUMES, name, layout_status):
@@ -486,10 +492,7 @@ def _volume_status(plan: Plan, status: Mapping[str, Any], reports: Mapping[str, 
     phase = "Ready" if ready else ("Degraded" if serving else "Placing")
     result: dict[str, Any] = {
         "observedGeneration": generation, "phase": phase, "mode": str(policy.mode),
-        "primary": plan.layout.primary,
-        "epoch": plan.layout.epoch, "quorumLoweredAtEpoch": plan.layout.quorum_lowered_epoch,
-        "replication": str(plan.layout.replication), "replicas": entries,
-        "readyReplicas": len(healthy),
+        **layout_to_status(plan.layout), "replicas": entries, "readyReplicas": len(healthy),
         "desiredReplicas": desired, "replicasReady": f"{len(healthy)}/{desired}",
         "lag": _duration_text(lag), "lagSeconds": lag, "conditions": conditions,
     }

@@ -180,6 +180,10 @@ class ReplicaStore:
         """The live subvolume: what a filesystem volume's users see."""
         return self.mount_point(volume_id) / LIVE
 
+    def _snapshots_dir(self, volume_id: str) -> Path:
+        """Where CSI snapshots (and, on ext4, partial copies) live inside the open replica."""
+        return self.mount_point(volume_id) / SNAPSHOTS
+
     def block_file(self, volume_id: str) -> Path:
         """The file that a block volume's loop device is backed by."""
         return self.live_path(volume_id) / BLOCK_FILE
@@ -188,12 +192,12 @@ class ReplicaStore:
         """Where a CSI snapshot lives; only well-formed snapshot ids are accepted."""
         if not is_snapshot_id(snapshot_id):
             raise InvalidArgument(f"{snapshot_id!r} is not a snapshot id")
-        return self.mount_point(volume_id) / SNAPSHOTS / snapshot_id
+        return self._snapshots_dir(volume_id) / snapshot_id
 
     def _clone_point_path(self, volume_id: str, clone_id: str) -> Path:
         """Where the temporary snapshot for cloning ``volume_id`` into ``clone_id`` lives."""
         self._dir(clone_id)
-        return self.mount_point(volume_id) / SNAPSHOTS / f"{CLONE_PREFIX}{clone_id}"
+        return self._snapshots_dir(volume_id) / f"{CLONE_PREFIX}{clone_id}"
 
     @contextlib.contextmanager
     def locked(self, volume_id: str) -> Iterator[None]:
@@ -241,13 +245,10 @@ class ReplicaStore:
 
         An ext4 snapshot still being copied has a temporary name, so it is never listed.
         """
-        folder = self.mount_point(volume_id) / SNAPSHOTS
+        folder = self._snapshots_dir(volume_id)
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if is_snapshot_id(p.name))
-
-    def _snapshots_dir(self, volume_id: str) -> Path:
-        return self.mount_point(volume_id) / SNAPSHOTS
 
     def available_bytes(self) -> int:
         """Free space for new replica images on the store's filesystem."""
@@ -313,7 +314,7 @@ class ReplicaStore:
                 self._populate_empty(volume_id, size_bytes, kind, filesystem)
             else:
                 self._populate_from(volume_id, size_bytes, kind, source, filesystem)
-            (mount_point / SNAPSHOTS).mkdir(exist_ok=True)
+            self._snapshots_dir(volume_id).mkdir(exist_ok=True)
             syncfs(mount_point)
             failpoints.hit("replica.create.before_commit")
         finally:

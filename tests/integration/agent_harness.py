@@ -179,12 +179,12 @@ def started_cluster(tmp_path_factory: Any, name: str,
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    per_node = {} if isinstance(store_filesystem, str) else store_filesystem
-    cluster = AgentCluster(
-        Path(tmp_path_factory.mktemp(name)),
-        extra_config={"storeFilesystem": store_filesystem} if isinstance(store_filesystem, str)
-        else None,
-        node_config={node: {"storeFilesystem": fs} for node, fs in per_node.items()})
+    if isinstance(store_filesystem, str):
+        shared, per_node = {"storeFilesystem": store_filesystem}, {}
+    else:
+        shared, per_node = {}, {n: {"storeFilesystem": fs} for n, fs in store_filesystem.items()}
+    cluster = AgentCluster(Path(tmp_path_factory.mktemp(name)), extra_config=shared,
+                           node_config=per_node)
     try:
         yield cluster.start()
     finally:
