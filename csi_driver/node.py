@@ -36,6 +36,7 @@ from sharedsync.core.parameters import check_map
 from sharedsync.core.sizes import CapacityRange, resolve_expansion
 from sharedsync.storage import loop, mounts
 from sharedsync.storage.replicas import ReplicaMeta, ReplicaStore, VolumeKind
+from sharedsync.tasks import finish_first
 
 from .backend import missing_tools
 from .config import TOPOLOGY_NODE_KEY
@@ -156,8 +157,9 @@ class NodeServiceBase(csi_pb2_grpc.NodeServicer):
             raise InvalidArgument(f"volume_context[{CAPACITY_CONTEXT_KEY!r}] is not a number")
         async with self.locks.hold(_known(volume_id)):
             require_existing_dir(staging, "staging_target_path")
-            await self._stage_volume(volume_id, staging, cap, dict(request.volume_context),
-                                     int(size_hint or 0))
+            await finish_first(self._stage_volume(volume_id, staging, cap,
+                                                  dict(request.volume_context),
+                                                  int(size_hint or 0)))
         return csi_pb2.NodeStageVolumeResponse()
 
     async def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
@@ -165,7 +167,7 @@ class NodeServiceBase(csi_pb2_grpc.NodeServicer):
         volume_id = check_id(request.volume_id, "volume_id")
         staging = check_path(request.staging_target_path, "staging_target_path", self.roots)
         async with self.locks.hold(_known(volume_id)):
-            await self._unstage_volume(volume_id, staging)
+            await finish_first(self._unstage_volume(volume_id, staging))
         return csi_pb2.NodeUnstageVolumeResponse()
 
     def _publications(self, volume_id: str, exclude: set[Path]) -> list[str]:
@@ -195,7 +197,8 @@ class NodeServiceBase(csi_pb2_grpc.NodeServicer):
         # would find "another read-only setting" and the fsGroup chown would hit EROFS
         read_only = request.readonly or cap.mode in READ_ONLY_MODES or "ro" in cap.mount_flags
         async with self.locks.hold(_known(volume_id)):
-            await asyncio.to_thread(self._publish, volume_id, staging, target, cap, read_only)
+            await finish_first(asyncio.to_thread(self._publish, volume_id, staging, target, cap,
+                                                 read_only))
         return csi_pb2.NodePublishVolumeResponse()
 
     def _publish(self, volume_id: str, staging: Path, target: Path, cap: Capability,
@@ -252,7 +255,7 @@ class NodeServiceBase(csi_pb2_grpc.NodeServicer):
         volume_id = check_id(request.volume_id, "volume_id")
         target = check_path(request.target_path, "target_path", self.roots)
         async with self.locks.hold(_known(volume_id)):
-            await asyncio.to_thread(self._unpublish, volume_id, target)
+            await finish_first(asyncio.to_thread(self._unpublish, volume_id, target))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _unpublish(self, volume_id: str, target: Path) -> None:
@@ -301,7 +304,7 @@ class NodeServiceBase(csi_pb2_grpc.NodeServicer):
         wish = CapacityRange(request.capacity_range.required_bytes,
                              request.capacity_range.limit_bytes)
         async with self.locks.hold(_known(volume_id)):
-            size = await asyncio.to_thread(self._expand, volume_id, path, wish)
+            size = await finish_first(asyncio.to_thread(self._expand, volume_id, path, wish))
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     async def NodeGetVolumeHealth(self, request: csi_pb2.NodeGetVolumeHealthRequest,

@@ -10,9 +10,9 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -23,6 +23,7 @@ from sharedsync.core.framing import FrameEncoder
 from sharedsync.core.ids import check_id, is_snapshot_id
 from sharedsync.storage.replicas import ReplicaStore, Source, StoreFilesystem, VolumeKind
 from sharedsync.storage.support import kernel_supports
+from sharedsync.tasks import finish_first
 
 from .audit import AuditLog
 from .config import AgentConfig, VolumeConfig
@@ -38,6 +39,7 @@ from .transfer import frame_message, ref_message, ref_of
 from .volume import PersistedState, Role, VolumeEngine, load_state
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: How long one volume may take to stop its loops before the agent moves on.
 STOP_TIMEOUT_SECONDS = 5.0
@@ -137,9 +139,24 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         self.snapshot_records = SnapshotRecords(data / "agent" / "snapshots")
         self.engines: dict[str, VolumeEngine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     def _lock(self, volume_id: str) -> asyncio.Lock:
         return self._locks.setdefault(volume_id, asyncio.Lock())
+
+    async def _to_completion(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a change of many steps to its end even if its caller stops waiting.
+
+        gRPC cancels a handler when its client goes away (an operator killed mid-reconcile, a
+        deadline that expired). Cancelled between its steps, ApplyVolume would leave a replica
+        mounted with no engine to serve or close it, RemoveVolume a replica half removed. The
+        calls run this way are idempotent, so the caller's retry finds the work done, or waits
+        for it behind the volume's lock; a shutdown waits for them too.
+        """
+        task = asyncio.ensure_future(work)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await finish_first(task)
 
     # -- startup -----------------------------------------------------------------------------
 
@@ -159,6 +176,8 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     async def stop(self) -> None:
         """Stop syncing and unmount every replica nothing else uses (the host is left clean;
         the next start opens them again)."""
+        if self._in_flight:  # changes whose callers left: let them finish, not half done
+            await asyncio.wait(set(self._in_flight), timeout=STOP_TIMEOUT_SECONDS)
         # volumes stop side by side: a node with hundreds of replicas must still finish
         # within the pod's termination grace period
         limit = asyncio.Semaphore(8)
@@ -170,12 +189,18 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
                         await engine.stop()
                 except TimeoutError:
                     log.warning("volume did not stop in time", volume_id=engine.volume_id)
-                try:
-                    await asyncio.to_thread(self.store.close, engine.volume_id)
-                except FailedPrecondition as exc:
-                    log.info("replica stays mounted", volume_id=engine.volume_id,
-                             reason=str(exc))
+                await close(engine.volume_id)
+
+        async def close(volume_id: str) -> None:
+            try:
+                await asyncio.to_thread(self.store.close, volume_id)
+            except FailedPrecondition as exc:
+                log.info("replica stays mounted", volume_id=volume_id, reason=str(exc))
+
         await asyncio.gather(*(stop_one(engine) for engine in self.engines.values()))
+        # a replica open with no engine (one whose start failed half way) is closed as well
+        strays = set(await asyncio.to_thread(self.store.open_replicas)) - set(self.engines)
+        await asyncio.gather(*(close(volume_id) for volume_id in sorted(strays)))
         await self.peers.close()
         log.info("agent stopped", volumes=len(self.engines))
 
@@ -284,23 +309,29 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     # -- Agent service -----------------------------------------------------------------------
 
     async def ApplyVolume(self, request: pb.ApplyVolumeRequest, context: Any) -> pb.VolumeStatus:
-        engine = await self.apply(request.spec)
+        engine = await self._to_completion(self.apply(request.spec))
         return await asyncio.to_thread(engine.status)
 
     async def RemoveVolume(self, request: pb.RemoveVolumeRequest,
                            context: Any) -> pb.RemoveVolumeResponse:
         check_id(request.volume_id, "volume_id")
-        async with self._lock(request.volume_id):
-            engine = self.engines.pop(request.volume_id, None)
+        await self._to_completion(self._remove(request.volume_id))
+        return pb.RemoveVolumeResponse()
+
+    async def _remove(self, volume_id: str) -> None:
+        async with self._lock(volume_id):
+            engine = self.engines.pop(volume_id, None)
             if engine is not None:
                 await engine.remove()
-        return pb.RemoveVolumeResponse()
 
     async def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.VolumeStatus:
         engine = self.engine(request.volume_id)
-        async with self._lock(request.volume_id):
-            await engine.promote(request.epoch)
+        await self._to_completion(self._promote(engine, request.epoch))
         return await asyncio.to_thread(engine.status)
+
+    async def _promote(self, engine: VolumeEngine, epoch: int) -> None:
+        async with self._lock(engine.volume_id):
+            await engine.promote(epoch)
 
     async def _sync(self, engine: VolumeEngine, trigger: str) -> SnapRef | None:
         """One sync cycle, returned once every replica acknowledged it."""
@@ -333,6 +364,9 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         check_id(request.volume_id, "volume_id")
         if not is_snapshot_id(request.snapshot_id):
             raise InvalidArgument(f"snapshot_id {request.snapshot_id!r} is not a snapshot id")
+        return await self._to_completion(self._create_snapshot(request))
+
+    async def _create_snapshot(self, request: pb.CreateSnapshotRequest) -> pb.SnapshotStatus:
         async with self._lock(request.snapshot_id):
             record = await asyncio.to_thread(self.snapshot_records.get, request.snapshot_id)
             if record is not None and record.volume_id != request.volume_id:
@@ -385,12 +419,14 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         check_id(request.volume_id, "volume_id")
         if not is_snapshot_id(request.snapshot_id):
             return pb.DeleteSnapshotResponse()  # never ours
-        async with self._lock(request.snapshot_id):
-            # also for a removed volume: its image lives on while snapshots remain in it
-            await asyncio.to_thread(self.store.delete_snapshot, request.volume_id,
-                                    request.snapshot_id)
-            await asyncio.to_thread(self.snapshot_records.delete, request.snapshot_id)
+        await self._to_completion(self._delete_snapshot(request.volume_id, request.snapshot_id))
         return pb.DeleteSnapshotResponse()
+
+    async def _delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
+        async with self._lock(snapshot_id):
+            # also for a removed volume: its image lives on while snapshots remain in it
+            await asyncio.to_thread(self.store.delete_snapshot, volume_id, snapshot_id)
+            await asyncio.to_thread(self.snapshot_records.delete, snapshot_id)
 
     def _snapshots_of(self, volume_id: str) -> list[pb.SnapshotStatus]:
         found = []
@@ -414,11 +450,11 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             raise FailedPrecondition(
                 f"volume {request.volume_id} is moving its primary from {self.node} to a node "
                 "where a pod waits for it; retry once that is done")
-        return pb.AttachResponse(path=str(await engine.attach()))
+        return pb.AttachResponse(path=str(await self._to_completion(engine.attach())))
 
     async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:
         engine = self.engine(request.volume_id)
-        await engine.detach()
+        await self._to_completion(engine.detach())
         return pb.DetachResponse()
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.AgentStatus:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -37,3 +40,26 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def finish_first(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile; then the
+    cancellation goes on.
+
+    A cancelled ``await asyncio.to_thread(...)`` returns at once while its thread runs on. A
+    lock held around it would then be released with the work half done, and a retry (kubelet's,
+    after its deadline) would mount beside a mount still under way. Awaited through this, the
+    caller (and whatever it holds) stays until the work has ended.
+    """
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})  # never cancels ``task`` itself
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        if not task.cancelled():
+            task.exception()  # the caller is gone: its error has no one to reach
+        raise asyncio.CancelledError
+    return task.result()

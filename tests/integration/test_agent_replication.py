@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -18,6 +18,7 @@ import pytest
 
 from replication_agent.proto import agent_pb2 as pb
 from sharedsync.storage import btrfs
+from sharedsync.storage.leftovers import leftovers_under
 from tests.integration.agent_harness import (
     AgentCluster,
     started_cluster,
@@ -130,6 +131,42 @@ def test_killed_replica_agent_resumes_and_converges(cluster: AgentCluster) -> No
     cluster.agents["b"].start()
     wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="b rebuilt")
     assert_replicas_match(cluster, "a", ["b"])
+
+
+def abandoned(method: Callable[..., object], request: object, timeout: float) -> None:
+    """Make a call whose deadline may expire before the agent is done (any other error fails)."""
+    try:
+        method(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+
+
+def test_calls_their_callers_abandon_still_finish(cluster: AgentCluster) -> None:
+    """An operator killed mid-reconcile, or a deadline that expires, cancels the agent's
+    handler; the change must still end whole: every replica asked for is served (the
+    caller's retry finds it), and a shutdown leaves no mount or loop device behind."""
+    agent = cluster.agents["a"]
+    ids = [f"vol-{i:02x}" + "c7" * 11 for i in range(8)]
+    channel, stub = agent.stub()
+    with channel:
+        for i, volume_id in enumerate(ids):
+            # cut short at different steps of a start (the request itself always arrives
+            # in time: a handler never called has nothing to finish)
+            abandoned(stub.ApplyVolume, pb.ApplyVolumeRequest(
+                spec=volume_spec(volume_id, ["a"], "a")), timeout=0.1 + 0.05 * i)
+        wait_until(lambda: {v.volume_id for v in agent.status().volumes} >= set(ids),
+                   timeout=60, what="every abandoned ApplyVolume finished")
+        # abandoned removals finish too
+        for volume_id in ids[:3]:
+            abandoned(stub.RemoveVolume, pb.RemoveVolumeRequest(volume_id=volume_id),
+                      timeout=0.1)
+        wait_until(lambda: not {v.volume_id for v in agent.status().volumes} & set(ids[:3]),
+                   timeout=60, what="every abandoned RemoveVolume finished")
+    agent.stop()
+    assert leftovers_under(agent.workdir) == []
+    agent.start()  # the rest are reopened where they were
+    assert {v.volume_id for v in agent.status().volumes} >= set(ids[3:])
 
 
 def test_failover_promotes_a_replica_and_fences_the_old_primary(cluster: AgentCluster) -> None:
