@@ -388,6 +388,10 @@ class AgentStub:
     """---------------------------------------------------------------------------------------------
     Agent: control and status, for the operator, the CSI node plugin and the CLI.
 
+    A call that changes a volume (ApplyVolume, RemoveVolume, Promote, Attach, Detach and the
+    snapshot calls) runs to its end even if its caller goes away or its deadline expires: the
+    caller's retry finds it done, or waits for it. A shutdown waits for such calls too.
+
     """
 
     def __init__(self, channel):
@@ -451,6 +455,10 @@ class AgentStub:
 class AgentServicer:
     """---------------------------------------------------------------------------------------------
     Agent: control and status, for the operator, the CSI node plugin and the CLI.
+
+    A call that changes a volume (ApplyVolume, RemoveVolume, Promote, Attach, Detach and the
+    snapshot calls) runs to its end even if its caller goes away or its deadline expires: the
+    caller's retry finds it done, or waits for it. A shutdown waits for such calls too.
 
     """
 
@@ -589,6 +597,10 @@ def add_AgentServicer_to_server(servicer, server):
 class Agent:
     """---------------------------------------------------------------------------------------------
     Agent: control and status, for the operator, the CSI node plugin and the CLI.
+
+    A call that changes a volume (ApplyVolume, RemoveVolume, Promote, Attach, Detach and the
+    snapshot calls) runs to its end even if its caller goes away or its deadline expires: the
+    caller's retry finds it done, or waits for it. A shutdown waits for such calls too.
 
     """
 

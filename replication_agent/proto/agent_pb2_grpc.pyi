@@ -201,6 +201,10 @@ def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _ty
 class AgentStub:
     """---------------------------------------------------------------------------------------------
     Agent: control and status, for the operator, the CSI node plugin and the CLI.
+
+    A call that changes a volume (ApplyVolume, RemoveVolume, Promote, Attach, Detach and the
+    snapshot calls) runs to its end even if its caller goes away or its deadline expires: the
+    caller's retry finds it done, or waits for it. A shutdown waits for such calls too.
     """
 
     @_typing.overload
@@ -234,6 +238,10 @@ class AgentStub:
 class AgentAsyncStub(AgentStub):
     """---------------------------------------------------------------------------------------------
     Agent: control and status, for the operator, the CSI node plugin and the CLI.
+
+    A call that changes a volume (ApplyVolume, RemoveVolume, Promote, Attach, Detach and the
+    snapshot calls) runs to its end even if its caller goes away or its deadline expires: the
+    caller's retry finds it done, or waits for it. A shutdown waits for such calls too.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -263,6 +271,10 @@ class AgentAsyncStub(AgentStub):
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
     Agent: control and status, for the operator, the CSI node plugin and the CLI.
+
+    A call that changes a volume (ApplyVolume, RemoveVolume, Promote, Attach, Detach and the
+    snapshot calls) runs to its end even if its caller goes away or its deadline expires: the
+    caller's retry finds it done, or waits for it. A shutdown waits for such calls too.
     """
 
     @_abc_1.abstractmethod
