@@ -176,8 +176,14 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     async def stop(self) -> None:
         """Stop syncing and unmount every replica nothing else uses (the host is left clean;
         the next start opens them again)."""
-        if self._in_flight:  # changes whose callers left: let them finish, not half done
-            await asyncio.wait(set(self._in_flight), timeout=STOP_TIMEOUT_SECONDS)
+        if self._in_flight:
+            # changes under way (their callers may have left): let them finish rather than
+            # stop half done; only one that waits on peers for long (a snapshot's sync) is cut
+            _, late = await asyncio.wait(set(self._in_flight), timeout=STOP_TIMEOUT_SECONDS)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=STOP_TIMEOUT_SECONDS)
         # volumes stop side by side: a node with hundreds of replicas must still finish
         # within the pod's termination grace period
         limit = asyncio.Semaphore(8)
