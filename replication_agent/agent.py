@@ -43,6 +43,8 @@ T = TypeVar("T")
 
 #: How long one volume may take to stop its loops before the agent moves on.
 STOP_TIMEOUT_SECONDS = 5.0
+#: Attempts at unmounting a busy replica at shutdown, half a second apart.
+CLOSE_ATTEMPTS = 6
 #: How long SyncNow and CreateSnapshot wait for every replica to acknowledge a sync point.
 SYNC_WAIT_SECONDS = 300.0
 #: Attempts at snapshotting a fresh sync point that a newer one replaced (and pruning removed)
@@ -198,10 +200,18 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
                 await close(engine.volume_id)
 
         async def close(volume_id: str) -> None:
-            try:
-                await asyncio.to_thread(self.store.close, volume_id)
-            except FailedPrecondition as exc:
-                log.info("replica stays mounted", volume_id=volume_id, reason=str(exc))
+            for attempt in range(CLOSE_ATTEMPTS):
+                try:
+                    await asyncio.to_thread(self.store.close, volume_id)
+                    return
+                except FailedPrecondition as exc:
+                    # a pod's mount keeps it (the next start serves it again); a busy mount
+                    # is work that outlived its volume's stop timeout, soon done
+                    users = await asyncio.to_thread(self.store.foreign_mounts, volume_id)
+                    if users or attempt + 1 == CLOSE_ATTEMPTS:
+                        log.info("replica stays mounted", volume_id=volume_id, reason=str(exc))
+                        return
+                await asyncio.sleep(0.5)
 
         await asyncio.gather(*(stop_one(engine) for engine in self.engines.values()))
         # a replica open with no engine (one whose start failed half way) is closed as well
