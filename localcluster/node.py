@@ -254,9 +254,12 @@ def import_images(node: NodeLayout, images: dict[str, Path]) -> list[str]:
 
 
 def _hierarchies() -> list[Path]:
-    """Every cgroup v1 hierarchy mounted on the host (the unified one holds nothing of ours)."""
-    return [h for h in sorted(CGROUP_ROOT.iterdir())
-            if (h / "cgroup.procs").exists() and not (h / "cgroup.controllers").exists()]
+    """Every cgroup hierarchy mounted on the host: each v1 one, and the unified (v2) one,
+    where runc makes every container's cgroup too on a hybrid host (left there, they are
+    the host changed after ``down``)."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return [CGROUP_ROOT]  # cgroup v2 only
+    return [h for h in sorted(CGROUP_ROOT.iterdir()) if (h / "cgroup.procs").exists()]
 
 
 def _subtree(top: Path) -> list[Path]:
