@@ -25,6 +25,7 @@ from bench.common import OUT_DIR, REPO, fmt, machine_info
 #: name -> (module, number in the issue)
 BENCHMARKS: dict[str, tuple[str, int]] = {
     "sync": ("agent_sync", 1),
+    "sync-files": ("agent_sync_files", 1),
     "async": ("agent_async", 2),
     "delta": ("agent_delta", 3),
     "delta-ext4": ("agent_delta_ext4", 3),

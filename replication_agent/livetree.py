@@ -22,7 +22,7 @@ import io
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,6 +38,7 @@ from sharedsync.core.file_merge import (
     directory_key,
     is_tracked_mode,
 )
+from sharedsync.core.tree_refresh import everything
 
 log = structlog.get_logger(__name__)
 
@@ -106,13 +107,33 @@ class LiveTree:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def walk(self, *, sweep: bool = False) -> dict[str, StatKey]:
+    def walk(self, *, sweep: bool = False,
+             linked: set[str] | None = None) -> dict[str, StatKey]:
         """Every directory, regular file and symlink below the root (path -> stat), skipping
-        our temporary files (and
-        deleting them with ``sweep``: leftovers of a stopped agent). Names that are not UTF-8
-        cannot travel in the protocol and are skipped with a warning."""
+        our temporary files (and deleting them with ``sweep``: leftovers of a stopped agent).
+        Names that are not UTF-8 cannot travel in the protocol and are skipped with a warning.
+        Files with more than one hard link are added to ``linked`` (see
+        :mod:`sharedsync.core.tree_refresh`)."""
+        return self.walk_below("", everything, sweep=sweep, linked=linked) or {}
+
+    def walk_below(self, directory: str, descend: Callable[[str, StatKey], bool], *,
+                   sweep: bool = False,
+                   linked: set[str] | None = None) -> dict[str, StatKey] | None:
+        """What :meth:`walk` finds below ``directory``, descending into a child directory of
+        it only when ``descend(path, stat)`` says so (and then into everything below that);
+        None when ``directory`` is no longer a directory."""
+        try:
+            with self.directory(directory.split("/") if directory else []) as held:
+                top = os.open(".", OPEN_DIR, dir_fd=held)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None  # a symlink where a directory was
+            raise
         found: dict[str, StatKey] = {}
-        stack: list[tuple[str, int]] = [("", os.open(self.root, OPEN_DIR))]
+        stack: list[tuple[str, int]] = [(f"{directory}/" if directory else "", top)]
+        top_prefix = stack[0][0]
         try:
             while stack:
                 prefix, fd = stack.pop()
@@ -135,6 +156,9 @@ class LiveTree:
                             except FileNotFoundError:
                                 continue
                             if stat.S_ISDIR(st.st_mode):
+                                if prefix == top_prefix and not descend(rel, stat_key(st)):
+                                    found[rel] = stat_key(st)
+                                    continue
                                 try:
                                     child = os.open(name, OPEN_DIR, dir_fd=fd)
                                 except OSError:
@@ -143,6 +167,9 @@ class LiveTree:
                                 found[rel] = stat_key(os.fstat(child))
                             elif is_tracked_mode(st.st_mode):
                                 found[rel] = stat_key(st)
+                                if linked is not None and st.st_nlink > 1 \
+                                        and stat.S_ISREG(st.st_mode):
+                                    linked.add(rel)
                 finally:
                     os.close(fd)
         finally:

@@ -31,7 +31,7 @@ import stat as stat_module
 import string
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -69,6 +69,7 @@ from sharedsync.core.file_merge import (
     verifiable,
 )
 from sharedsync.core.framing import CorruptFrame, FrameDecoder, FrameEncoder
+from sharedsync.core.tree_refresh import refresh
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 from sharedsync.storage import btrfs
 from sharedsync.storage.change_watch import ChangeWatch
@@ -365,6 +366,13 @@ class MultiWriter:
         #: Without btrfs (the ext4 fallback store) inotify tells whether a walk is needed.
         self._watch_changes = watch_changes
         self._watch: ChangeWatch | None = None
+        #: The tree's listing at the last scan, kept up to date from inotify between walks.
+        self._listing: dict[str, StatKey] | None = None
+        #: Files with several hard links (a write through another name is reported there).
+        self._linked: set[str] = set()
+        #: Files that were being written at the last scan: looked at again at the next one.
+        self._recheck: set[str] = set()
+        #: When the tree was last walked whole.
         self._last_walk = 0.0
         self._last_collect = time.monotonic()
         #: Peers whose last MergeNow failed: a commit waits for them only to make its quorum.
@@ -618,8 +626,7 @@ class MultiWriter:
                 and time.monotonic() - self._last_walk < FULL_SCAN_EVERY_SECONDS:
             return 0
         now = time.time_ns()
-        self._last_walk = time.monotonic()
-        observed = self.tree.walk(sweep=self._first_scan)
+        observed = self._observe(force)
         hashed = {}
         unstable = 0
         for path, key in observed.items():
@@ -627,6 +634,7 @@ class MultiWriter:
                 found = self.tree.hash_file(path, key)
                 if found is None:
                     unstable += 1
+                    self._recheck.add(path)
                 else:
                     hashed[path] = found
         pending = db.pending() if self._first_scan else {}
@@ -648,6 +656,33 @@ class MultiWriter:
         # files being written are retried at the next cycle even if nothing else changes
         self._scanned_hint = hint if unstable == 0 else None
         return len(result.changed)
+
+    def _observe(self, force: bool) -> dict[str, StatKey]:
+        """The tree's listing now: the last one re-read where inotify says the tree changed
+        (the cost of the change, not of the tree: an ``fsync`` of a Synchronous volume waits
+        on this), or a walk of the whole tree on the first scan, on sync-now, once every
+        ``FULL_SCAN_EVERY_SECONDS`` (inotify does not see writes through a shared mmap) and
+        whenever inotify lost track."""
+        places = self._watch.take_places() if self._watch is not None else None
+        recheck, self._recheck = self._recheck, set()
+        if places is not None and self._listing is not None and not force \
+                and time.monotonic() - self._last_walk < FULL_SCAN_EVERY_SECONDS:
+            linked = self._linked
+
+            def walk_below(directory: str,
+                           descend: Callable[[str, StatKey], bool]) -> dict[str, StatKey] | None:
+                return self.tree.walk_below(directory, descend, linked=linked)
+
+            listing = refresh(self._listing, directories=places.directories,
+                              trees=places.trees, recheck=recheck, linked=linked,
+                              walk_below=walk_below, lstat=self.tree.lstat)
+            self._linked = {path for path in linked if path in listing}
+        else:
+            self._last_walk = time.monotonic()
+            self._linked = set()
+            listing = self.tree.walk(sweep=self._first_scan, linked=self._linked)
+        self._listing = listing
+        return listing
 
     def _collect(self, db: ManifestDB, force: bool) -> None:
         """Drop the tombstones every current peer merged (at most once a minute, and on

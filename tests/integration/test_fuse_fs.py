@@ -1074,6 +1074,11 @@ def test_inotify_on_the_backing_tree_sees_writes_through_the_mount(fs: Mounted) 
             while watch.generation() == settled and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert watch.generation() != settled
+        # and in the directory that holds it: a commit re-reads only that one
+        places = watch.take_places()
+        folder = backing.parent.relative_to(fs.backing)
+        assert places is not None
+        assert ("" if folder == Path(".") else folder.as_posix()) in places.directories, places
     finally:
         watch.close()
     assert backing.read_bytes() == b"in place"
