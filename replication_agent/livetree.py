@@ -114,22 +114,26 @@ class LiveTree:
         Names that are not UTF-8 cannot travel in the protocol and are skipped with a warning.
         Files with more than one hard link are added to ``linked`` (see
         :mod:`sharedsync.core.tree_refresh`)."""
-        return self.walk_below("", everything, sweep=sweep, linked=linked) or {}
+        found = self.walk_below("", everything, sweep=sweep, linked=linked)
+        if found is None:  # walk_below raises for the root itself; this says so to mypy
+            raise FileNotFoundError(f"the live tree {self.root} is not a directory")
+        return found
 
     def walk_below(self, directory: str, descend: Callable[[str, StatKey], bool], *,
                    sweep: bool = False,
                    linked: set[str] | None = None) -> dict[str, StatKey] | None:
         """What :meth:`walk` finds below ``directory``, descending into a child directory of
         it only when ``descend(path, stat)`` says so (and then into everything below that);
-        None when ``directory`` is no longer a directory."""
+        None when ``directory`` is no longer a directory. The root itself missing is an error,
+        never an empty tree: read as one, every file would be recorded as deleted."""
         try:
             with self.directory(directory.split("/") if directory else []) as held:
                 top = os.open(".", OPEN_DIR, dir_fd=held)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None  # a symlink where a directory was
+            gone = isinstance(exc, FileNotFoundError | NotADirectoryError) \
+                or exc.errno == errno.ELOOP  # a symlink where a directory was
+            if gone and directory:
+                return None
             raise
         found: dict[str, StatKey] = {}
         stack: list[tuple[str, int]] = [(f"{directory}/" if directory else "", top)]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from replication_agent.livetree import LiveTree
 from sharedsync.core.file_merge import StatKey
-from sharedsync.core.tree_refresh import depth, parent_of, refresh
+from sharedsync.core.tree_refresh import depth, everything, parent_of, refresh
 from sharedsync.storage.change_watch import ChangeWatch
 
 NAMES = ["a", "b", "c", "d"]
@@ -174,6 +174,22 @@ def test_only_the_changed_directory_is_read(tmp_path: Path) -> None:
         assert listing == tree.walk()
     finally:
         watch.close()
+
+
+def test_a_missing_root_is_an_error_never_an_empty_tree(tmp_path: Path) -> None:
+    """An empty listing would record every file as deleted, and peers would merge that."""
+    (tmp_path / "live").mkdir()
+    (tmp_path / "live" / "f").write_bytes(b"1")
+    tree = LiveTree(tmp_path / "live")
+    listing = tree.walk()
+    shutil.rmtree(tmp_path / "live")
+    with pytest.raises(FileNotFoundError):
+        tree.walk()
+    with pytest.raises(FileNotFoundError):
+        tree.walk_below("", everything)
+    with pytest.raises(FileNotFoundError):
+        refresh(listing, directories={""}, trees=(), recheck=(), linked=set(),
+                walk_below=tree.walk_below, lstat=tree.lstat)
 
 
 def test_lost_events_ask_for_a_whole_walk(tmp_path: Path) -> None:
