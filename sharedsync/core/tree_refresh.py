@@ -54,6 +54,10 @@ def depth(path: str) -> int:
     return 0 if not path else path.count("/") + 1
 
 
+#: The key of no entry (neither a directory nor a file).
+_NOTHING = StatKey(size=0, mtime_ns=0, inode=0, mode=0)
+
+
 def _is_dir(key: StatKey) -> bool:
     return stat.S_ISDIR(key.mode)
 
@@ -94,15 +98,14 @@ class _Listing:
         self.entries[path] = key
         self.children[parent_of(path)].add(path)
 
-    def other_names(self, paths: Iterable[str], inodes: Iterable[int] = ()) -> set[str]:
+    def other_names(self, paths: set[str], inodes: set[int]) -> set[str]:
         """Every other path of the files at ``paths``, and every path of ``inodes`` (same
         inode: one filesystem)."""
-        paths = set(paths)
-        inodes = {self.entries[p].inode for p in paths if p in self.entries} | set(inodes)
-        if not inodes:
+        wanted = {self.entries[p].inode for p in paths if p in self.entries} | inodes
+        if not wanted:
             return set()
         return {p for p, key in self.entries.items()
-                if key.inode in inodes and stat.S_ISREG(key.mode)} - set(paths)
+                if key.inode in wanted and stat.S_ISREG(key.mode)} - paths
 
     def drop_below(self, directory: str) -> None:
         """Forget everything below ``directory`` (not the directory's own entry)."""
@@ -119,7 +122,8 @@ class _Listing:
             self._forget(path)
             self.children[parent_of(path)].discard(path)
 
-    def walk_whole(self, directory: str, found: Mapping[str, StatKey]) -> None:
+    def replace_below(self, directory: str, found: Mapping[str, StatKey]) -> None:
+        """Everything below ``directory`` is ``found`` now."""
         self.drop_below(directory)
         for path, key in found.items():
             self.put(path, key)
@@ -168,11 +172,10 @@ def _relist(listing: _Listing, directory: str, walk_below: WalkBelow) -> None:
     walked: set[str] = set()
 
     def descend(path: str, key: StatKey) -> bool:
-        old = listing.entries.get(path)
-        if old is None or old != key or not _is_dir(old):
-            walked.add(path)
-            return True
-        return False
+        if listing.entries.get(path) == key:  # the same directory: its own watch reports it
+            return False
+        walked.add(path)
+        return True
 
     found = walk_below(directory, descend)
     if found is None:
@@ -194,8 +197,8 @@ def _walk_whole(listing: _Listing, path: str, walk_below: WalkBelow, lstat: Lsta
 
     Only below a directory the listing has: anything else is reported by its own parent."""
     if path:
-        parent = listing.entries.get(parent_of(path))
-        if parent_of(path) and (parent is None or not _is_dir(parent)):
+        parent = parent_of(path)
+        if parent and not _is_dir(listing.entries.get(parent, _NOTHING)):
             return False
         key = lstat(path)
         listing.drop(path)
@@ -208,5 +211,5 @@ def _walk_whole(listing: _Listing, path: str, walk_below: WalkBelow, lstat: Lsta
     if found is None:
         listing.drop(path)
         return False
-    listing.walk_whole(path, found)
+    listing.replace_below(path, found)
     return True

@@ -233,9 +233,9 @@ class ReplicaStore:
         """Ids of the replicas mounted now, read from the mount table (not from who opened
         them): what a shutdown must close so that it leaves the host clean."""
         prefix = f"{self._mnt}/"
-        return sorted({m.mount_point[len(prefix):] for m in mounts.mount_table()
-                       if m.mount_point.startswith(prefix)
-                       and is_volume_id(m.mount_point[len(prefix):])})
+        names = (m.mount_point.removeprefix(prefix) for m in mounts.mount_table()
+                 if m.mount_point.startswith(prefix))
+        return sorted({name for name in names if is_volume_id(name)})
 
     def _devices(self, volume_id: str) -> list[str]:
         image = self._image(volume_id)
