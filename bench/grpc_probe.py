@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from replication_agent.config import TlsConfig
 from replication_agent.peers import SERVER_OPTIONS, PeerPool
 from replication_agent.proto import agent_pb2 as pb
 from replication_agent.proto import agent_pb2_grpc
-from replication_agent.tls import server_credentials
+from replication_agent.tls import TlsConfig, server_credentials
 from replication_agent.transfer import frame_message
 from sharedsync.core.framing import FrameEncoder
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from replication_agent.config import TlsConfig
 from replication_agent.peers import open_channel
 from replication_agent.proto import agent_pb2 as pb
 from replication_agent.proto import agent_pb2_grpc
+from replication_agent.tls import TlsConfig
 from sharedsync.core.errors import (
     Aborted,
     AlreadyExists,

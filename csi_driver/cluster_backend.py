@@ -42,7 +42,7 @@ from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CustomObject
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException
 
-from replication_agent.config import TlsConfig
+from replication_agent.tls import TlsConfig
 from sharedsync.core.errors import (
     Aborted,
     InvalidArgument,

@@ -93,7 +93,7 @@ async def _controller_backend(config: PluginConfig, local: LocalBackend) -> Volu
     if not config.cluster_controller:
         return local
     # imported only when used: standalone never loads the Kubernetes client
-    from replication_agent.config import TlsConfig
+    from replication_agent.tls import TlsConfig
 
     from .cluster_backend import ClusterBackend
 

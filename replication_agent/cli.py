@@ -16,10 +16,10 @@ from sharedsync.observability import configure_logging, serve_metrics
 
 from .audit import verify_files
 from .config import load_config
+from .dev_pki import issue_dev_pki
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
 from .server import serve
-from .tls import issue_dev_pki
 
 DEFAULT_SOCKET = "/run/sharedsync/agent.sock"
 

@@ -20,19 +20,13 @@ from sharedsync.core.errors import InvalidArgument
 from sharedsync.core.quantity import parse_bytes
 from sharedsync.core.schedule import parse_duration
 
+from .tls import TlsConfig
+
 ModeName = Literal["Synchronous", "Asynchronous", "Scheduled"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class TlsConfig(_Strict):
-    """Mutual TLS between agents: every peer presents a certificate signed by ``ca``."""
-
-    ca: Path
-    cert: Path
-    key: Path
 
 
 class PolicyConfig(_Strict):

@@ -4,12 +4,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from .config import TlsConfig
 from .proto import agent_pb2_grpc
 
 if TYPE_CHECKING:
     from .proto.agent_pb2_grpc import ReplicationAsyncStub
-from .tls import PEER_SERVER_NAME, channel_credentials
+from .tls import PEER_SERVER_NAME, TlsConfig, channel_credentials
 
 #: Frames are at most 4 MiB raw (sharedsync.core.framing.MAX_CHUNK_SIZE) plus a few fields.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024

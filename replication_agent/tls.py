@@ -1,26 +1,35 @@
-"""Mutual TLS between agents: credentials from files, and a small CA for standalone clusters.
+"""Mutual TLS between agents: gRPC credentials from certificate files.
 
 In Kubernetes the chart (or cert-manager) issues each agent a certificate; without it,
-``sharedsync-agent certs`` makes a CA and one certificate per node with :func:`issue_dev_pki`.
-Peers verify each other against the CA and the node name in the certificate, so an agent only
-talks to agents of its own cluster.
+``sharedsync-agent certs`` makes them (:mod:`replication_agent.dev_pki`). Peers verify each
+other against the CA and the name every agent certificate carries, so an agent only talks to
+agents of its own cluster. This module stays small on purpose: the operator dials agents with
+it, and needs neither the certificate toolkit nor the agent's config models in memory.
 """
 
-import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from .config import TlsConfig
 
 #: The name every agent certificate carries, so peers dialled by address can verify it.
 PEER_SERVER_NAME = "agent.sharedsync.internal"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Mutual TLS between agents: every peer presents a certificate signed by ``ca``.
+
+    A plain dataclass, validated by pydantic where it is part of the agent's config file
+    (unknown keys refused there too).
+    """
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+
+    ca: Path
+    cert: Path
+    key: Path
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
@@ -35,63 +44,3 @@ def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(), private_key=tls.key.read_bytes(),
         certificate_chain=tls.cert.read_bytes())
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedNode:
-    """Where :func:`issue_dev_pki` wrote one node's files."""
-
-    node: str
-    tls: TlsConfig
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sharedsync"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-
-
-def issue_dev_pki(directory: Path, nodes: dict[str, str], *, days: int = 365) -> list[IssuedNode]:
-    """Create a CA and a certificate per node (``name -> address``) under ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (x509.CertificateBuilder().subject_name(_name("sharedsync agent CA"))
-               .issuer_name(_name("sharedsync agent CA")).public_key(ca_key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .sign(ca_key, hashes.SHA256()))
-    ca_path = directory / "ca.crt"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(directory / "ca.key", ca_key)
-    issued = []
-    for node, address in nodes.items():
-        key = ec.generate_private_key(ec.SECP256R1())
-        names: list[x509.GeneralName] = [x509.DNSName(PEER_SERVER_NAME), x509.DNSName(node)]
-        host = address.rpartition(":")[0].strip("[]") if ":" in address else address
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-        cert = (x509.CertificateBuilder().subject_name(_name(node)).issuer_name(ca_cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName(names), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        cert_path, key_path = directory / f"{node}.crt", directory / f"{node}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key_path, key)
-        issued.append(IssuedNode(node, TlsConfig(ca=ca_path, cert=cert_path, key=key_path)))
-    return issued

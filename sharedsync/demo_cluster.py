@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
+from replication_agent.dev_pki import issue_dev_pki
 from replication_agent.process import AgentProcess
 from replication_agent.proto import agent_pb2 as pb
-from replication_agent.tls import issue_dev_pki
 
 NODES = ("node-a", "node-b", "node-c")
 VOLUME = "vol-" + "de" * 12

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
-from replication_agent.config import TlsConfig
 from replication_agent.peers import open_channel
 from replication_agent.proto import agent_pb2 as pb
 from replication_agent.proto import agent_pb2_grpc
+from replication_agent.tls import TlsConfig
 from sharedsync.core.placement import BTRFS
 from sharedsync.leases import STORE_FILESYSTEM_ANNOTATION, expires_at
 

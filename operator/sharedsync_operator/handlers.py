@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import kopf
 import structlog
 
@@ -34,6 +35,11 @@ POLICY_RESYNC_SECONDS = 5.0
 #: orphaned this long (watch events for a just-created SharedVolume may still be on the way).
 ORPHAN_GRACE_SECONDS = 30.0
 FINALIZER = "sharedsync.io/finalizer"
+#: Connections kopf may hold open to the API server: its five watches plus this many requests
+#: at once. kopf's own session has no limit, and with hundreds of volumes it opened one TLS
+#: connection per busy handler (about 300 KiB each: asyncio's 256 KiB read buffer and
+#: OpenSSL's); the rest of the requests wait for a free connection.
+KOPF_CONNECTIONS = 24
 
 
 @dataclass
@@ -145,16 +151,22 @@ def _plain(body: Any) -> dict[str, Any]:
 # -- settings and background work -------------------------------------------------------------
 
 @kopf.on.login()
-async def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+async def login(memo: Any, **_: Any) -> kopf.AiohttpSession:
     """Log kopf in with the same credentials as our own client (kubeconfig or in-cluster),
     instead of kopf's guesses from the environment."""
     configuration = runtime(memo).kube.api_client.configuration
     header = await configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
     scheme, _space, token = str(header or "").rpartition(" ")
-    return kopf.ConnectionInfo(
+    info = kopf.ConnectionInfo(
         server=str(configuration.host), ca_path=configuration.ssl_ca_cert,
         insecure=not configuration.verify_ssl, scheme=scheme or None, token=token or None,
         certificate_path=configuration.cert_file, private_key_path=configuration.key_file)
+    # the same credentials in a session of our own, only to bound its connections (kopf
+    # closes it when it logs in again)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers())
+    return kopf.AiohttpSession(server=info.server, aiohttp_session=session)
 
 
 @kopf.on.startup()

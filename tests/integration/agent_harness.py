@@ -65,7 +65,7 @@ class AgentCluster:
                  extra_config: dict[str, Any] | None = None,
                  node_config: Mapping[str, dict[str, Any]] | None = None,
                  clients: Sequence[str] = (), direct_links: bool = False) -> None:
-        from replication_agent.tls import issue_dev_pki
+        from replication_agent.dev_pki import issue_dev_pki
         from tests.cluster.faultproxy import start_proxy_process
         from tests.cluster.netns import TestNetwork
 

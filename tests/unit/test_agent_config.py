@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from replication_agent.config import load_config
+from replication_agent.tls import TlsConfig
 from sharedsync.core.errors import InvalidArgument
 
 
@@ -45,7 +46,16 @@ def test_a_dollar_without_braces_is_kept(tmp_path: Path) -> None:
     ("node: a\nlisten: 127.0.0.1:7400\nkubernetes: {namespace: x, color: blue}\n",
      "kubernetes.color"),
     ("node: a\nlisten: 10.1.2.3:7400\n", "tls (ca, cert, key) is required"),
+    ("node: a\nlisten: 10.1.2.3:7400\ntls: {ca: /p/ca.crt}\n", "tls.cert: Field required"),
+    ("node: a\nlisten: 10.1.2.3:7400\ntls: {ca: /c, cert: /c, key: /k, pass: x}\n", "tls.pass"),
 ])
 def test_bad_configs_name_the_field(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(write(tmp_path, text), {})
+
+
+def test_tls_files_are_read_as_paths(tmp_path: Path) -> None:
+    path = write(tmp_path, "node: a\nlisten: 10.1.2.3:7400\n"
+                           "tls: {ca: /p/ca.crt, cert: /p/a.crt, key: /p/a.key}\n")
+    assert load_config(path, {}).tls == TlsConfig(
+        ca=Path("/p/ca.crt"), cert=Path("/p/a.crt"), key=Path("/p/a.key"))

@@ -34,8 +34,13 @@ import csi_driver.interceptor  # registers csi_plugin_operations_seconds
 import replication_agent.cli
 import replication_agent.metrics  # registers the agent's metrics
 from csi_driver.config import DRIVER_NAME
-from replication_agent.config import TlsConfig, load_config
-from replication_agent.tls import PEER_SERVER_NAME, channel_credentials, server_credentials
+from replication_agent.config import load_config
+from replication_agent.tls import (
+    PEER_SERVER_NAME,
+    TlsConfig,
+    channel_credentials,
+    server_credentials,
+)
 from sharedsync import __version__
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
