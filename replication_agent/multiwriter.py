@@ -69,7 +69,7 @@ from sharedsync.core.file_merge import (
     verifiable,
 )
 from sharedsync.core.framing import CorruptFrame, FrameDecoder, FrameEncoder
-from sharedsync.core.tree_refresh import refresh
+from sharedsync.core.tree_refresh import Listing, refresh
 from sharedsync.core.version_vectors import ConflictPolicy, VersionVector
 from sharedsync.storage import btrfs
 from sharedsync.storage.change_watch import ChangeWatch
@@ -367,9 +367,7 @@ class MultiWriter:
         self._watch_changes = watch_changes
         self._watch: ChangeWatch | None = None
         #: The tree's listing at the last scan, kept up to date from inotify between walks.
-        self._listing: dict[str, StatKey] | None = None
-        #: Files with several hard links (a write through another name is reported there).
-        self._linked: set[str] = set()
+        self._listing: Listing | None = None
         #: Files that were being written at the last scan: looked at again at the next one.
         self._recheck: set[str] = set()
         #: When the tree was last walked whole.
@@ -622,8 +620,7 @@ class MultiWriter:
         if db is None:
             return 0
         hint = self._change_hint()
-        if not force and hint is not None and hint == self._scanned_hint \
-                and time.monotonic() - self._last_walk < FULL_SCAN_EVERY_SECONDS:
+        if hint is not None and hint == self._scanned_hint and not self._walk_due(force):
             return 0
         now = time.time_ns()
         observed = self._observe(force)
@@ -665,24 +662,27 @@ class MultiWriter:
         whenever inotify lost track."""
         places = self._watch.take_places() if self._watch is not None else None
         recheck, self._recheck = self._recheck, set()
-        if places is not None and self._listing is not None and not force \
-                and time.monotonic() - self._last_walk < FULL_SCAN_EVERY_SECONDS:
-            linked = self._linked
+        listing, self._listing = self._listing, None  # half updated if a refresh raises
+        if places is not None and listing is not None and not self._walk_due(force):
+            linked = listing.linked
 
             def walk_below(directory: str,
                            descend: Callable[[str, StatKey], bool]) -> dict[str, StatKey] | None:
                 return self.tree.walk_below(directory, descend, linked=linked)
 
-            listing = refresh(self._listing, directories=places.directories,
-                              trees=places.trees, recheck=recheck, linked=linked,
-                              walk_below=walk_below, lstat=self.tree.lstat)
-            self._linked = {path for path in linked if path in listing}
+            refresh(listing, directories=places.directories, trees=places.trees,
+                    recheck=recheck, walk_below=walk_below, lstat=self.tree.lstat)
         else:
             self._last_walk = time.monotonic()
-            self._linked = set()
-            listing = self.tree.walk(sweep=self._first_scan, linked=self._linked)
+            linked = set()
+            listing = Listing.of(self.tree.walk(sweep=self._first_scan, linked=linked), linked)
         self._listing = listing
-        return listing
+        return listing.entries
+
+    def _walk_due(self, force: bool) -> bool:
+        """Whether the next scan walks the whole tree whatever changed: sync-now, or once every
+        ``FULL_SCAN_EVERY_SECONDS`` (inotify does not see writes through a shared mmap)."""
+        return force or time.monotonic() - self._last_walk >= FULL_SCAN_EVERY_SECONDS
 
     def _collect(self, db: ManifestDB, force: bool) -> None:
         """Drop the tombstones every current peer merged (at most once a minute, and on

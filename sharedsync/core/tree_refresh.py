@@ -33,7 +33,7 @@ from __future__ import annotations
 import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .file_merge import StatKey
 
@@ -68,24 +68,32 @@ def everything(_path: str, _key: StatKey) -> bool:
 
 
 @dataclass
-class _Listing:
-    """A listing being updated, with an index of each directory's entries."""
+class Listing:
+    """A tree's listing (path -> stat) with an index of each directory's entries.
+
+    The caller keeps it from one refresh to the next and :func:`refresh` updates it in place:
+    building the index costs about as much as the rest of a refresh (15 ms for 20,000 entries
+    here), and a Synchronous fsync waits on every refresh. A refresh that raised leaves it
+    half updated: take a new one from a whole walk then.
+    """
 
     entries: dict[str, StatKey]
     children: defaultdict[str, set[str]]
-    #: Paths put with a key they did not have.
-    touched: set[str]
-    #: Files with several links (the caller's set, which walks add to).
+    #: Files with several links; walks add to it (``walk_below(..., linked=listing.linked)``).
     linked: set[str]
-    #: Inodes of files with several links whose entry went (other names may hold the change).
-    gone_linked: set[int]
+    #: Paths put with a key they did not have (during one refresh).
+    touched: set[str] = field(default_factory=set)
+    #: Inodes of files with several links whose entry went (during one refresh): other names
+    #: may hold the change.
+    gone_linked: set[int] = field(default_factory=set)
 
     @classmethod
-    def of(cls, listing: Mapping[str, StatKey], linked: set[str]) -> _Listing:
+    def of(cls, entries: dict[str, StatKey], linked: set[str]) -> Listing:
+        """The listing of a whole walk (``entries``, with the ``linked`` files it found)."""
         children: defaultdict[str, set[str]] = defaultdict(set)
-        for path in listing:
+        for path in entries:
             children[parent_of(path)].add(path)
-        return cls(dict(listing), children, set(), linked, set())
+        return cls(entries, children, linked)
 
     def _forget(self, path: str) -> None:
         key = self.entries.pop(path)
@@ -129,12 +137,12 @@ class _Listing:
             self.put(path, key)
 
 
-def refresh(previous: Mapping[str, StatKey], *, directories: Iterable[str],
-            trees: Iterable[str], recheck: Iterable[str], linked: set[str],
-            walk_below: WalkBelow, lstat: Lstat) -> dict[str, StatKey]:
-    """The listing now, from ``previous`` and the places that changed since (see the module
-    docstring for the rules)."""
-    listing = _Listing.of(previous, linked)
+def refresh(listing: Listing, *, directories: Iterable[str], trees: Iterable[str],
+            recheck: Iterable[str], walk_below: WalkBelow, lstat: Lstat) -> dict[str, StatKey]:
+    """Bring ``listing`` up to date from the places that changed since it was (see the module
+    docstring for the rules); returns its entries."""
+    listing.touched.clear()
+    listing.gone_linked.clear()
     done: list[str] = []  # trees walked whole: nothing below them needs another look
 
     def covered(path: str) -> bool:
@@ -155,7 +163,8 @@ def refresh(previous: Mapping[str, StatKey], *, directories: Iterable[str],
         _relist(listing, directory, walk_below)
 
     # ``linked`` is read only now: the walks above add the files they found with several links
-    again = set(recheck) | listing.other_names(listing.touched & linked, listing.gone_linked)
+    again = set(recheck) | listing.other_names(listing.touched & listing.linked,
+                                               listing.gone_linked)
     for path in again:
         if covered(path):
             continue
@@ -164,10 +173,11 @@ def refresh(previous: Mapping[str, StatKey], *, directories: Iterable[str],
             continue  # gone: the DELETE in its directory says so
         if path in listing.entries and not _is_dir(key):
             listing.put(path, key)
+    listing.linked.intersection_update(listing.entries)
     return listing.entries
 
 
-def _relist(listing: _Listing, directory: str, walk_below: WalkBelow) -> None:
+def _relist(listing: Listing, directory: str, walk_below: WalkBelow) -> None:
     """List ``directory`` again; walk whole each child directory that is new or another one."""
     walked: set[str] = set()
 
@@ -192,7 +202,7 @@ def _relist(listing: _Listing, directory: str, walk_below: WalkBelow) -> None:
         listing.put(path, key)
 
 
-def _walk_whole(listing: _Listing, path: str, walk_below: WalkBelow, lstat: Lstat) -> bool:
+def _walk_whole(listing: Listing, path: str, walk_below: WalkBelow, lstat: Lstat) -> bool:
     """Take ``path`` and everything below it afresh; True if it was walked as a directory.
 
     Only below a directory the listing has: anything else is reported by its own parent."""

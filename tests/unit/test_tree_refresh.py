@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from replication_agent.livetree import LiveTree
 from sharedsync.core.file_merge import StatKey
-from sharedsync.core.tree_refresh import depth, everything, parent_of, refresh
+from sharedsync.core.tree_refresh import Listing, depth, everything, parent_of, refresh
 from sharedsync.storage.change_watch import ChangeWatch
 
 NAMES = ["a", "b", "c", "d"]
@@ -92,19 +92,23 @@ def apply(root: Path, op: Op) -> None:
         pass
 
 
-def refreshed(tree: LiveTree, watch: ChangeWatch, listing: dict[str, StatKey],
-              linked: set[str]) -> dict[str, StatKey]:
+def whole(tree: LiveTree) -> Listing:
+    linked = set[str]()
+    return Listing.of(tree.walk(linked=linked), linked)
+
+
+def refreshed(tree: LiveTree, watch: ChangeWatch, listing: Listing) -> Listing:
     places = watch.take_places()
     if places is None:  # a name made and removed again: the watch cannot place everything
-        linked.clear()
-        return tree.walk(linked=linked)
+        return whole(tree)
 
     def walk_below(directory: str,
                    descend: Callable[[str, StatKey], bool]) -> dict[str, StatKey] | None:
-        return tree.walk_below(directory, descend, linked=linked)
+        return tree.walk_below(directory, descend, linked=listing.linked)
 
-    return refresh(listing, directories=places.directories, trees=places.trees,
-                   recheck=(), linked=linked, walk_below=walk_below, lstat=tree.lstat)
+    refresh(listing, directories=places.directories, trees=places.trees, recheck=(),
+            walk_below=walk_below, lstat=tree.lstat)
+    return listing
 
 
 @settings(max_examples=150, deadline=None,
@@ -117,15 +121,15 @@ def test_a_refreshed_listing_is_a_whole_walk(tmp_path: Path, batches: list[list[
     for setup in (("mkdir", 0, 0, "a"), ("write", 1, 100, "b"), ("mkdir", 1, 0, "c"),
                   ("write", 0, 10, "d")):
         apply(root, setup)
-    tree, linked = LiveTree(root), set[str]()
+    tree = LiveTree(root)
     watch = ChangeWatch(root)
     try:
-        listing = tree.walk(linked=linked)
+        listing = whole(tree)
         for batch in batches:
             for op in batch:
                 apply(root, op)
-            listing = refreshed(tree, watch, listing, linked)
-            assert listing == tree.walk(), batch
+            listing = refreshed(tree, watch, listing)
+            assert listing.entries == tree.walk(), batch
     finally:
         watch.close()
 
@@ -134,7 +138,8 @@ def test_nothing_changed_reads_nothing(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(b"1")
     tree = LiveTree(tmp_path)
-    listing = tree.walk()
+    listing = whole(tree)
+    before = dict(listing.entries)
 
     def no_walk(directory: str, descend: Callable[[str, StatKey], bool]) -> None:
         raise AssertionError(f"walked {directory!r}")
@@ -142,8 +147,8 @@ def test_nothing_changed_reads_nothing(tmp_path: Path) -> None:
     def no_lstat(path: str) -> None:
         raise AssertionError(f"looked at {path!r}")
 
-    assert refresh(listing, directories=(), trees=(), recheck=(), linked=set(),
-                   walk_below=no_walk, lstat=no_lstat) == listing
+    assert refresh(listing, directories=(), trees=(), recheck=(), walk_below=no_walk,
+                   lstat=no_lstat) == before
 
 
 def test_only_the_changed_directory_is_read(tmp_path: Path) -> None:
@@ -155,7 +160,7 @@ def test_only_the_changed_directory_is_read(tmp_path: Path) -> None:
     tree = LiveTree(tmp_path)
     watch = ChangeWatch(tmp_path)
     try:
-        listing = tree.walk()
+        listing = whole(tree)
         (tmp_path / "dir7" / "f3").write_bytes(b"changed")
         places = watch.take_places()
         assert places is not None
@@ -168,10 +173,10 @@ def test_only_the_changed_directory_is_read(tmp_path: Path) -> None:
             read.append(directory)
             return tree.walk_below(directory, descend)
 
-        listing = refresh(listing, directories=places.directories, trees=places.trees,
-                          recheck=(), linked=set(), walk_below=walk_below, lstat=tree.lstat)
+        refresh(listing, directories=places.directories, trees=places.trees, recheck=(),
+                walk_below=walk_below, lstat=tree.lstat)
         assert read == ["dir7"]
-        assert listing == tree.walk()
+        assert listing.entries == tree.walk()
     finally:
         watch.close()
 
@@ -181,15 +186,15 @@ def test_a_missing_root_is_an_error_never_an_empty_tree(tmp_path: Path) -> None:
     (tmp_path / "live").mkdir()
     (tmp_path / "live" / "f").write_bytes(b"1")
     tree = LiveTree(tmp_path / "live")
-    listing = tree.walk()
+    listing = whole(tree)
     shutil.rmtree(tmp_path / "live")
     with pytest.raises(FileNotFoundError):
         tree.walk()
     with pytest.raises(FileNotFoundError):
         tree.walk_below("", everything)
     with pytest.raises(FileNotFoundError):
-        refresh(listing, directories={""}, trees=(), recheck=(), linked=set(),
-                walk_below=tree.walk_below, lstat=tree.lstat)
+        refresh(listing, directories={""}, trees=(), recheck=(), walk_below=tree.walk_below,
+                lstat=tree.lstat)
 
 
 def test_lost_events_ask_for_a_whole_walk(tmp_path: Path) -> None:
