@@ -537,6 +537,16 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         engine = self.engine(request.volume_id)
         return await asyncio.to_thread(engine.holdings)
 
+    async def Journal(self, request_iterator: AsyncIterator[pb.JournalRecord],
+                      context: Any) -> AsyncIterator[pb.JournalAck]:
+        async for record in request_iterator:
+            try:
+                engine = self.engine(record.volume_id)
+            except Exception as exc:  # noqa: BLE001 - an unknown volume is a refusal
+                yield pb.JournalAck(seq=record.seq, refused=str(exc)[:300])
+                continue
+            yield await engine.journal_append(record)
+
     async def Push(self, request_iterator: AsyncIterator[pb.PushMessage],
                    context: Any) -> pb.PushResult:
         first = await anext(aiter(request_iterator), None)

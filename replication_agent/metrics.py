@@ -43,3 +43,7 @@ THROTTLED = Counter(
     "sharedsync_writer_throttled_total",
     "fsync/close calls held back because a replica lagged beyond maxLag (onLagExceeded: "
     "Throttle)", ["volume"])
+JOURNAL_RECORDS = Counter(
+    "sharedsync_journal_records_total",
+    "Synchronous fsync groups committed by a journal record (data only) instead of a snapshot",
+    ["volume"])

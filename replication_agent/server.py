@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import sys
 
 import grpc
 import structlog
@@ -44,6 +45,10 @@ def build_servers(agent: Agent, config: AgentConfig) -> tuple[grpc.aio.Server, g
 async def serve(config: AgentConfig) -> None:
     """Run until SIGTERM or SIGINT."""
     ensure_dirs(config)
+    # The FUSE daemon's threads and the event loop hand each fsync to each other several times
+    # (reader -> commit worker -> loop -> commit worker); with the default 5 ms switch interval
+    # a busy thread made each handoff wait. Measured with the fsync journal: P50 3.7 -> 3.0 ms.
+    sys.setswitchinterval(0.0005)
     agent = Agent(config)
     network, local = build_servers(agent, config)
     # volumes are reopened (and interrupted receives discarded) before anyone can call us

@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ from sharedsync.tasks import cancel_and_wait, wait_event
 from . import metrics
 from .audit import AuditLog
 from .fuse import FuseServer
+from .journal import JournalBase, JournalChannel, JournalLog, JournalWriter, Prepared, sealed
 from .lineage import Lineage, SnapRef
 from .multiwriter import MultiWriter
 from .peers import PeerPool
@@ -116,6 +117,12 @@ HANDOVER_SECONDS = 60.0
 ERRORS_BEFORE_FAILED = 5
 #: Complete snapshots a replica keeps (the newest is the next parent; one more covers a lost ack).
 REPLICA_KEEP = 2
+#: How long a journal record may take to reach the write quorum before the fsync commits
+#: through a snapshot instead (a peer that is slow or gone must not hold fsync for long).
+JOURNAL_TIMEOUT_SECONDS = 2.0
+#: Journal records on the way to one peer at most; beyond, it leaves the session (see
+#: ``VolumeEngine.journal_commit``), so a slow peer costs bounded memory.
+JOURNAL_MAX_PENDING = 8
 
 
 def _rate(spec: pb.VolumeSpec) -> float:
@@ -198,6 +205,9 @@ class PeerLink:
         self._wake = asyncio.Event()
         self._acked_changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self.journal = JournalChannel(lambda: engine.peers.stub(node))
+        self.journal_pending = 0  # records on the way to this peer
+        self.journal_out = 0  # the writer session this peer was left out of (0: none)
 
     def start(self) -> None:
         if self._task is None:
@@ -206,6 +216,7 @@ class PeerLink:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        self.journal.close()
 
     def event(self, event: Event) -> None:
         """Feed the replica state machine (sharedsync.core.replica_state)."""
@@ -413,6 +424,14 @@ class VolumeEngine:
         #: The replica's filesystem (read from the store by ``start``).
         self.filesystem = StoreFilesystem.BTRFS
         self.multiwriter_db = state_dir.parent / "multiwriter" / f"{self.volume_id}.sqlite"
+        #: Synchronous fsyncs that changed only data ship journal records (see .journal).
+        self.journal_writer = JournalWriter(self.volume_id, node)
+        self.journal_log = JournalLog(self.lineage.root)
+        self._journal_lock = asyncio.Lock()
+        self._journal_acks: set[asyncio.Task[None]] = set()
+        #: The newest complete snapshot received, to check journal records against without a
+        #: directory scan (checked to exist before use; None: scan).
+        self._newest_received: SnapRef | None = None
 
     @property
     def file_level(self) -> bool:
@@ -434,6 +453,10 @@ class VolumeEngine:
         await asyncio.to_thread(self.store.open, self.volume_id)
         await asyncio.to_thread(self.lineage.ensure)
         await asyncio.to_thread(self.lineage.discard_partial)
+        if not self.file_level:
+            newest = await asyncio.to_thread(self.lineage.newest)
+            async with self._journal_lock:
+                await asyncio.to_thread(self.journal_log.load, newest)
         self.persist()
         metrics.EPOCH.labels(self.volume_id).set(self.epoch)
         self.filesystem = await asyncio.to_thread(self.store.filesystem_of, self.volume_id)
@@ -467,6 +490,9 @@ class VolumeEngine:
             await link.stop()
         if self.multiwriter is not None:
             await self.multiwriter.stop()
+        for task in list(self._journal_acks):
+            task.cancel()
+        self.journal_log.close()
 
     async def remove(self) -> None:
         await self.stop()
@@ -564,6 +590,7 @@ class VolumeEngine:
             return
         was_primary = self.role is Role.PRIMARY
         self.epoch, self.primary, self.handover_until = epoch, primary, None
+        self._newest_received = None
         if primary != self.node:
             self.role = Role.REPLICA
             await self.stop()
@@ -607,6 +634,10 @@ class VolumeEngine:
                 kept = await asyncio.to_thread(self.lineage.restore_live, newest)
                 if kept:
                     self.audit(AuditKind.PROMOTION, diverged_kept_as=kept)
+            async with self._journal_lock:
+                replayed = await asyncio.to_thread(self._replay_journal, newest)
+            if replayed:
+                self.audit(AuditKind.PROMOTION, journal_records_replayed=replayed)
             self.epoch, self.role, self.primary, self.fenced = epoch, Role.PRIMARY, self.node, False
             self.handover_until = None
             self.persist()
@@ -624,6 +655,18 @@ class VolumeEngine:
             link.known = False
             link.want(marker)
         self._start_primary_loop()
+
+    def _replay_journal(self, newest: SnapRef | None) -> int:
+        """Write the fsync journal held on top of ``newest`` into the restored ``live``."""
+        log_ = self.journal_log
+        if log_.base is None or log_.base != newest:
+            log_.drop()
+            return 0
+        replayed = log_.replay(self.lineage.live)
+        log_.drop()
+        log.info("journal replayed", volume_id=self.volume_id, records=replayed,
+                 snapshot=newest.name if newest else "")
+        return replayed
 
     # -- the primary's loop ------------------------------------------------------------------
 
@@ -650,6 +693,8 @@ class VolumeEngine:
             self._wake.clear()
             if policy.paused and not woken:
                 continue
+            if not woken and policy.mode == pb.SYNCHRONOUS and self.journal_writer.carrying():
+                continue  # the fsync journal has it; the snapshot follows (see .journal)
             try:
                 await self.cycle()
             except asyncio.CancelledError:
@@ -669,6 +714,10 @@ class VolumeEngine:
         if self.role is not Role.PRIMARY or self.fenced:
             raise FailedPrecondition(f"volume {self.volume_id} is not primary on {self.node}")
         async with self._cycle_lock:
+            # read before the snapshot: a namespace change counted after this may be missing
+            # from it, and then the journal waits for the next one (see FuseServer.mutations)
+            server = self._fuse
+            mutations = server.mutations if server is not None else 0
             newest = await asyncio.to_thread(self.lineage.newest)
             checked_at = time.time()
             changed = await asyncio.to_thread(self.lineage.changed_since, newest)
@@ -676,9 +725,16 @@ class VolumeEngine:
             if changed:
                 seq = (newest.seq if newest else 0) + 1
                 target = SnapRef(self.epoch, seq)
+                # no record may be made on the old snapshot once the new one exists: a peer
+                # holding the new one answers "covered" for records of the old
+                self.journal_writer.rebase(None)
                 await asyncio.to_thread(self.lineage.take, target)
                 self.snapshot_times[target] = (time.time_ns(), self.last_clean_check)
             self.last_clean_check = checked_at
+            if target is not None and server is not None:
+                generation = await asyncio.to_thread(
+                    lambda: btrfs.subvolume_info(self.lineage.path(target)).generation)
+                self.journal_writer.rebase(JournalBase(target, generation, server, mutations))
             for link in self.links.values():
                 link.want(target)
             if changed:
@@ -714,6 +770,104 @@ class VolumeEngine:
                 w.cancel()
         metrics.SYNC_SECONDS.labels(self.volume_id, "Synchronous").observe(
             time.monotonic() - started)
+
+    def journal_useful(self) -> bool:
+        """Whether a journal record could stand for a snapshot commit now: peers must
+        acknowledge (writeQuorum above 1) and this replica serves the volume."""
+        need = write_quorum(self.spec.policy.write_quorum, len(self.spec.replica_nodes)) - 1
+        return 0 < need <= len(self.links) and not self.fenced and self.role is Role.PRIMARY
+
+    async def journal_commit(self, record: pb.JournalRecord) -> bool:
+        """Synchronous mode, a data-only fsync group: True once ``writeQuorum`` replicas
+        (this one included) hold ``record`` durably; False (never an exception) when they do
+        not within ``JOURNAL_TIMEOUT_SECONDS``: the caller then commits through a snapshot."""
+        if not self.journal_useful():
+            return False
+        need = write_quorum(self.spec.policy.write_quorum, len(self.spec.replica_nodes)) - 1
+        base = ref_of(record.base)
+
+        async def deliver(link: PeerLink) -> None:
+            link.journal_pending += 1
+            try:
+                async with asyncio.timeout(JOURNAL_TIMEOUT_SECONDS):
+                    if not link.has(base):
+                        await link.wait_for(base)
+                    ack = await link.journal.send(record)
+                if ack.refused:
+                    raise FailedPrecondition(
+                        f"{link.node} refused journal record: {ack.refused}")
+            except BaseException:
+                link.journal_out = record.session  # it may miss this record: no more of them
+                raise
+            finally:
+                link.journal_pending -= 1
+
+        started = time.monotonic()
+        # The peers beyond the quorum get the record too, in the background, so that their
+        # logs stay complete. A peer that fell behind (too many records on the way to it) or
+        # failed one is left out for the rest of the session: it would refuse the next record
+        # anyway (a gap), and records waiting for it must not pile up in memory.
+        tasks = []
+        for link in self.links.values():
+            if link.journal_out == record.session:
+                continue
+            if link.journal_pending >= JOURNAL_MAX_PENDING:
+                link.journal_out = record.session
+                continue
+            task = asyncio.ensure_future(deliver(link))
+            self._journal_acks.add(task)
+            task.add_done_callback(_settle_journal_ack(self._journal_acks))
+            tasks.append(task)
+        if len(tasks) < need:
+            return False
+        done = 0
+        try:
+            for finished in asyncio.as_completed(tasks):
+                try:
+                    await finished
+                except (Exception, TimeoutError) as exc:  # noqa: BLE001 - counted, retried
+                    log.debug("journal record not acknowledged", volume_id=self.volume_id,
+                              error=str(exc)[:300])
+                    continue
+                done += 1
+                if done >= need:
+                    break
+        except asyncio.CancelledError:
+            raise
+        if done < need:
+            metrics.SYNC_ERRORS.labels(self.volume_id, "journal").inc()
+            return False
+        seconds = time.monotonic() - started
+        self.latencies.append(seconds)
+        metrics.SYNC_SECONDS.labels(self.volume_id, "Synchronous").observe(seconds)
+        metrics.JOURNAL_RECORDS.labels(self.volume_id).inc()
+        return True
+
+    async def journal_append(self, record: pb.JournalRecord) -> pb.JournalAck:
+        """A replica takes a journal record (see .journal for the rules)."""
+        refused = ""
+        if self.file_level or self.role is Role.PRIMARY or self.fenced:
+            refused = f"{self.node} is not a replica that ships by snapshots"
+        elif record.epoch != self.epoch or record.sender_node != self.primary:
+            refused = (f"record of epoch {record.epoch} from {record.sender_node}: this replica "
+                       f"follows {self.primary} at epoch {self.epoch}")
+        if refused:
+            return pb.JournalAck(seq=record.seq, refused=refused)
+
+        def append() -> pb.JournalAck:
+            if not sealed(record):
+                return pb.JournalAck(seq=record.seq, refused="checksum mismatch")
+            newest = self._newest_received
+            if newest is None or not btrfs.is_subvolume(self.lineage.path(newest)):
+                newest = self._newest_received = self.lineage.newest()
+            return self.journal_log.append(record, newest)
+
+        async with self._journal_lock:
+            ack = await asyncio.to_thread(append)
+        if not ack.refused and not ack.covered:
+            self.bytes_received += record.ByteSize()
+            metrics.BYTES.labels(self.volume_id, "received").inc(record.ByteSize())
+        return ack
 
     async def wait_lag_within(self, limit: float) -> None:
         """Throttle a writer: hold it while a reachable replica is more than maxLag behind.
@@ -894,6 +1048,8 @@ class VolumeEngine:
                     metrics.BYTES.labels(self.volume_id, "received").inc(n)
 
                 await receive_snapshot(self.lineage, header, messages, self.spool, progress)
+                if self._newest_received is not None and ref > self._newest_received:
+                    self._newest_received = ref
                 self.last_received_ns = time.time_ns()
                 # a replica promoted later counts its peers' lag from these: the time the
                 # primary took the snapshot, not 0 (a lag of decades, LagExceeded at once)
@@ -1140,7 +1296,8 @@ class VolumeEngine:
         return self._status_message(
             replicas, lat, shipped=self.bytes_shipped, received=self.bytes_received,
             conflicts=self.conflicts, last_snapshot=ref_message(newest), fenced=self.fenced,
-            attached=self.attached, attach_wanted=self.attach_wanted())
+            attached=self.attached, attach_wanted=self.attach_wanted(),
+            journal_records=self.journal_log.records_on(newest))
 
     def _status_message(self, replicas: list[pb.ReplicaStatus], latencies: list[float], *,
                         shipped: int, received: int, conflicts: int,
@@ -1201,7 +1358,28 @@ class _CommitHooks:
             return
         if policy.mode != pb.SYNCHRONOUS:
             return  # Asynchronous/Scheduled: the daemon already made it durable locally
+        server = engine._fuse
+        prepared = None if server is None or not engine.journal_useful() else \
+            engine.journal_writer.prepare(engine.lineage.live, paths, server, engine.epoch)
+        if prepared is not None and self._journal(prepared):
+            return
         self._wait(engine.commit())
+
+    def _journal(self, prepared: Prepared) -> bool:
+        """Ship a journal record; False when the snapshot commit must do it instead."""
+        writer = self.engine.journal_writer
+        future = asyncio.run_coroutine_threadsafe(
+            self.engine.journal_commit(prepared.record), self.loop)
+        try:
+            ok = future.result(timeout=JOURNAL_TIMEOUT_SECONDS + 5)
+        except Exception:  # noqa: BLE001 - the snapshot commit follows and reports errors
+            future.cancel()
+            ok = False
+        if ok:
+            writer.shipped(prepared)
+        else:
+            writer.stop_on(prepared.base)
+        return ok
 
     def _hold(self, throttle: Coroutine[Any, Any, None]) -> None:
         """Throttle writers: an fsync or close waits while a replica lags beyond maxLag, so
@@ -1220,6 +1398,15 @@ class _CommitHooks:
 
     def on_write(self, path: str, offset: int, length: int) -> None:
         return None  # passthrough: changes are found through the btrfs increment
+
+
+def _settle_journal_ack(pending: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback: forget the delivery and mark its outcome retrieved (it was counted)."""
+    def settle(task: asyncio.Task[None]) -> None:
+        pending.discard(task)
+        if not task.cancelled():
+            task.exception()
+    return settle
 
 
 def load_state(path: Path) -> PersistedState:

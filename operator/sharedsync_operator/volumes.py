@@ -118,6 +118,7 @@ def report_of(node: str, status: pb.VolumeStatus) -> Report:
                   primary=status.primary_node, fenced=status.fenced,
                   spec_hash=status.spec_revision,
                   last_received=(status.last_snapshot.epoch, status.last_snapshot.seq),
+                  journal_records=status.journal_records,
                   peer_states=peers, attached=status.attached,
                   attach_wanted=status.attach_wanted)
 

@@ -186,6 +186,12 @@ _READER_OPS = frozenset({Opcode.INIT, Opcode.FORGET, Opcode.BATCH_FORGET, Opcode
                          Opcode.FSYNC, Opcode.FLUSH})
 _CAPS_NAME = "security.capability"
 _CAPS_NAME_Z = _CAPS_NAME.encode() + b"\0"
+#: Requests that change the namespace or metadata rather than file data (an O_TRUNC open too):
+#: see :attr:`FuseServer.mutations`.
+_MUTATING_OPS = frozenset({Opcode.SETATTR, Opcode.SYMLINK, Opcode.MKNOD, Opcode.MKDIR,
+                           Opcode.UNLINK, Opcode.RMDIR, Opcode.RENAME, Opcode.RENAME2,
+                           Opcode.LINK, Opcode.CREATE, Opcode.FALLOCATE, Opcode.SETXATTR,
+                           Opcode.REMOVEXATTR})
 _XATTR_OPS = frozenset({Opcode.GETXATTR, Opcode.SETXATTR, Opcode.LISTXATTR,
                         Opcode.REMOVEXATTR})
 _CONTENT_FALLOCATE = _syscalls.FALLOC_FL_PUNCH_HOLE | _syscalls.FALLOC_FL_ZERO_RANGE
@@ -316,6 +322,7 @@ class FuseServer:
         self._next_fh = 1
 
         self._stats_lock = threading.Lock()
+        self._mutations = 0
         self._counters: Counter[str] = Counter()
 
         self._commit_q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -359,6 +366,19 @@ class FuseServer:
         ops = {opcode_name(op): n for op, n in list(self._op_counts.items())}
         with self._stats_lock:
             return {**ops, **self._counters}
+
+    @property
+    def mutations(self) -> int:
+        """Counts every request that changes more than file data (see ``_MUTATING_OPS``),
+        twice: when it starts and when it is done. So if this reads the same before taking a
+        snapshot and later, nothing but file data changed in between and none was in flight:
+        the fsync journal (``replication_agent.journal``) relies on it to ship only data."""
+        with self._stats_lock:
+            return self._mutations
+
+    def _bump_mutations(self) -> None:
+        with self._stats_lock:
+            self._mutations += 1
 
     def pending_commits(self) -> int:
         """Requests waiting for the next group commit (not counting one in progress)."""
@@ -627,6 +647,11 @@ class FuseServer:
         if handler is None or (not self._xattrs and header.opcode in _XATTR_OPS):
             self._reply_error(header.unique, errno.ENOSYS)
             return
+        mutating = header.opcode in _MUTATING_OPS or (
+            header.opcode == Opcode.OPEN and len(body) >= OpenIn.STRUCT.size
+            and bool(OpenIn.parse(body).flags & os.O_TRUNC))
+        if mutating:
+            self._bump_mutations()
         try:
             handler(header, body)
         except OSError as exc:
@@ -637,6 +662,9 @@ class FuseServer:
         except Exception:
             log.exception("fuse: %s failed", opcode_name(header.opcode))
             self._reply_error(header.unique, errno.EIO)
+        finally:
+            if mutating:
+                self._bump_mutations()
 
     def _reply(self, unique: int, *parts: bytes | memoryview) -> bool:
         """Send a successful reply (one write); False if the kernel no longer wants it."""

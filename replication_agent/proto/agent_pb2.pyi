@@ -217,6 +217,140 @@ class FetchFileRequest(_message.Message):
 Global___FetchFileRequest: _TypeAlias = FetchFileRequest  # noqa: Y015
 
 @_typing.final
+class JournalRecord(_message.Message):
+    """One fsync group's data, relative to snapshot `base` (the primary's newest when it was made):
+    every range of the named files that changed since the previous record of the same base
+    (or since `base`, for the first one). Records of one base are numbered 1, 2, ... and a
+    peer only appends the next number: a gap would make the log unsafe to replay.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SENDER_NODE_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    epoch: _builtins.int
+    sender_node: _builtins.str
+    seq: _builtins.int
+    checksum: _builtins.bytes
+    """xxh3-128 of the record serialized deterministically with this field empty."""
+    session: _builtins.int
+    """Random, new whenever the primary starts numbering again (a new base, a restart, a record
+    that missed the quorum): records of two sessions on one base never mix in a log.
+    """
+    @_builtins.property
+    def base(self) -> Global___SnapshotRef: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___JournalFile]: ...
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        sender_node: _builtins.str = ...,
+        base: Global___SnapshotRef | None = ...,
+        seq: _builtins.int = ...,
+        files: _abc.Iterable[Global___JournalFile] | None = ...,
+        checksum: _builtins.bytes = ...,
+        session: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base", b"base"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "checksum", b"checksum", "epoch", b"epoch", "files", b"files", "sender_node", b"sender_node", "seq", b"seq", "session", b"session", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalRecord: _TypeAlias = JournalRecord  # noqa: Y015
+
+@_typing.final
+class JournalFile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Relative to the volume's root, without `..` or a leading `/`; the file exists in `base`."""
+    size: _builtins.int
+    """The file's size when the record was made."""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___JournalRange]: ...
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        ranges: _abc.Iterable[Global___JournalRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "ranges", b"ranges", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalFile: _TypeAlias = JournalFile  # noqa: Y015
+
+@_typing.final
+class JournalRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    data: _builtins.bytes
+    """The bytes at `offset`."""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalRange: _TypeAlias = JournalRange  # noqa: Y015
+
+@_typing.final
+class JournalAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    COVERED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    covered: _builtins.bool
+    """The record is durable here: appended to the log and fdatasynced, or `covered`: this peer
+    already holds a snapshot newer than the record's base, taken after the record's data.
+    """
+    refused: _builtins.str
+    """Why the record was not taken (a missing base, a gap): the primary stops using the journal
+    with this peer until its next snapshot, and commits through snapshots meanwhile.
+    """
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        covered: _builtins.bool = ...,
+        refused: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "refused", b"refused", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalAck: _TypeAlias = JournalAck  # noqa: Y015
+
+@_typing.final
 class HoldingsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1447,6 +1581,7 @@ class VolumeStatus(_message.Message):
     ATTACHED_FIELD_NUMBER: _builtins.int
     ATTACH_WANTED_FIELD_NUMBER: _builtins.int
     STORE_FILESYSTEM_FIELD_NUMBER: _builtins.int
+    JOURNAL_RECORDS_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     epoch: _builtins.int
     primary_node: _builtins.str
@@ -1483,6 +1618,11 @@ class VolumeStatus(_message.Message):
     """The filesystem of this node's replica: "btrfs", or "ext4" (the fallback store, where every
     volume replicates file by file). Every replica of a volume needs the same one.
     """
+    journal_records: _builtins.int
+    """Synchronous volumes, on a replica: how many fsync journal records it holds on top of
+    `last_snapshot` (see Replication.Journal). Of two replicas with the same last snapshot,
+    the one with more records holds more acknowledged writes: failover prefers it.
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
@@ -1517,10 +1657,11 @@ class VolumeStatus(_message.Message):
         attached: _builtins.bool = ...,
         attach_wanted: _builtins.bool = ...,
         store_filesystem: _builtins.str = ...,
+        journal_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_snapshot", b"last_snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_wanted", b"attach_wanted", "attached", b"attached", "bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "multi_writer", b"multi_writer", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "store_filesystem", b"store_filesystem", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_wanted", b"attach_wanted", "attached", b"attached", "bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "journal_records", b"journal_records", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "multi_writer", b"multi_writer", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "store_filesystem", b"store_filesystem", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

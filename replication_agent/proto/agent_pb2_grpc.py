@@ -72,6 +72,11 @@ class ReplicationStub:
                 request_serializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowRequest.SerializeToString,
                 response_deserializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowResponse.FromString,
                 _registered_method=True)
+        self.Journal = channel.stream_stream(
+                '/sharedsync.agent.v1.Replication/Journal',
+                request_serializer=replication__agent_dot_proto_dot_agent__pb2.JournalRecord.SerializeToString,
+                response_deserializer=replication__agent_dot_proto_dot_agent__pb2.JournalAck.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -142,6 +147,18 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Journal(self, request_iterator, context):
+        """Synchronous volumes: the fsync journal. The primary streams one JournalRecord per fsync
+        group that changed only file data since its newest snapshot (the byte ranges the fsynced
+        files changed, found in the btrfs extent tree); this peer appends each to a log beside that
+        snapshot and fdatasyncs it before acknowledging, so an fsync waits for one record round
+        trip instead of a snapshot's send and receive. A promoted replica replays the log on top of
+        its newest snapshot. Acks come back in order, one per record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +196,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.MergeNow,
                     request_deserializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowRequest.FromString,
                     response_serializer=replication__agent_dot_proto_dot_agent__pb2.MergeNowResponse.SerializeToString,
+            ),
+            'Journal': grpc.stream_stream_rpc_method_handler(
+                    servicer.Journal,
+                    request_deserializer=replication__agent_dot_proto_dot_agent__pb2.JournalRecord.FromString,
+                    response_serializer=replication__agent_dot_proto_dot_agent__pb2.JournalAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +395,33 @@ class Replication:
             '/sharedsync.agent.v1.Replication/MergeNow',
             replication__agent_dot_proto_dot_agent__pb2.MergeNowRequest.SerializeToString,
             replication__agent_dot_proto_dot_agent__pb2.MergeNowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Journal(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sharedsync.agent.v1.Replication/Journal',
+            replication__agent_dot_proto_dot_agent__pb2.JournalRecord.SerializeToString,
+            replication__agent_dot_proto_dot_agent__pb2.JournalAck.FromString,
             options,
             channel_credentials,
             insecure,

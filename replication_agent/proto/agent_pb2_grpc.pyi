@@ -74,6 +74,14 @@ class ReplicationStub:
     it wrote is on the peers, and read by their pods, when the fsync returns. One call per
     fsync group (concurrent fsyncs are committed together), never per write.
     """
+    Journal: _grpc.StreamStreamMultiCallable[_agent_pb2.JournalRecord, _agent_pb2.JournalAck]
+    """Synchronous volumes: the fsync journal. The primary streams one JournalRecord per fsync
+    group that changed only file data since its newest snapshot (the byte ranges the fsynced
+    files changed, found in the btrfs extent tree); this peer appends each to a log beside that
+    snapshot and fdatasyncs it before acknowledging, so an fsync waits for one record round
+    trip instead of a snapshot's send and receive. A promoted replica replays the log on top of
+    its newest snapshot. Acks come back in order, one per record.
+    """
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -114,6 +122,14 @@ class ReplicationAsyncStub(ReplicationStub):
     answer once it is merged here. A node's fsync waits for this on its write quorum, so what
     it wrote is on the peers, and read by their pods, when the fsync returns. One call per
     fsync group (concurrent fsyncs are committed together), never per write.
+    """
+    Journal: _aio.StreamStreamMultiCallable[_agent_pb2.JournalRecord, _agent_pb2.JournalAck]  # type: ignore[assignment]
+    """Synchronous volumes: the fsync journal. The primary streams one JournalRecord per fsync
+    group that changed only file data since its newest snapshot (the byte ranges the fsynced
+    files changed, found in the btrfs extent tree); this peer appends each to a log beside that
+    snapshot and fdatasyncs it before acknowledging, so an fsync waits for one record round
+    trip instead of a snapshot's send and receive. A promoted replica replays the log on top of
+    its newest snapshot. Acks come back in order, one per record.
     """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
@@ -194,6 +210,20 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         answer once it is merged here. A node's fsync waits for this on its write quorum, so what
         it wrote is on the peers, and read by their pods, when the fsync returns. One call per
         fsync group (concurrent fsyncs are committed together), never per write.
+        """
+
+    @_abc_1.abstractmethod
+    def Journal(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.JournalRecord],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.JournalAck], _abc.AsyncIterator[_agent_pb2.JournalAck]]:
+        """Synchronous volumes: the fsync journal. The primary streams one JournalRecord per fsync
+        group that changed only file data since its newest snapshot (the byte ranges the fsynced
+        files changed, found in the btrfs extent tree); this peer appends each to a log beside that
+        snapshot and fdatasyncs it before acknowledging, so an fsync waits for one record round
+        trip instead of a snapshot's send and receive. A promoted replica replays the log on top of
+        its newest snapshot. Acks come back in order, one per record.
         """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -102,6 +102,9 @@ class Report:
     spec_hash: str = ""
     #: The newest snapshot this replica holds completely, as (epoch, seq).
     last_received: tuple[int, int] = (0, 0)
+    #: Synchronous fsync journal records it holds on top of that snapshot: of two replicas
+    #: with the same snapshot, the one with more holds more acknowledged writes.
+    journal_records: int = 0
     #: The primary's view of each replica (only meaningful in the primary's report).
     peer_states: Mapping[str, ReplicaState] = field(default_factory=dict)
     #: Pods on this node use the volume (it is attached here).
@@ -190,10 +193,17 @@ def _best_candidate(candidates: Sequence[str], reports: Mapping[str, Report],
     if not usable:
         return None
 
-    def rank(node: str) -> tuple[bool, int, int, str]:
+    def rank(node: str) -> tuple[bool, int, int, int, str]:
         epoch, seq = reports[node].last_received
-        return (primary_view.get(node) != ReplicaState.IN_SYNC, -epoch, -seq, node)
+        return (primary_view.get(node) != ReplicaState.IN_SYNC, -epoch, -seq,
+                -reports[node].journal_records, node)
     return min(usable, key=rank)
+
+
+def _holds(report: Report) -> tuple[int, int, int]:
+    """How much of the volume's history a replica holds: its newest snapshot, then the fsync
+    journal records on top of it (records of one snapshot arrive in order, without gaps)."""
+    return (*report.last_received, report.journal_records)
 
 
 def _holding_every_acknowledged_write(usable: Sequence[str], reports: Mapping[str, Report],
@@ -202,8 +212,9 @@ def _holding_every_acknowledged_write(usable: Sequence[str], reports: Mapping[st
     that certainly hold every acknowledged write.
 
     An acknowledged write is on ``write_quorum`` replicas, the primary included, so on at least
-    ``write_quorum - 1`` of the others, and replicas receive snapshots in order: whichever of
-    them holds the newest snapshot holds every write any of them holds. So when at most
+    ``write_quorum - 1`` of the others, and replicas receive snapshots (and the fsync journal
+    records on top of the newest) in order: whichever of them holds the newest snapshot and
+    the most records on it holds every write any of them holds. So when at most
     ``write_quorum - 2`` of the other replicas are out of reach, the newest reachable one holds
     every acknowledged write; otherwise none is certain to, and failover waits. The primary's
     last view is not consulted: it may be a few seconds old (a replica it saw Rebuilding may
@@ -213,9 +224,9 @@ def _holding_every_acknowledged_write(usable: Sequence[str], reports: Mapping[st
     reachable = [n for n in others if n in reports]
     if len(others) - len(reachable) > write_quorum - 2 or not reachable:
         return []
-    newest = max(reports[n].last_received for n in reachable)
+    newest = max(_holds(reports[n]) for n in reachable)
     # the newest may be one that cannot serve (fenced, Rebuilding, Failed): then wait
-    return [n for n in usable if n in reachable and reports[n].last_received == newest]
+    return [n for n in usable if n in reachable and _holds(reports[n]) == newest]
 
 
 def _serving(report: Report | None, layout: Layout) -> bool:

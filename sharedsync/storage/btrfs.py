@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from sharedsync.core.journal_delta import INLINE, FileExtent
 from sharedsync.core.sizes import MIXED_MODE_BELOW_BYTES
 
 from ._run import CommandFailed, pipe, run
@@ -259,6 +260,87 @@ def subvolume_info(path: str | os.PathLike[str]) -> SubvolumeInfo:
     return SubvolumeInfo(tree_id=fields[0], generation=fields[4], ctransid=fields[9],
                          read_only=bool(fields[5] & _SUBVOL_RDONLY),
                          uuid=fields[6], parent_uuid=fields[7], received_uuid=fields[8])
+
+
+# struct btrfs_ioctl_search_args_v2: the key (tree id, min/max objectid, offset, transid as
+# u64; min/max type, nr_items, unused as u32; 4 unused u64), then buf_size, then the buffer of
+# (btrfs_ioctl_search_header, item) pairs.
+_SEARCH_KEY = struct.Struct("=7Q4I4Q")
+_SEARCH_HEADER = struct.Struct("=3Q2I")  # transid, objectid, offset, type, len
+_SEARCH_BUFFER = 64 * 1024
+_IOC_TREE_SEARCH_V2 = (3 << 30) | ((_SEARCH_KEY.size + 8) << 16) | (0x94 << 8) | 17
+_EXTENT_DATA_KEY = 108
+# struct btrfs_file_extent_item: generation, ram_bytes, compression, encryption,
+# other_encoding, type; then (not for inline data) disk_bytenr, disk_num_bytes, offset,
+# num_bytes
+_FILE_EXTENT = struct.Struct("=2Q2BHB")
+_FILE_EXTENT_DISK = struct.Struct("=4Q")
+_U64_MAX = (1 << 64) - 1
+
+
+# struct fiemap: fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count, reserved
+_FIEMAP = struct.Struct("=2Q4I")
+_FS_IOC_FIEMAP = (3 << 30) | (_FIEMAP.size << 16) | (ord("f") << 8) | 11
+_FIEMAP_FLAG_SYNC = 0x1
+
+
+def wait_for_extents(fd: int) -> None:
+    """Return once every write to the file that reached the disk has its extent item.
+
+    A btrfs fast fsync waits for the data's writeback, not for the "ordered extents" whose
+    completion inserts the file extent items (they are logged from the extent maps), so right
+    after an fsync the subvolume tree may still lack them. FIEMAP with FIEMAP_FLAG_SYNC waits
+    for the ordered extents of the whole file (``btrfs_wait_ordered_range(0, LLONG_MAX)``) and
+    then maps the range asked for: one byte here, so the mapping costs nothing.
+    """
+    args = bytearray(_FIEMAP.pack(0, 1, _FIEMAP_FLAG_SYNC, 0, 0, 0))
+    _ioctl(fd, _FS_IOC_FIEMAP, args, "waiting for ordered extents", f"fd {fd}")
+
+
+def file_extents(fd: int, *, min_generation: int = 0) -> list[FileExtent]:
+    """The extent items of the file open at ``fd``, in file order.
+
+    One BTRFS_IOC_TREE_SEARCH_V2 per 64 KiB of items, in the file's own subvolume tree as it is
+    now (written and fsynced data included, committed or not). ``min_generation`` skips the
+    tree blocks no transaction since then touched, so asking for "what changed since the
+    snapshot" costs in proportion to that change rather than to the file (the items of a
+    touched block come back whole, and older items among them are left out here).
+
+    First it waits for the file's ordered extents (:func:`wait_for_extents`): an fsync may
+    return before btrfs inserted the items of the data it wrote.
+    """
+    wait_for_extents(fd)
+    inode = os.fstat(fd).st_ino
+    found: list[FileExtent] = []
+    start = 0
+    while True:
+        buf = bytearray(_SEARCH_KEY.size + 8 + _SEARCH_BUFFER)
+        _SEARCH_KEY.pack_into(buf, 0, 0, inode, inode, start, _U64_MAX, min_generation,
+                              _U64_MAX, _EXTENT_DATA_KEY, _EXTENT_DATA_KEY, 4096, 0, 0, 0, 0, 0)
+        struct.pack_into("=Q", buf, _SEARCH_KEY.size, _SEARCH_BUFFER)
+        _ioctl(fd, _IOC_TREE_SEARCH_V2, buf, "extent search", f"inode {inode}")
+        count = struct.unpack_from("=I", buf, 64)[0]  # the key's nr_items, rewritten
+        pos = _SEARCH_KEY.size + 8
+        last = -1
+        for _ in range(count):
+            _, objectid, offset, kind, length = _SEARCH_HEADER.unpack_from(buf, pos)
+            pos += _SEARCH_HEADER.size
+            if objectid == inode and kind == _EXTENT_DATA_KEY:
+                generation, ram_bytes, _, _, _, extent_type = _FILE_EXTENT.unpack_from(buf, pos)
+                if generation < min_generation:
+                    pass
+                elif extent_type == INLINE:
+                    found.append(FileExtent(offset, ram_bytes, generation, kind=INLINE))
+                else:
+                    bytenr, _, extent_offset, num_bytes = _FILE_EXTENT_DISK.unpack_from(
+                        buf, pos + _FILE_EXTENT.size)
+                    found.append(FileExtent(offset, num_bytes, generation, bytenr,
+                                            extent_offset, extent_type))
+            pos += length
+            last = offset
+        if count == 0 or last < 0 or last >= _U64_MAX:
+            return found
+        start = last + 1
 
 
 def exclusive_bytes(path: str | os.PathLike[str]) -> int:

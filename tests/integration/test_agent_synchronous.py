@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,13 @@ def attach(cluster: AgentCluster, node: str) -> Path:
     return Path(reply.path)
 
 
+def newest_replica(cluster: AgentCluster, nodes: tuple[str, ...]) -> str:
+    """The replica the operator would promote: newest snapshot, then most journal records."""
+    held = {n: cluster.agents[n].volume(VOLUME) for n in nodes}
+    return max(nodes, key=lambda n: (held[n].last_snapshot.epoch, held[n].last_snapshot.seq,
+                                     held[n].journal_records, n == nodes[0]))
+
+
 def test_acknowledged_writes_survive_replica_kill_and_partition(cluster: AgentCluster) -> None:
     cluster.apply(spec(cluster, VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
                               write_quorum=2))
@@ -160,10 +168,10 @@ def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) ->
             break  # the mount is gone: this write was never acknowledged
         acked.append(i)
     assert 150 <= len(acked) <= 200
-    # promote whichever replica holds the newest snapshot, as the operator would (on ext4
-    # every replica merged every acknowledged write: any of them will do)
-    held = {n: cluster.agents[n].volume(VOLUME).last_snapshot for n in ("b", "c")}
-    new_primary = max(held, key=lambda n: (held[n].epoch, held[n].seq, n == "b"))
+    # promote whichever replica holds the newest snapshot and the most fsync journal records
+    # on it, as the operator would (on ext4 every replica merged every acknowledged write:
+    # any of them will do)
+    new_primary = newest_replica(cluster, ("b", "c"))
     cluster.agents[new_primary].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
     check_all(acked, cluster.agents[new_primary].live(VOLUME), f"promoted {new_primary}")
     # the old primary restarts fenced, rejoins as a replica of the new primary
@@ -176,9 +184,39 @@ def test_acknowledged_writes_survive_the_primary_dying(cluster: AgentCluster) ->
     assert cluster.agents["a"].volume(VOLUME).role == "replica"
 
 
-def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster) -> None:
-    import urllib.request
+def test_fsync_journal_records_are_replayed_by_the_promoted_replica(
+        cluster: AgentCluster) -> None:
+    """Appends to an existing file change only data: their fsyncs ship journal records, not
+    snapshots. With the snapshot loop paused, the replicas' newest snapshot lacks them; the
+    primary dies, and the promoted replica replays its journal: nothing acknowledged is lost."""
+    if on_ext4(cluster):
+        pytest.skip("the fsync journal is for volumes that replicate by btrfs snapshots")
+    paused = spec(cluster, VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS, write_quorum=2)
+    paused.policy.paused = True
+    cluster.apply(paused)
+    mount = attach(cluster, "a")
+    write_record(mount, 0)  # creates the file: a namespace change, committed by a snapshot
+    acked = [0]
+    for i in range(1, 60):
+        write_record(mount, i)
+        acked.append(i)
+    journaled = {n: cluster.agents[n].volume(VOLUME).journal_records for n in ("b", "c")}
+    assert max(journaled.values()) >= 59, journaled  # one record per fsync, or more (close)
+    metrics = urllib.request.urlopen(cluster.metrics_url("a"), timeout=10).read()
+    assert f'sharedsync_journal_records_total{{volume="{VOLUME}"}}'.encode() in metrics
+    new_primary = newest_replica(cluster, ("b", "c"))
+    in_snapshot = records_in(replicated(cluster, new_primary))
+    assert len(in_snapshot) < len(acked), "the snapshot already held everything"
+    cluster.agents["a"].kill()
+    cluster.agents[new_primary].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
+    check_all(acked, cluster.agents[new_primary].live(VOLUME), f"promoted {new_primary}")
+    # the old primary comes back (reclaiming the mount its death left) and follows epoch 2
+    cluster.agents["a"].start()
+    wait_until(lambda: cluster.agents["a"].volume(VOLUME).epoch == 2, timeout=120,
+               what="the old primary follows epoch 2")
 
+
+def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster) -> None:
     throttled = spec(cluster, VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=0.5,
                      bandwidth=1 << 20)
     throttled.policy.on_lag_exceeded = pb.THROTTLE

@@ -1444,3 +1444,21 @@ def test_a_clone_of_a_volume_held_on_an_ext4_node_replicates_file_by_file() -> N
     on_btrfs = dataclasses.replace(intent(desired=2), prefer="b")
     p = plan(on_btrfs, Layout(), stores(a="btrfs", b="btrfs", c="ext4"), {})
     assert (p.layout.primary, p.layout.replication) == ("b", Replication.SNAPSHOTS)
+
+
+@pytest.mark.parametrize(("b", "c", "promoted"), [
+    (((3, 9), 2), ((3, 9), 5), "c"),  # same snapshot: the longer fsync journal on it wins
+    (((3, 10), 0), ((3, 9), 5), "b"),  # a newer snapshot was taken after every record of 9
+])
+def test_synchronous_failover_counts_the_fsync_journal_on_the_newest_snapshot(
+        b: tuple[tuple[int, int], int], c: tuple[tuple[int, int], int], promoted: str) -> None:
+    """Journal records of one snapshot reach a replica in order and without gaps: of two
+    replicas holding the same snapshot, the one with more records holds every acknowledged
+    write the other holds."""
+    reports = {n: Report(node=n, role="replica", epoch=3, primary="a", last_received=held,
+                         journal_records=records)
+               for n, (held, records) in (("b", b), ("c", c))}
+    for view in ({"b": IN_SYNC, "c": IN_SYNC}, {"b": STALE, "c": IN_SYNC}, {}):
+        p = plan(intent(SYNC), ABC, cluster("a", "b", "c", dead=["a"]), reports, {"a": 5.0},
+                 view)
+        assert p.layout.primary == promoted, view

@@ -1,9 +1,11 @@
-"""What the operator tells the agents about a volume: the multi-writer and file-level switches."""
+"""What the operator tells the agents about a volume (the multi-writer and file-level switches),
+and what it reads back from their reports."""
 
 from __future__ import annotations
 
-from sharedsync_operator.volumes import multi_writer, volume_spec
+from sharedsync_operator.volumes import multi_writer, report_of, volume_spec
 
+from replication_agent.proto import agent_pb2 as pb
 from sharedsync.core.policy import policy_from_spec
 from sharedsync.core.volume_plan import Layout, Replication
 
@@ -43,3 +45,14 @@ def test_a_volume_placed_to_replicate_files_tells_single_writer_agents_so() -> N
     many = volume_spec("vol-1", 1 << 30, "filesystem", policy, files, 2, {}, many_writers=True)
     assert many.multi_writer
     assert not many.file_level
+
+
+def test_an_agents_report_carries_its_fsync_journal_for_failover() -> None:
+    """Two replicas on the same snapshot differ by the journal records they hold: the plan
+    must see that count, or it could promote the one missing acknowledged writes."""
+    status = pb.VolumeStatus(volume_id="vol-1", epoch=3, primary_node="a", role="replica",
+                             journal_records=17)
+    status.last_snapshot.epoch, status.last_snapshot.seq = 3, 9
+    report = report_of("b", status)
+    assert report.last_received == (3, 9)
+    assert report.journal_records == 17
