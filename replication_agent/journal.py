@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 import struct
@@ -79,7 +80,7 @@ def sealed(record: pb.JournalRecord) -> bool:
 def check_relative(rel: str) -> str:
     """``rel`` if it names something inside a volume; ValueError otherwise."""
     if not rel or rel.startswith("/") or "\0" in rel or ".." in rel.split("/"):
-        raise ValueError(f"journal path {rel[:200]!r} must be relative, without '..'")
+        raise ValueError(f"path {rel[:200]!r} must be relative, without '..'")
     return rel
 
 
@@ -184,8 +185,17 @@ class JournalLog:
             ack.refused = f"record {record.seq} of {base.name} after {self.last_seq}"
             return ack
         data = record.SerializeToString(deterministic=True)
-        os.write(self._fd, _LENGTH.pack(len(data)) + data)
-        os.fdatasync(self._fd)
+        end = os.fstat(self._fd).st_size
+        framed = _LENGTH.pack(len(data)) + data
+        try:
+            if os.write(self._fd, framed) != len(framed):
+                raise OSError(errno.ENOSPC, "short write to the journal log")
+            os.fdatasync(self._fd)
+        except OSError:
+            # a full disk, an I/O error: no torn record may stay in front of later ones
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, end)
+            raise
         self.last_seq = record.seq
         return ack
 
@@ -261,8 +271,8 @@ def _scan(path: Path) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class JournalBase:
-    """A snapshot records can be made on: taken by this process, with the FUSE server's
-    mutation count read before it was taken."""
+    """A snapshot records can be made on: the newest, with the FUSE server's mutation count
+    read before it was taken (or found unchanged)."""
 
     ref: SnapRef
     generation: int  # the snapshot's btrfs generation: extents newer than it changed since

@@ -78,7 +78,15 @@ from sharedsync.tasks import cancel_and_wait, wait_event
 from . import metrics
 from .audit import AuditLog
 from .fuse import FuseServer
-from .journal import JournalBase, JournalChannel, JournalLog, JournalWriter, Prepared, sealed
+from .journal import (
+    JournalBase,
+    JournalChannel,
+    JournalLog,
+    JournalWriter,
+    Prepared,
+    check_relative,
+    sealed,
+)
 from .lineage import Lineage, SnapRef
 from .multiwriter import MultiWriter
 from .peers import PeerPool
@@ -785,6 +793,7 @@ class VolumeEngine:
             return False
         need = write_quorum(self.spec.policy.write_quorum, len(self.spec.replica_nodes)) - 1
         base = ref_of(record.base)
+        size = record.ByteSize()
 
         async def deliver(link: PeerLink) -> None:
             link.journal_pending += 1
@@ -796,6 +805,9 @@ class VolumeEngine:
                 if ack.refused:
                     raise FailedPrecondition(
                         f"{link.node} refused journal record: {ack.refused}")
+                if not ack.covered:
+                    self.bytes_shipped += size
+                    metrics.BYTES.labels(self.volume_id, "sent").inc(size)
             except BaseException:
                 link.journal_out = record.session  # it may miss this record: no more of them
                 raise
@@ -1200,8 +1212,10 @@ class VolumeEngine:
         if ref not in self.lineage.complete():
             raise NotFound(f"snapshot {ref.name} of {self.volume_id} is not here")
         root = self.lineage.path(ref)
-        if not rel or rel.startswith("/") or ".." in Path(rel).parts or "\0" in rel:
-            raise InvalidArgument(f"path {rel[:200]!r} must be relative, without '..'")
+        try:
+            check_relative(rel)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         path = root / rel
         resolved = path.resolve()
         if root.resolve() not in resolved.parents or path.is_symlink() or not path.is_file():

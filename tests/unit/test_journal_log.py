@@ -130,3 +130,28 @@ def test_replay_never_follows_a_symlink_out_of_the_volume(tmp_path: Path) -> Non
         with pytest.raises((ValueError, OSError)):
             log.replay(live)
     assert (outside / "target").read_bytes() == b"keep"
+
+
+def test_a_record_the_disk_could_not_take_leaves_no_torn_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-record: the append fails, and the log is exactly as before it, so the
+    records that follow later are never hidden behind a torn one."""
+    log = JournalLog(tmp_path)
+    log.append(record(1, files=(("f", 4, [(0, b"good")]),)), BASE)
+    path = next((tmp_path / "journal").iterdir())
+    before = path.read_bytes()
+    real_write = os.write
+
+    def short_write(fd: int, data: bytes) -> int:
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(os, "write", short_write)
+    with pytest.raises(OSError, match="short write"):
+        log.append(record(2, files=(("f", 4, [(0, b"lost")]),)), BASE)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert log.last_seq == 1
+    assert not log.append(record(2, files=(("f", 4, [(0, b"next")]),)), BASE).refused
+    again = JournalLog(tmp_path)
+    again.load(BASE)
+    assert again.last_seq == 2
