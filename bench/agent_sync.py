@@ -87,7 +87,7 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
             with StatusClient(agent.socket) as status, \
                     LocalBtrfs(workdir / "local", size) as local:
                 _measure(result, status, mount, local.live, pool, write_bytes, rounds, fsyncs,
-                         rtt_p50, agent.live(VOLUME).parent,
+                         rtt_p50, [a.live(VOLUME).parent for a in cluster.agents.values()],
                          lambda: _journal_records(cluster.metrics_url("a")))
         finally:
             agent.call("Detach", pb.DetachRequest(volume_id=VOLUME), timeout=60)
@@ -112,7 +112,7 @@ def _attach_audit(data_dir: Path) -> str:
 
 
 def _measure(result: Result, status: StatusClient, mount: Path, local: Path, pool: BufferPool,
-             write_bytes: int, rounds: int, fsyncs: int, rtt: float, replica: Path,
+             write_bytes: int, rounds: int, fsyncs: int, rtt: float, replicas: list[Path],
              journal_records: Callable[[], float]) -> None:
     local_rates, fuse_rates, fuse_fsyncs, local_fsyncs = [], [], [], []
     for i in range(rounds):
@@ -133,9 +133,11 @@ def _measure(result: Result, status: StatusClient, mount: Path, local: Path, poo
         (mount / f"seq-{i}.bin").unlink()
         # the deleted file's space returns once no snapshot holds it: the peers acknowledge a
         # snapshot without it, older ones are pruned, and btrfs' cleaner frees their extents
+        # (on every replica: a cleaner still at work would share the disk with what follows)
         status.stub.SyncNow(pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
         wait_in_sync(status, VOLUME, ["b", "c"], timeout=300)
-        btrfs.wait_for_cleaner(replica)
+        for replica in replicas:
+            btrfs.wait_for_cleaner(replica)
     wait_in_sync(status, VOLUME, ["b", "c"], timeout=300)
     local_rate, fuse_rate = median(local_rates), median(fuse_rates)
     result.details.update(local_write_mib_s=local_rates, fuse_write_mib_s=fuse_rates,
