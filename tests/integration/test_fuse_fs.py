@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import shutil
@@ -1082,3 +1083,40 @@ def test_inotify_on_the_backing_tree_sees_writes_through_the_mount(fs: Mounted) 
     finally:
         watch.close()
     assert backing.read_bytes() == b"in place"
+
+
+def test_mutations_count_what_changes_more_than_data(fs: Mounted) -> None:
+    """The fsync journal ships data only while this count stands still: every request that
+    creates, renames, removes, truncates or changes metadata moves it; reads, writes into an
+    existing file, fsync and close do not."""
+    m, _ = fs.both("data.bin")
+    m.write_bytes(b"x" * 8192)
+    # a request is counted again just after its reply: wait for the count to settle
+    _wait_until(lambda: fs.server.mutations % 2 == 0, "the create counted as done")
+    moved = fs.server.mutations
+    fd = os.open(m, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"y" * 4096, 4096)
+        os.fsync(fd)
+        assert os.pread(fd, 4, 4096) == b"yyyy"
+    finally:
+        os.close(fd)
+    with open(m, "ab") as handle:  # an append to an existing file: OPEN, not CREATE
+        handle.write(b"tail")
+    assert fs.server.mutations == moved
+    for change in (lambda: os.chmod(m, 0o600), lambda: os.truncate(m, 10),
+                   lambda: os.close(os.open(m, os.O_WRONLY | os.O_TRUNC)),
+                   lambda: os.rename(m, fs.mnt / "renamed.bin"),
+                   lambda: (fs.mnt / "dir").mkdir(),
+                   lambda: (fs.mnt / "new.bin").write_bytes(b""),
+                   lambda: (fs.mnt / "new.bin").unlink()):
+        before = fs.server.mutations
+        change()
+        # counted as it starts and once done
+        _wait_until(functools.partial(_counted, fs.server, before + 2), "the change counted")
+
+
+def _counted(server: FuseServer, at_least: int) -> bool:
+    """The mutation count reached ``at_least`` with nothing in flight (even)."""
+    count = server.mutations
+    return count >= at_least and count % 2 == 0
