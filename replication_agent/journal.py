@@ -33,7 +33,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,7 +355,9 @@ class JournalWriter:
                 if not stat.S_ISREG(st.st_mode):
                     return None
                 with self._lock:
-                    shipped = frozenset(self._shipped.get(rel, ()))
+                    # no copy: only shipped(), on this same commit thread, adds to the set, and
+                    # rebase() replaces the dict rather than changing a set in it
+                    shipped: Set[FileExtent] = self._shipped.get(rel, frozenset())
                 new = newer_extents(btrfs.file_extents(fd, min_generation=base.generation + 1),
                                     base.generation, shipped)
                 entry = record.files.add(path=rel, size=st.st_size)

@@ -752,8 +752,7 @@ class VolumeEngine:
     async def commit(self) -> None:
         """Synchronous mode: return once ``writeQuorum`` replicas hold everything written."""
         target = await self.cycle()
-        need = write_quorum(self.spec.policy.write_quorum,
-                            len(self.spec.replica_nodes)) - 1
+        need = self.peers_needed()
         if target is None or need == 0:
             return
         waits = [asyncio.ensure_future(link.wait_for(target)) for link in self.links.values()]
@@ -779,10 +778,14 @@ class VolumeEngine:
         metrics.SYNC_SECONDS.labels(self.volume_id, "Synchronous").observe(
             time.monotonic() - started)
 
+    def peers_needed(self) -> int:
+        """How many peers must hold a change before an fsync returns (writeQuorum - 1)."""
+        return write_quorum(self.spec.policy.write_quorum, len(self.spec.replica_nodes)) - 1
+
     def journal_useful(self) -> bool:
         """Whether a journal record could stand for a snapshot commit now: peers must
         acknowledge (writeQuorum above 1) and this replica serves the volume."""
-        need = write_quorum(self.spec.policy.write_quorum, len(self.spec.replica_nodes)) - 1
+        need = self.peers_needed()
         return 0 < need <= len(self.links) and not self.fenced and self.role is Role.PRIMARY
 
     async def journal_commit(self, record: pb.JournalRecord) -> bool:
@@ -791,7 +794,7 @@ class VolumeEngine:
         not within ``JOURNAL_TIMEOUT_SECONDS``: the caller then commits through a snapshot."""
         if not self.journal_useful():
             return False
-        need = write_quorum(self.spec.policy.write_quorum, len(self.spec.replica_nodes)) - 1
+        need = self.peers_needed()
         base = ref_of(record.base)
         size = record.ByteSize()
 
@@ -833,19 +836,16 @@ class VolumeEngine:
         if len(tasks) < need:
             return False
         done = 0
-        try:
-            for finished in asyncio.as_completed(tasks):
-                try:
-                    await finished
-                except (Exception, TimeoutError) as exc:  # noqa: BLE001 - counted, retried
-                    log.debug("journal record not acknowledged", volume_id=self.volume_id,
-                              error=str(exc)[:300])
-                    continue
-                done += 1
-                if done >= need:
-                    break
-        except asyncio.CancelledError:
-            raise
+        for finished in asyncio.as_completed(tasks):
+            try:
+                await finished
+            except (Exception, TimeoutError) as exc:  # noqa: BLE001 - counted, retried
+                log.debug("journal record not acknowledged", volume_id=self.volume_id,
+                          error=str(exc)[:300])
+                continue
+            done += 1
+            if done >= need:
+                break
         if done < need:
             metrics.SYNC_ERRORS.labels(self.volume_id, "journal").inc()
             return False
@@ -877,8 +877,9 @@ class VolumeEngine:
         async with self._journal_lock:
             ack = await asyncio.to_thread(append)
         if not ack.refused and not ack.covered:
-            self.bytes_received += record.ByteSize()
-            metrics.BYTES.labels(self.volume_id, "received").inc(record.ByteSize())
+            size = record.ByteSize()
+            self.bytes_received += size
+            metrics.BYTES.labels(self.volume_id, "received").inc(size)
         return ack
 
     async def wait_lag_within(self, limit: float) -> None:

@@ -297,6 +297,17 @@ def wait_for_extents(fd: int) -> None:
     _ioctl(fd, _FS_IOC_FIEMAP, args, "waiting for ordered extents", f"fd {fd}")
 
 
+def _file_extent(buf: bytearray, pos: int, offset: int, generation: int, ram_bytes: int,
+                 extent_type: int) -> FileExtent:
+    """The btrfs_file_extent_item at ``pos``: inline data is ``ram_bytes`` long at no disk
+    address; other extents name their disk extent and where in it this file range starts."""
+    if extent_type == INLINE:
+        return FileExtent(offset, ram_bytes, generation, kind=INLINE)
+    bytenr, _, extent_offset, num_bytes = _FILE_EXTENT_DISK.unpack_from(
+        buf, pos + _FILE_EXTENT.size)
+    return FileExtent(offset, num_bytes, generation, bytenr, extent_offset, extent_type)
+
+
 def file_extents(fd: int, *, min_generation: int = 0) -> list[FileExtent]:
     """The extent items of the file open at ``fd``, in file order.
 
@@ -327,15 +338,9 @@ def file_extents(fd: int, *, min_generation: int = 0) -> list[FileExtent]:
             pos += _SEARCH_HEADER.size
             if objectid == inode and kind == _EXTENT_DATA_KEY:
                 generation, ram_bytes, _, _, _, extent_type = _FILE_EXTENT.unpack_from(buf, pos)
-                if generation < min_generation:
-                    pass
-                elif extent_type == INLINE:
-                    found.append(FileExtent(offset, ram_bytes, generation, kind=INLINE))
-                else:
-                    bytenr, _, extent_offset, num_bytes = _FILE_EXTENT_DISK.unpack_from(
-                        buf, pos + _FILE_EXTENT.size)
-                    found.append(FileExtent(offset, num_bytes, generation, bytenr,
-                                            extent_offset, extent_type))
+                if generation >= min_generation:
+                    found.append(_file_extent(buf, pos, offset, generation, ram_bytes,
+                                              extent_type))
             pos += length
             last = offset
         if count == 0 or last < 0 or last >= _U64_MAX:
