@@ -15,9 +15,11 @@ page cache held).
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sharedsync.core.snapshot_plan import reclaim_now
 from sharedsync.storage import btrfs
 from sharedsync.storage.files import syncfs
 from sharedsync.storage.replicas import LIVE, ReplicaStore
@@ -114,6 +116,28 @@ class Lineage:
 
     def delete(self, ref: SnapRef) -> None:
         btrfs.delete_subvolume(self.path(ref), commit=False)
+
+    def prune(self, refs: Iterable[SnapRef]) -> None:
+        """Delete these snapshots (no commit: a deletion lost in a crash is done again); when
+        the replica is short of space, have their extents freed now (see
+        ``snapshot_plan.reclaim_now``)."""
+        deleted = 0
+        for ref in refs:
+            self.delete(ref)
+            deleted += 1
+        if deleted:
+            st = os.statvfs(self.root)
+            if reclaim_now(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize):
+                btrfs.sync(self.root)
+
+    def reclaim(self, keep: SnapRef | None) -> list[SnapRef]:
+        """Out of space: delete an interrupted receive and every complete snapshot but
+        ``keep``, and wait until their space is free. Returns the snapshots deleted."""
+        self.discard_partial()
+        doomed = [ref for ref in self.complete() if ref != keep]
+        self.prune(doomed)
+        btrfs.wait_for_cleaner(self.root)
+        return doomed
 
     def changed_since(self, ref: SnapRef | None) -> bool:
         """Whether ``live`` differs from snapshot ``ref`` (always True without one)."""

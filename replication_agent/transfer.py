@@ -13,13 +13,20 @@ that is cut off resumes from the verified bytes it already has instead of starti
 
 import asyncio
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharedsync.core.errors import Aborted, FailedPrecondition, Internal, InvalidArgument
+from sharedsync.core.errors import (
+    Aborted,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from sharedsync.core.framing import (
     DEFAULT_CHUNK_SIZE,
     NEVER_COMPRESS,
@@ -247,8 +254,10 @@ async def _run_receive(target: Path, source: AsyncIterator[bytes] | Path) -> Non
         stderr_task.cancel()
         raise
     if code != 0 or cut_short:
-        raise Internal(f"btrfs receive failed (exit {code}): "
-                       f"{stderr.decode(errors='replace').strip() or 'it stopped reading'}")
+        said = stderr.decode(errors="replace").strip() or "it stopped reading"
+        # the kernel's ENOSPC, as btrfs-progs prints it: the replica is full, not broken
+        failure = ResourceExhausted if os.strerror(errno.ENOSPC) in said else Internal
+        raise failure(f"btrfs receive failed (exit {code}): {said}")
 
 
 async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage],

@@ -49,6 +49,7 @@ from sharedsync.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from sharedsync.core.framing import NEVER_COMPRESS, CompressionPolicy, FrameDecoder
@@ -275,7 +276,9 @@ class PeerLink:
             if self.unreachable_since is None:
                 self.unreachable_since = time.monotonic()
             self.event(PeerUnreachable(since=self.unreachable_since))
-        else:
+        elif code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # (a full replica is intact: it freed what it could and takes the send again;
+            # rebuilding it from scratch would not make the volume's data any smaller)
             self.errors += 1
             if self.errors >= ERRORS_BEFORE_FAILED:
                 self.event(ReplicaError(reason=self.message))
@@ -935,17 +938,22 @@ class VolumeEngine:
 
             async def prune() -> None:
                 try:
-                    await asyncio.to_thread(self.prune)
+                    self._forget(await asyncio.to_thread(self.prune))
                 finally:
                     self._pruning = False
 
             self._background(prune())
 
-    def prune(self) -> None:
-        """Delete snapshots no peer needs (see sharedsync.core.snapshot_plan)."""
+    def _forget(self, pruned: list[SnapRef]) -> None:
+        """Drop the times of pruned snapshots (on the loop: lag_of iterates over them)."""
+        for ref in pruned:
+            self.snapshot_times.pop(ref, None)
+
+    def prune(self) -> list[SnapRef]:
+        """Delete snapshots no peer needs (see sharedsync.core.snapshot_plan); returns them."""
         links = list(self.links.values())
         if any(not link.known for link in links):
-            return  # until we know what every peer holds, any snapshot may be its parent
+            return []  # until we know what every peer holds, any snapshot may be its parent
         complete = self.lineage.complete()
         plan = SnapshotPlan.build(
             [Snapshot(seq=_order(ref), name=ref.name) for ref in complete],
@@ -954,11 +962,10 @@ class VolumeEngine:
             in_flight=[InFlight(peer=link.node, snapshot=link.in_flight.name,
                                 parent=link.acked.name if link.acked else None)
                        for link in links if link.in_flight is not None])
-        for snapshot in plan.deletable():
-            ref = SnapRef.parse(snapshot.name)
-            if ref is not None:
-                self.lineage.delete(ref)
-                self.snapshot_times.pop(ref, None)
+        doomed = [ref for ref in (SnapRef.parse(s.name) for s in plan.deletable())
+                  if ref is not None]
+        self.lineage.prune(doomed)
+        return doomed
 
     # -- the data path ---------------------------------------------------------------------
 
@@ -1060,7 +1067,11 @@ class VolumeEngine:
                     self.bytes_received += n
                     metrics.BYTES.labels(self.volume_id, "received").inc(n)
 
-                await receive_snapshot(self.lineage, header, messages, self.spool, progress)
+                try:
+                    await receive_snapshot(self.lineage, header, messages, self.spool,
+                                           progress)
+                except ResourceExhausted as exc:
+                    raise await self._out_of_space(header, exc) from exc
                 if self._newest_received is not None and ref > self._newest_received:
                     self._newest_received = ref
                 self.last_received_ns = time.time_ns()
@@ -1069,14 +1080,36 @@ class VolumeEngine:
                 self.snapshot_times[ref] = (
                     header.snapshot_unix_ns,
                     header.snapshot_unix_ns / 1e9 if header.snapshot_unix_ns else time.time())
-                self._background(asyncio.to_thread(self._prune_replica))
+                self._background(self._prune_replica())
             return pb.PushResult(received=ref_message(ref), epoch=self.epoch,
                                  bytes_received=self.bytes_received)
 
-    def _prune_replica(self) -> None:
-        complete = self.lineage.complete()
-        for ref in complete[:-REPLICA_KEEP]:
-            self.lineage.delete(ref)
+    async def _out_of_space(self, header: pb.StreamHeader,
+                            exc: ResourceExhausted) -> ResourceExhausted:
+        """A receive ran out of space: older snapshots may hold what the increment needs.
+
+        Everything but the stream's parent goes (all of them for a full stream, which the
+        sender sends because it shares none of them), and their space is freed before the
+        sender is told to send again. A replica is never thrown away for this: it is intact,
+        only full, and it stays Lagging with this message until the send fits.
+        """
+        keep = ref_of(header.parent) if header.HasField("parent") else None
+        freed = await asyncio.to_thread(self.lineage.reclaim, keep)
+        self._forget(freed)
+        log.warning("receive ran out of space", volume_id=self.volume_id,
+                    snapshot=ref_of(header.snapshot).name, freed_snapshots=len(freed))
+        return ResourceExhausted(f"replica of {self.volume_id} on {self.node} ran out of space "
+                                 f"receiving {ref_of(header.snapshot).name} ({exc}); "
+                                 f"freed {len(freed)} older snapshot(s): send it again")
+
+    async def _prune_replica(self) -> None:
+        """Keep the REPLICA_KEEP newest snapshots (and the times of those alone)."""
+        def prune() -> list[SnapRef]:
+            doomed = self.lineage.complete()[:-REPLICA_KEEP]
+            self.lineage.prune(doomed)
+            return doomed
+
+        self._forget(await asyncio.to_thread(prune))
 
     def holdings(self) -> pb.HoldingsResponse:
         reply = pb.HoldingsResponse(
@@ -1134,10 +1167,8 @@ class VolumeEngine:
 
     async def _request_resync(self, reason: str) -> None:
         async with self._receive_lock:
-            for ref in await asyncio.to_thread(self.lineage.complete):
-                await asyncio.to_thread(self.lineage.delete, ref)
             # the damaged extents must be freed, not merely unlinked, before the copy comes back
-            await asyncio.to_thread(btrfs.wait_for_cleaner, self.lineage.root)
+            self._forget(await asyncio.to_thread(self.lineage.reclaim, None))
         self.spool.clear()
         self.audit(AuditKind.REPAIR, action="resync-requested", reason=reason)
         await self.peers.stub(self.primary).Resync(pb.ResyncRequest(

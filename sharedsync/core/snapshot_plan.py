@@ -126,3 +126,21 @@ def deletable(snapshots: Iterable[Snapshot], peers: Mapping[str, str | None],
               in_flight: Iterable[InFlight] = ()) -> tuple[Snapshot, ...]:
     """Every snapshot that is not the newest, no peer's parent, not pinned and not in flight."""
     return SnapshotPlan.build(snapshots, peers, pinned, in_flight).deletable()
+
+
+#: Below this share of its filesystem free, a replica has the snapshots it prunes freed at
+#: once (btrfs' cleaner woken, one extra transaction commit) rather than at the kernel's next
+#: periodic run, up to 30 s later. With more free than this, the wait costs a writer nothing.
+RECLAIM_BELOW_FREE_SHARE = 0.5
+
+
+def reclaim_now(free_bytes: int, total_bytes: int) -> bool:
+    """Whether pruned snapshots' space must come back now (see RECLAIM_BELOW_FREE_SHARE).
+
+    The space a snapshot held is used until then: a volume that deleted a large file and is
+    writing another as large runs out of space on its primary, and a replica's receive fails
+    with ENOSPC, when the old file's last snapshot was pruned moments before.
+    """
+    if total_bytes <= 0:
+        return False
+    return free_bytes < total_bytes * RECLAIM_BELOW_FREE_SHARE

@@ -12,6 +12,7 @@ volumes the operator would make ``file_level``, so that btrfs and ext4 nodes sha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import urllib.request
@@ -236,4 +237,115 @@ def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster)
     with urllib.request.urlopen(cluster.metrics_url("a"), timeout=10) as response:
         text = response.read().decode()
     assert f'sharedsync_writer_throttled_total{{volume="{VOLUME}"}}' in text
+    cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+
+
+def rebuild_starts(cluster: AgentCluster, node: str) -> list[dict[str, str]]:
+    """The full streams ``node`` began to send (a new replica, or one rebuilt from scratch)."""
+    from replication_agent.audit import read_records
+    return [r.detail_map for r in read_records(
+        [p for p in cluster.audit_files(node) if p.exists()])
+        if r.kind == "rebuild" and r.detail_map.get("phase") == "start"]
+
+
+def write_big(path: Path, size: int, chunk: bytes) -> str:
+    """Write ``size`` bytes in 1 MiB writes, fsync every 16 MiB (each must reach the quorum);
+    return the content's digest."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for written in range(0, size, len(chunk)):
+            block = chunk[:min(len(chunk), size - written)]
+            block = written.to_bytes(8, "little") + block[8:]  # no two blocks alike
+            out.write(block)
+            digest.update(block)
+            if (written + len(block)) % (16 << 20) == 0:
+                out.flush()
+                os.fsync(out.fileno())
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def test_rewriting_most_of_the_volume_keeps_every_replica(cluster: AgentCluster) -> None:
+    """Delete a file of 60% of the volume and write another as large: for a while the
+    replicas' snapshots still hold the old one, which leaves too little space for the new one
+    until the pruned snapshots' extents are really freed. Every fsync must still reach the
+    quorum, and no replica may be thrown away and rebuilt from scratch for lack of space."""
+    if on_ext4(cluster):
+        pytest.skip("file-level replicas hold no snapshots; a new version of a file is "
+                    "written beside the old one, so one file cannot exceed half the volume")
+    cluster.apply(spec(cluster, VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
+                       write_quorum=2, size=256 << 20))
+    mount = attach(cluster, "a")
+    chunk = os.urandom(1 << 20)
+    size = 150 << 20
+    write_big(mount / "first.bin", size, chunk)
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    rebuilds = len(rebuild_starts(cluster, "a"))
+    (mount / "first.bin").unlink()
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    digest = write_big(mount / "second.bin", size, chunk)
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    assert len(rebuild_starts(cluster, "a")) == rebuilds, (
+        f"a replica was rebuilt from scratch: {rebuild_starts(cluster, 'a')[rebuilds:]}")
+    for node in ("b", "c"):
+        held = replicated(cluster, node) / "second.bin"
+        assert hashlib.sha256(held.read_bytes()).hexdigest() == digest, f"{node}'s copy differs"
+    cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+
+
+def out_of_space_refusals(cluster: AgentCluster, node: str) -> float:
+    """Sends ``node`` made that a peer refused for lack of space (its sync error counter)."""
+    wanted = (f'sharedsync_sync_errors_total{{reason="resource_exhausted",volume="{VOLUME}"}}',
+              f'sharedsync_sync_errors_total{{volume="{VOLUME}",reason="resource_exhausted"}}')
+    text = urllib.request.urlopen(cluster.metrics_url(node), timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(wanted))
+
+
+def test_a_full_replica_waits_for_space_and_is_never_rebuilt(cluster: AgentCluster) -> None:
+    """Fill c's replica behind the agent's back: its receives fail for lack of space. The
+    quorum goes on with a and b; c frees what it can, stays Lagging with a message that says
+    why, and is never failed and rebuilt from scratch. Once there is room again, it catches
+    up from the snapshot it holds."""
+    if on_ext4(cluster):
+        pytest.skip("this is the snapshot receive's out-of-space path (btrfs replicas)")
+    cluster.apply(spec(cluster, VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
+                       write_quorum=2))
+    mount = attach(cluster, "a")
+    chunk = os.urandom(1 << 20)
+    write_big(mount / "before.bin", 8 << 20, chunk)
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    rebuilds = len(rebuild_starts(cluster, "a"))
+    filler = cluster.agents["c"].sync_dir(VOLUME).parent / "filler"
+    with open(filler, "wb") as out:
+        end = 0
+        for step in (16 << 20, 1 << 20, 64 << 10):  # as much as the filesystem will take
+            with contextlib.suppress(OSError):
+                while True:
+                    os.posix_fallocate(out.fileno(), end, step)
+                    end += step
+        os.fsync(out.fileno())
+    try:
+        digest = write_big(mount / "after.bin", 48 << 20, chunk)  # quorum: a and b
+
+        def c_waits_for_space() -> bool:
+            c = {r.node: r for r in cluster.agents["a"].volume(VOLUME).replicas}["c"]
+            return c.state == pb.LAGGING and "space" in c.message
+
+        wait_until(c_waits_for_space, timeout=60, what="c reported Lagging for lack of space")
+        # more refusals than would fail a broken replica (ERRORS_BEFORE_FAILED): still Lagging
+        wait_until(lambda: out_of_space_refusals(cluster, "a") > 5, timeout=120,
+                   interval=0.5, what="c refusing sends for lack of space, again and again")
+        assert c_waits_for_space()
+        assert len(rebuild_starts(cluster, "a")) == rebuilds
+    finally:
+        filler.unlink()
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    wait_until(lambda: all(r.state == pb.IN_SYNC
+                           for r in cluster.agents["a"].volume(VOLUME).replicas),
+               timeout=120, what="c back in sync")
+    assert len(rebuild_starts(cluster, "a")) == rebuilds, "c was rebuilt from scratch"
+    held = replicated(cluster, "c") / "after.bin"
+    assert hashlib.sha256(held.read_bytes()).hexdigest() == digest
     cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))

@@ -8,11 +8,13 @@ from hypothesis import strategies as st
 
 from sharedsync.core.errors import InvalidArgument, NotFound
 from sharedsync.core.snapshot_plan import (
+    RECLAIM_BELOW_FREE_SHARE,
     InFlight,
     Snapshot,
     SnapshotPlan,
     deletable,
     parent_for,
+    reclaim_now,
 )
 
 S = [Snapshot(seq=i, name=f"s{i}") for i in range(6)]
@@ -156,3 +158,22 @@ def test_parent_is_the_peers_last_snapshot_when_the_sender_has_it(plan: Snapshot
             assert parent.name == last
         else:
             assert parent is None
+
+
+def test_pruned_space_is_reclaimed_at_once_only_when_the_replica_is_short_of_it() -> None:
+    gib = 1 << 30
+    assert reclaim_now(gib // 4, gib)  # a quarter free: the old snapshot's space is wanted
+    assert not reclaim_now(3 * gib // 4, gib)  # plenty free: the cleaner's own pace will do
+    assert not reclaim_now(0, 0)  # no filesystem to speak of
+
+
+@given(st.integers(min_value=1 << 20, max_value=1 << 50), st.floats(min_value=0, max_value=1))
+def test_reclaiming_follows_the_free_share(total: int, share: float) -> None:
+    free = int(total * share)
+    if share > RECLAIM_BELOW_FREE_SHARE + 1e-3:
+        assert not reclaim_now(free, total)
+    if share < RECLAIM_BELOW_FREE_SHARE / 2:
+        assert reclaim_now(free, total)
+    # less free space never makes reclaiming less urgent
+    if reclaim_now(free, total):
+        assert reclaim_now(free // 2, total)
