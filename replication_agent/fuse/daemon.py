@@ -32,8 +32,9 @@ durable on enough replicas. If the backing fsync fails its errno is returned; if
 raises, the caller gets EIO: the application learns that its data is not safe.
 
 Group commit: one reader thread reads requests and hands FSYNC/FLUSH straight to a single
-commit worker, which fsyncs the backing descriptors (in parallel on the worker pool when several
-are waiting) and then calls ``hooks.commit``. Requests that arrive while a commit is in progress
+commit worker, which starts the fsyncs of the backing descriptors on the worker pool (in
+parallel when several are waiting), calls ``hooks.commit`` while they run, and answers once
+both are done. Requests that arrive while a commit is in progress
 are batched into the next ``hooks.commit`` call, which answers all of them (``datasync`` is True
 only if every request in the batch asked for it). Everything else is served by a small worker
 pool and never waits behind a slow commit; an uncontended fsync costs one thread handoff. The
@@ -207,7 +208,8 @@ class SyncHooks(Protocol):
         root itself) is durable on enough replicas; raise if that cannot be achieved.
 
         ``datasync`` is True when every waiting caller asked only for fdatasync. Called from
-        one thread at a time; the local files are already fsynced.
+        one thread at a time, while the daemon fsyncs the local files (the callers are
+        answered once both are done).
         """
         ...
 
@@ -1583,15 +1585,23 @@ class FuseServer:
             finally:
                 self._commit_busy = False
 
-    def _fsync_all(self, syncs: list[_Pending]) -> dict[int, int]:
-        """fsync (or fdatasync) every pending descriptor; {index: errno} of the failures.
+    def _start_fsyncs(self, syncs: list[_Pending]) -> Callable[[], dict[int, int]]:
+        """Start fsync (or fdatasync) of every pending descriptor on the worker pool; the call
+        returned waits for them and gives {index: errno} of the failures.
 
-        One runs here; several run in parallel on the worker pool, so that the filesystem can
-        fold them into one journal commit.
+        They run while ``hooks.commit`` ships the change: the local sync and the peers' take
+        about as long, and neither needs the other (a journal record is read from the page
+        cache once the file's writeback is done; a snapshot flushes what it takes). Several
+        run in parallel, so that the filesystem can fold them into one journal commit.
         """
         failures: dict[int, int] = {}
+        if not syncs:
+            return lambda: failures
+        remaining = [len(syncs)]
+        lock = threading.Lock()
+        done = threading.Event()
 
-        def one(index: int) -> None:
+        def job(index: int) -> None:
             pending = syncs[index]
             try:
                 if pending.datasync:
@@ -1600,17 +1610,6 @@ class FuseServer:
                     os.fsync(pending.fd)
             except OSError as exc:
                 failures[index] = _errno_of(exc)
-
-        if len(syncs) == 1:
-            one(0)
-            return failures
-        remaining = [len(syncs)]
-        lock = threading.Lock()
-        done = threading.Event()
-
-        def job(index: int) -> None:
-            try:
-                one(index)
             finally:
                 with lock:
                     remaining[0] -= 1
@@ -1619,23 +1618,16 @@ class FuseServer:
 
         for index in range(len(syncs)):
             self._work.put(functools.partial(job, index))
-        done.wait()
-        return failures
+
+        def wait() -> dict[int, int]:
+            done.wait()
+            return failures
+
+        return wait
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         syncs = [p for p in batch if p.fd >= 0]
-        if syncs:
-            failed = self._fsync_all(syncs)
-            for index, error in failed.items():
-                pending = syncs[index]
-                if pending.handle is not None:
-                    pending.handle.dirty = True
-                self._reply_error(pending.unique, error)
-            if failed:
-                dropped = {id(syncs[i]) for i in failed}
-                batch = [p for p in batch if id(p) not in dropped]
-                if not batch:
-                    return
+        local = self._start_fsyncs(syncs)
         paths = list(dict.fromkeys(p.path for p in batch))
         datasync = all(p.datasync for p in batch)
         error = 0
@@ -1644,15 +1636,19 @@ class FuseServer:
         except Exception:
             log.exception("fuse: commit of %d path(s) failed; answering EIO", len(paths))
             error = errno.EIO
+        # a local failure is the caller's errno, whatever the peers did (data they hold and the
+        # caller was not promised is harmless: POSIX leaves the file's state open after it)
+        local_errors = {id(syncs[i]): e for i, e in local().items()}
         with self._stats_lock:
             self._counters["commit_calls"] += 1
             self._counters["commit_requests"] += len(batch)
             if error:
                 self._counters["commit_errors"] += 1
         for pending in batch:
-            if error:
+            failed = local_errors.get(id(pending), error)
+            if failed:
                 if pending.handle is not None:
                     pending.handle.dirty = True
-                self._reply_error(pending.unique, error)
+                self._reply_error(pending.unique, failed)
             else:
                 self._reply(pending.unique, pending.payload)

@@ -650,7 +650,7 @@ def test_fsync_returns_only_after_commit(fs: Mounted) -> None:
         assert not errors, errors
         assert hooks.events == ["commit-start", "released", "commit-end", "fsync-returned"]
         assert hooks.commits == [(["durable"], False)]
-        # the local file was fsynced before commit was asked
+        # the write reached the backing file
         assert (fs.backing / "durable").read_bytes() == b"must survive a node loss"
         hooks.gate = None
         hooks.reset()
