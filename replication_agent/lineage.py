@@ -15,7 +15,7 @@ page cache held).
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,11 +130,11 @@ class Lineage:
             if reclaim_now(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize):
                 btrfs.sync(self.root)
 
-    def reclaim(self, keep: SnapRef | None) -> list[SnapRef]:
-        """Out of space: delete an interrupted receive and every complete snapshot but
-        ``keep``, and wait until their space is free. Returns the snapshots deleted."""
+    def reclaim(self, keep: Collection[SnapRef] = ()) -> list[SnapRef]:
+        """Delete an interrupted receive and every complete snapshot not in ``keep``, and
+        wait until their space is free. Returns the snapshots deleted."""
         self.discard_partial()
-        doomed = [ref for ref in self.complete() if ref != keep]
+        doomed = [ref for ref in self.complete() if ref not in keep]
         self.prune(doomed)
         btrfs.wait_for_cleaner(self.root)
         return doomed

@@ -1088,12 +1088,16 @@ class VolumeEngine:
                             exc: ResourceExhausted) -> ResourceExhausted:
         """A receive ran out of space: older snapshots may hold what the increment needs.
 
-        Everything but the stream's parent goes (all of them for a full stream, which the
-        sender sends because it shares none of them), and their space is freed before the
-        sender is told to send again. A replica is never thrown away for this: it is intact,
+        Everything but the stream's parent and the newest snapshot goes, and their space is
+        freed before the sender is told to send again. (The newest stays even when it is not
+        the parent, after a lost acknowledgement: this replica's fsync journal, whose records
+        it acknowledged, builds on it.) A replica is never thrown away for this: it is intact,
         only full, and it stays Lagging with this message until the send fits.
         """
-        keep = ref_of(header.parent) if header.HasField("parent") else None
+        keep = {ref_of(header.parent)} if header.HasField("parent") else set()
+        newest = await asyncio.to_thread(self.lineage.newest)
+        if newest is not None:
+            keep.add(newest)
         freed = await asyncio.to_thread(self.lineage.reclaim, keep)
         self._forget(freed)
         log.warning("receive ran out of space", volume_id=self.volume_id,
@@ -1168,7 +1172,7 @@ class VolumeEngine:
     async def _request_resync(self, reason: str) -> None:
         async with self._receive_lock:
             # the damaged extents must be freed, not merely unlinked, before the copy comes back
-            self._forget(await asyncio.to_thread(self.lineage.reclaim, None))
+            self._forget(await asyncio.to_thread(self.lineage.reclaim))
         self.spool.clear()
         self.audit(AuditKind.REPAIR, action="resync-requested", reason=reason)
         await self.peers.stub(self.primary).Resync(pb.ResyncRequest(
