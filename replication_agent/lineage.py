@@ -125,10 +125,14 @@ class Lineage:
         for ref in refs:
             self.delete(ref)
             deleted += 1
-        if deleted:
+        if not deleted:
+            return
+        try:
             st = os.statvfs(self.root)
             if reclaim_now(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize):
                 btrfs.sync(self.root)
+        except OSError:
+            pass  # closed meanwhile: the space comes back at the cleaner's own pace
 
     def reclaim(self, keep: Collection[SnapRef] = ()) -> list[SnapRef]:
         """Delete an interrupted receive and every complete snapshot not in ``keep``, and

@@ -240,7 +240,7 @@ def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster)
     cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
 
 
-def rebuild_starts(cluster: AgentCluster, node: str) -> list[dict[str, str]]:
+def rebuild_starts(cluster: AgentCluster, node: str) -> list[dict[str, str | int | float | bool]]:
     """The full streams ``node`` began to send (a new replica, or one rebuilt from scratch)."""
     from replication_agent.audit import read_records
     return [r.detail_map for r in read_records(
@@ -284,6 +284,16 @@ def test_rewriting_most_of_the_volume_keeps_every_replica(cluster: AgentCluster)
     rebuilds = len(rebuild_starts(cluster, "a"))
     (mount / "first.bin").unlink()
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
+    # the old file's space comes back on the primary as soon as its last snapshot is pruned
+    # (the cleaner is woken), not at btrfs' next periodic run, 30 s later
+    live = cluster.agents["a"].live(VOLUME)
+
+    def free_bytes() -> int:
+        st = os.statvfs(live)
+        return st.f_bavail * st.f_frsize
+
+    wait_until(lambda: free_bytes() >= size, timeout=15, interval=0.2,
+               what="the deleted file's space back on the primary")
     digest = write_big(mount / "second.bin", size, chunk)
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
     assert len(rebuild_starts(cluster, "a")) == rebuilds, (
