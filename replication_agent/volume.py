@@ -429,6 +429,7 @@ class VolumeEngine:
         self._fuse: FuseServer | None = None
         self._retired: set[asyncio.Future[None]] = set()
         self._pruning = False
+        self._prune_again = False
         self._scrubber: asyncio.Task[None] | None = None
         self.fuse_root = state_dir.parent / "fuse"
         self.multiwriter: MultiWriter | None = None
@@ -932,17 +933,23 @@ class VolumeEngine:
         task.add_done_callback(self._retired.discard)
 
     def prune_soon(self) -> None:
-        """Prune in a worker thread, once at a time, without delaying acknowledgements."""
-        if not self._pruning:
-            self._pruning = True
+        """Prune in a worker thread, once at a time, without delaying acknowledgements. A
+        request that comes while a prune runs makes it run once more (an acknowledgement that
+        arrived meanwhile may free a snapshot the running prune still had to keep)."""
+        self._prune_again = True
+        if self._pruning:
+            return
+        self._pruning = True
 
-            async def prune() -> None:
-                try:
+        async def prune() -> None:
+            try:
+                while self._prune_again:
+                    self._prune_again = False
                     self._forget(await asyncio.to_thread(self.prune))
-                finally:
-                    self._pruning = False
+            finally:
+                self._pruning = False
 
-            self._background(prune())
+        self._background(prune())
 
     def _forget(self, pruned: list[SnapRef]) -> None:
         """Drop the times of pruned snapshots (on the loop: lag_of iterates over them)."""
@@ -1070,7 +1077,11 @@ class VolumeEngine:
                 try:
                     await receive_snapshot(self.lineage, header, messages, self.spool,
                                            progress)
-                except ResourceExhausted as exc:
+                except (ResourceExhausted, OSError) as exc:
+                    # ENOSPC may also come from our own steps on a full replica (deleting an
+                    # interrupted receive needs metadata space too)
+                    if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+                        raise
                     raise await self._out_of_space(header, exc) from exc
                 if self._newest_received is not None and ref > self._newest_received:
                     self._newest_received = ref
@@ -1084,8 +1095,7 @@ class VolumeEngine:
             return pb.PushResult(received=ref_message(ref), epoch=self.epoch,
                                  bytes_received=self.bytes_received)
 
-    async def _out_of_space(self, header: pb.StreamHeader,
-                            exc: ResourceExhausted) -> ResourceExhausted:
+    async def _out_of_space(self, header: pb.StreamHeader, exc: Exception) -> ResourceExhausted:
         """A receive ran out of space: older snapshots may hold what the increment needs.
 
         Everything but the stream's parent and the newest snapshot goes, and their space is
@@ -1098,7 +1108,11 @@ class VolumeEngine:
         newest = await asyncio.to_thread(self.lineage.newest)
         if newest is not None:
             keep.add(newest)
-        freed = await asyncio.to_thread(self.lineage.reclaim, keep)
+        try:
+            freed = await asyncio.to_thread(self.lineage.reclaim, keep)
+        except OSError as failed:  # too full even to delete: the next attempt tries again
+            log.warning("could not free space", volume_id=self.volume_id, error=str(failed))
+            freed = []
         self._forget(freed)
         log.warning("receive ran out of space", volume_id=self.volume_id,
                     snapshot=ref_of(header.snapshot).name, freed_snapshots=len(freed))

@@ -339,15 +339,18 @@ def test_a_full_replica_waits_for_space_and_is_never_rebuilt(cluster: AgentClust
     try:
         digest = write_big(mount / "after.bin", 48 << 20, chunk)  # quorum: a and b
 
+        def c_status() -> pb.ReplicaStatus:
+            return {r.node: r for r in cluster.agents["a"].volume(VOLUME).replicas}["c"]
+
         def c_waits_for_space() -> bool:
-            c = {r.node: r for r in cluster.agents["a"].volume(VOLUME).replicas}["c"]
+            c = c_status()
             return c.state == pb.LAGGING and "space" in c.message
 
         wait_until(c_waits_for_space, timeout=60, what="c reported Lagging for lack of space")
         # more refusals than would fail a broken replica (ERRORS_BEFORE_FAILED): still Lagging
         wait_until(lambda: out_of_space_refusals(cluster, "a") > 5, timeout=120,
                    interval=0.5, what="c refusing sends for lack of space, again and again")
-        assert c_waits_for_space()
+        assert c_waits_for_space(), c_status()
         assert len(rebuild_starts(cluster, "a")) == rebuilds
     finally:
         filler.unlink()
