@@ -139,8 +139,9 @@ class Lineage:
         wait until their space is free. Returns the snapshots deleted."""
         self.discard_partial()
         doomed = [ref for ref in self.complete() if ref not in keep]
-        self.prune(doomed)
-        btrfs.wait_for_cleaner(self.root)
+        for ref in doomed:
+            self.delete(ref)
+        btrfs.wait_for_cleaner(self.root)  # wakes the cleaner itself: no prune() needed
         return doomed
 
     def changed_since(self, ref: SnapRef | None) -> bool:

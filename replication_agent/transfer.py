@@ -50,15 +50,16 @@ READ_SIZE = DEFAULT_CHUNK_SIZE
 #: (the most an unprivileged pipe may hold is /proc/sys/fs/pipe-max-size, 1 MiB by default).
 PIPE_BYTES = DEFAULT_CHUNK_SIZE
 
+#: Called with the number of bytes about to go on the wire; returns when they may.
+Pacer = Callable[[int], Awaitable[None]]
+#: Called with raw stream bytes as they are produced or applied (progress, metrics).
+Progress = Callable[[int], None]
+
 
 def widen_pipe(fd: int) -> None:
     """Give a pipe PIPE_BYTES of buffer, or leave it as it is where the system refuses."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-#: Called with the number of bytes about to go on the wire; returns when they may.
-Pacer = Callable[[int], Awaitable[None]]
-#: Called with raw stream bytes as they are produced or applied (progress, metrics).
-Progress = Callable[[int], None]
 
 
 async def _no_pacing(_: int) -> None:

@@ -140,7 +140,7 @@ def delete_subvolume(path: str | os.PathLike[str], *, commit: bool = True) -> No
         except FileNotFoundError:
             return  # deleted meanwhile
         if commit:
-            _sync_fd(parent_fd, path)
+            _ioctl(parent_fd, _IOC_SYNC, bytearray(), "sync btrfs", path)
     finally:
         os.close(parent_fd)
 
@@ -214,7 +214,7 @@ def persist_error_counters(mount_point: str | os.PathLike[str]) -> None:
     sync(mount_point)
 
 
-_IOC_SYNC = (0x94 << 8) | 8  # BTRFS_IOC_SYNC = _IO(BTRFS_IOCTL_MAGIC, 8): no argument
+_IOC_SYNC = _ioc(0, 8, struct.Struct(""))  # BTRFS_IOC_SYNC = _IO(BTRFS_IOCTL_MAGIC, 8)
 
 
 def sync(mount_point: str | os.PathLike[str]) -> None:
@@ -229,16 +229,9 @@ def sync(mount_point: str | os.PathLike[str]) -> None:
     """
     fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        _sync_fd(fd, mount_point)
+        _ioctl(fd, _IOC_SYNC, bytearray(), "sync btrfs", mount_point)
     finally:
         os.close(fd)
-
-
-def _sync_fd(fd: int, path: str | os.PathLike[str]) -> None:
-    try:
-        fcntl.ioctl(fd, _IOC_SYNC, 0)
-    except OSError as exc:
-        raise OSError(exc.errno, f"sync btrfs: {exc.strerror}", os.fspath(path)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from replication_agent.proto import agent_pb2 as pb
+from tests.e2e.kube import metric
 from tests.integration.agent_harness import (
     STORE_FILESYSTEMS,
     AgentCluster,
@@ -306,11 +307,9 @@ def test_rewriting_most_of_the_volume_keeps_every_replica(cluster: AgentCluster)
 
 def out_of_space_refusals(cluster: AgentCluster, node: str) -> float:
     """Sends ``node`` made that a peer refused for lack of space (its sync error counter)."""
-    wanted = (f'sharedsync_sync_errors_total{{reason="resource_exhausted",volume="{VOLUME}"}}',
-              f'sharedsync_sync_errors_total{{volume="{VOLUME}",reason="resource_exhausted"}}')
     text = urllib.request.urlopen(cluster.metrics_url(node), timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(wanted))
+    return metric(text, "sharedsync_sync_errors_total", volume=VOLUME,
+                  reason="resource_exhausted") or 0.0
 
 
 def test_a_full_replica_waits_for_space_and_is_never_rebuilt(cluster: AgentCluster) -> None:
