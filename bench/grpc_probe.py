@@ -20,11 +20,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from replication_agent.heap import keep_large_buffers
 from replication_agent.peers import SERVER_OPTIONS, PeerPool
 from replication_agent.proto import agent_pb2 as pb
 from replication_agent.proto import agent_pb2_grpc
+from replication_agent.push_wire import encode_frame
 from replication_agent.tls import TlsConfig, server_credentials
-from replication_agent.transfer import frame_message
 from sharedsync.core.framing import FrameEncoder
 
 MiB = 1 << 20
@@ -96,16 +97,16 @@ async def push(target: str, tls: TlsConfig, nbytes: int,
     pool = PeerPool({"peer": target}, tls)
     stub = pool.stub("peer")
 
-    async def prebuilt() -> AsyncIterator[pb.PushMessage]:
+    async def prebuilt() -> AsyncIterator[pb.PushMessage | bytes]:
         # a valid stream (sequence numbers, checksums, digest) from memory
         encoder = FrameEncoder()
         yield pb.PushMessage(header=pb.StreamHeader(volume_id="probe"))
         for i in range(nbytes // MiB):
             for frame in encoder.feed(buffers[i % len(buffers)]):
-                yield frame_message(frame)
-        yield frame_message(encoder.finish())
+                yield encode_frame(frame)
+        yield encode_frame(encoder.finish())
 
-    def stream() -> AsyncIterator[pb.PushMessage]:
+    def stream() -> AsyncIterator[pb.PushMessage | bytes]:
         if snapshot is None:
             return prebuilt()
         # the agent's own sender: btrfs send of a snapshot -> FrameEncoder -> messages
@@ -123,7 +124,7 @@ async def push(target: str, tls: TlsConfig, nbytes: int,
     # one small call first so that the TLS handshake is not timed
     await stub.Push(stream_of(pb.PushMessage(header=pb.StreamHeader(volume_id="warm"))))
     t = time.perf_counter()
-    reply = await stub.Push(stream())
+    reply = await pool.push("peer")(stream())
     seconds = time.perf_counter() - t
     await pool.close()
     return {"bytes": reply.bytes_received, "seconds": seconds}
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snapshot", type=Path, default=None,
                         help="client: stream `btrfs send SNAPSHOT` like the agent's sender")
     args = parser.parse_args(argv)
+    keep_large_buffers()  # as the agent does (replication_agent.server)
     tls = _tls(args.pki, args.node)
     if args.mode == "server":
         asyncio.run(serve(args.listen, tls, args.spool))

@@ -7,6 +7,7 @@ they validate, find the volume's :class:`VolumeEngine`, and ask it.
 """
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
@@ -50,6 +51,10 @@ SYNC_WAIT_SECONDS = 300.0
 #: Attempts at snapshotting a fresh sync point that a newer one replaced (and pruning removed)
 #: between the acknowledgement and the snapshot.
 SNAPSHOT_ATTEMPTS = 3
+#: How much of a refused Push stream is read on before the refusal is answered (see
+#: ``drain_refused``): about 512 MiB at the usual frame size.
+REFUSED_DRAIN_SECONDS = 5.0
+REFUSED_DRAIN_MESSAGES = 512
 MODES = {"Synchronous": pb.SYNCHRONOUS, "Asynchronous": pb.ASYNCHRONOUS,
          "Scheduled": pb.SCHEDULED}
 
@@ -553,11 +558,34 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidArgument("a replication stream starts with its header")
         header = first.header
-        engine = self.engine(header.volume_id)
-        if header.sender_node not in engine.spec.replica_nodes:
-            raise FailedPrecondition(
-                f"{header.sender_node} is not a replica of {header.volume_id}")
-        return await engine.receive(header, request_iterator)
+        try:
+            engine = self.engine(header.volume_id)
+            if header.sender_node not in engine.spec.replica_nodes:
+                raise FailedPrecondition(
+                    f"{header.sender_node} is not a replica of {header.volume_id}")
+            return await engine.receive(header, request_iterator)
+        except Exception:
+            await drain_refused(request_iterator)
+            raise
+
+
+async def drain_refused(messages: AsyncIterator[pb.PushMessage]) -> None:
+    """Read a refused stream on to its end (within ``REFUSED_DRAIN_SECONDS`` and
+    ``REFUSED_DRAIN_MESSAGES``) before the refusal is answered.
+
+    A sender whose write is still under way when the call ends sees that write fail, and gRPC
+    then reports the call as INTERNAL ("Internal error from Core") in place of the refusal's
+    own status: a full replica's RESOURCE_EXHAUSTED, which must not count toward Failed, or a
+    stale epoch's FAILED_PRECONDITION. A sender that has written everything waits for the
+    answer and gets it as sent.
+    """
+    with contextlib.suppress(Exception, TimeoutError):
+        async with asyncio.timeout(REFUSED_DRAIN_SECONDS):
+            count = 0
+            async for _ in messages:
+                count += 1
+                if count >= REFUSED_DRAIN_MESSAGES:
+                    break
 
 
 def snapshot_status(record: SnapshotRecord) -> pb.SnapshotStatus:

@@ -4,12 +4,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
+from .push_wire import request_wire
+from .tls import PEER_SERVER_NAME, TlsConfig, channel_credentials
 
 if TYPE_CHECKING:
     from .proto.agent_pb2_grpc import ReplicationAsyncStub
-from .tls import PEER_SERVER_NAME, TlsConfig, channel_credentials
 
+    PushCall = grpc.aio.StreamUnaryMultiCallable[pb.PushMessage | bytes, pb.PushResult]
+
+PUSH_METHOD = "/sharedsync.agent.v1.Replication/Push"
 #: Frames are at most 4 MiB raw (sharedsync.core.framing.MAX_CHUNK_SIZE) plus a few fields.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 #: Keepalive pings find a peer behind a partition within about 10 s, even mid-stream.
@@ -53,7 +58,7 @@ class PeerPool:
         self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def stub(self, node: str) -> "ReplicationAsyncStub":
+    def _channel(self, node: str) -> grpc.aio.Channel:
         channel = self._channels.get(node)
         if channel is None:
             address = self.addresses.get(node)
@@ -61,7 +66,17 @@ class PeerPool:
                 raise KeyError(f"no address known for peer {node}")
             channel = open_channel(address, self.tls)
             self._channels[node] = channel
-        return agent_pb2_grpc.ReplicationStub(channel)
+        return channel
+
+    def stub(self, node: str) -> "ReplicationAsyncStub":
+        return agent_pb2_grpc.ReplicationStub(self._channel(node))
+
+    def push(self, node: str) -> "PushCall":
+        """``Replication.Push`` to ``node``, taking frames already encoded
+        (``transfer.stream_snapshot``'s output; see ``push_wire``)."""
+        return self._channel(node).stream_unary(
+            PUSH_METHOD, request_serializer=request_wire,
+            response_deserializer=pb.PushResult.FromString)
 
     async def update(self, addresses: dict[str, str]) -> None:
         """Take a new address book; channels to moved or removed peers are closed."""

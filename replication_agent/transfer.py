@@ -17,7 +17,7 @@ import errno
 import fcntl
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from sharedsync.storage.files import syncfs
 
 from .lineage import Lineage, SnapRef
 from .proto import agent_pb2 as pb
+from .push_wire import encode_frame
 
 READ_SIZE = DEFAULT_CHUNK_SIZE
 #: The pipes between the kernel's send, the event loop and ``btrfs receive`` hold a whole
@@ -110,8 +111,9 @@ class Outgoing:
 async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
                           progress: Progress = _no_progress,
                           compress: CompressionPolicy = NEVER_COMPRESS,
-                          ) -> AsyncIterator[pb.PushMessage]:
-    """Yield the header and frames of ``out`` (the request stream of a ``Push`` call).
+                          ) -> AsyncGenerator[pb.PushMessage | bytes, None]:
+    """Yield the header and frames of ``out``: the request stream of a ``Push`` call made
+    with :func:`~.push_wire.request_wire` as its serializer (frames come encoded already).
 
     The kernel writes the send stream into a pipe from a worker thread (``btrfs.send``) while
     the event loop reads the other end: no ``btrfs send`` process per snapshot.
@@ -144,7 +146,7 @@ async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
             for frame in encoder.feed(chunk):
                 await pace(len(frame.payload))
                 progress(frame.raw_length)
-                yield frame_message(frame)
+                yield encode_frame(frame)
         try:
             await sender
         except OSError as exc:
@@ -154,7 +156,7 @@ async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
         last = encoder.finish()
         await pace(len(last.payload))
         progress(last.raw_length)
-        yield frame_message(last)
+        yield encode_frame(last)
     finally:
         transport.close()  # a send still writing fails with EPIPE, and its thread ends
         if not sender.done():

@@ -61,3 +61,14 @@ def plan_commit(peers: Collection[str], suspects: Collection[str],
 def commit_settled(*, acked: int, need: int, trusted_pending: int) -> bool:
     """Whether a commit may return: its quorum merged, and no trusted peer is still merging."""
     return acked >= need and trusted_pending == 0
+
+
+def stream_now(need: int, held: int, ahead: int) -> bool:
+    """Whether a single-writer Synchronous volume's peer should stream a change now.
+
+    ``need`` peers must hold the change before the fsync returns; ``held`` other peers do,
+    ``ahead`` others are streaming it well (see ``PeerLink._wait_turn``). A peer beyond the
+    quorum waits, so that the streams the fsync waits for have the CPUs: it streams once the
+    quorum holds the change, or as soon as the others cannot make the quorum without it.
+    """
+    return held >= need or held + ahead < need

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -212,6 +212,13 @@ def assert_restores(store: ReplicaStore, restored: str, source: Source, digest: 
         assert tree_digest(store.live_path(restored)) == digest
     finally:
         store.close(restored)
+
+
+async def parsed(messages: AsyncIterator[pb.PushMessage | bytes]
+                 ) -> AsyncIterator[pb.PushMessage]:
+    """A sender's Push stream as the receiving server sees it (frames come encoded)."""
+    async for message in messages:
+        yield pb.PushMessage.FromString(message) if isinstance(message, bytes) else message
 
 
 def volume_dir(store: ReplicaStore, volume_id: str) -> Path:
@@ -1397,7 +1404,7 @@ def test_a_receive_that_fails_mid_stream_fails_the_stream_instead_of_stalling_it
                                  snapshot=snapshot_ref(ref))
 
         async def receive() -> None:
-            frames = stream_snapshot(Outgoing(sent, ref, None, header))
+            frames = parsed(stream_snapshot(Outgoing(sent, ref, None, header)))
             await anext(frames)  # the header: receive_snapshot takes the frames after it
             async with asyncio.timeout(120):
                 await receive_snapshot(received, header, frames,

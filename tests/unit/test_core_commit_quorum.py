@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharedsync.core.commit_quorum import CommitCalls, commit_settled, plan_commit, write_quorum
+from sharedsync.core.commit_quorum import (
+    CommitCalls,
+    commit_settled,
+    plan_commit,
+    stream_now,
+    write_quorum,
+)
 from sharedsync.core.errors import Unavailable
 
 PEERS = ["b", "c", "d", "e"]
@@ -78,3 +84,24 @@ def test_the_plan_can_always_make_the_quorum_and_never_waits_needlessly(
     else:
         assert plan.ask == peers
         assert plan.wait_for_ready == suspects
+
+
+@given(need=st.integers(1, 6), held=st.integers(0, 6), ahead=st.integers(0, 6))
+def test_a_peer_beyond_the_quorum_waits_only_while_the_others_can_make_it(
+        need: int, held: int, ahead: int) -> None:
+    now = stream_now(need, held, ahead)
+    if held >= need:
+        assert now  # the quorum holds it: ship it in the background
+    elif held + ahead < need:
+        assert now  # the quorum needs this peer too
+    else:
+        assert not now
+
+
+def test_stream_now_examples() -> None:
+    # writeQuorum 2 of 3: one peer needed; the other streams it: wait until it holds it
+    assert not stream_now(need=1, held=0, ahead=1)
+    assert stream_now(need=1, held=1, ahead=0)
+    assert stream_now(need=1, held=0, ahead=0)  # the other stalled or failed
+    # writeQuorum 3 of 3: every peer is needed, none waits
+    assert stream_now(need=2, held=0, ahead=1)
