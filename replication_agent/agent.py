@@ -354,17 +354,24 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         async with self._lock(engine.volume_id):
             await engine.promote(epoch)
 
-    async def _sync(self, engine: VolumeEngine, trigger: str) -> SnapRef | None:
-        """One sync cycle, returned once every replica acknowledged it."""
+    async def _sync(self, engine: VolumeEngine, trigger: str,
+                    only: str = "") -> SnapRef | None:
+        """One sync cycle, returned once every replica (``only``: that one) acknowledged it."""
         if engine.multiwriter is not None:
             await engine.multiwriter.sync_now()  # audited there
             return None
         if engine.role is not Role.PRIMARY:
             raise FailedPrecondition(f"{self.node} is not the primary of {engine.volume_id}")
+        links = list(engine.links.values())
+        if only:
+            links = [link for link in links if link.node == only]
+            if not links:
+                raise FailedPrecondition(f"{only} holds no replica of {engine.volume_id} "
+                                         "that this primary ships to")
         target = await engine.cycle()
         if target is not None:
             async with asyncio.timeout(SYNC_WAIT_SECONDS):
-                await asyncio.gather(*(link.wait_for(target) for link in engine.links.values()))
+                await asyncio.gather(*(link.wait_for(target) for link in links))
         engine.audit(AuditKind.SYNC, trigger=trigger, snapshot=target.name if target else "")
         return target
 
@@ -374,7 +381,8 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
         if handover:
             engine.begin_handover()
         try:
-            await self._sync(engine, "handover" if handover else "sync-now")
+            await self._sync(engine, "handover" if handover else "sync-now",
+                             only=request.handover_to if handover else "")
         except BaseException:
             engine.handover_until = None  # no move follows a failed sync: pods here may attach
             raise

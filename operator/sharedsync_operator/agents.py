@@ -200,11 +200,13 @@ class Agents:
         self._forget(node, volume_id)
 
     async def sync_now(self, node: str, volume_id: str,
-                       handover: bool = False) -> pb.VolumeStatus:
-        """One sync cycle on the primary ``node``; with ``handover``, the first step of moving
-        the primary to a node where a pod waits (refused while pods on ``node`` use it)."""
+                       handover_to: str = "") -> pb.VolumeStatus:
+        """One sync cycle on the primary ``node``; with ``handover_to``, the first step of
+        moving the primary to that node, where a pod waits (refused while pods on ``node`` use
+        it; waits for that replica alone, so that a replica that is down does not hold it)."""
         status = await self._stub(node).SyncNow(
-            pb.SyncNowRequest(volume_id=volume_id, handover=handover),
+            pb.SyncNowRequest(volume_id=volume_id, handover=bool(handover_to),
+                              handover_to=handover_to),
             timeout=SYNC_NOW_TIMEOUT_SECONDS)
         self._remember(node, status)
         return status

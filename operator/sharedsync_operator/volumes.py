@@ -307,7 +307,9 @@ class VolumeReconciler:
                              f"the primary stays on {action.node} while a pod there uses the "
                              "volume") if following_consumer else None
             if not await self._call(emit, "SyncNow", action.node, self.agents.sync_now(
-                    action.node, name, handover=following_consumer), refused=deferred):
+                    action.node, name,
+                    handover_to=switchover_to if following_consumer and switchover_to else ""),
+                    refused=deferred):
                 return
             switched = True
         if plan.layout != old_layout:

@@ -1395,6 +1395,7 @@ class SyncNowRequest(_message.Message):
 
     VOLUME_ID_FIELD_NUMBER: _builtins.int
     HANDOVER_FIELD_NUMBER: _builtins.int
+    HANDOVER_TO_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     handover: _builtins.bool
     """Set by the operator when it moves the primary to a node where a pod waits for the
@@ -1402,15 +1403,21 @@ class SyncNowRequest(_message.Message):
     volume, and otherwise refuses new Attach calls for HANDOVER_SECONDS, so no pod starts
     using a replica that is about to be fenced.
     """
+    handover_to: _builtins.str
+    """With handover: the node the primary moves to. The sync then waits for that replica alone
+    (it is the one that must hold everything when it is promoted), not for every replica: one
+    that is down must not keep a pod on another node waiting. Unset: every replica.
+    """
     def __init__(
         self,
         *,
         volume_id: _builtins.str = ...,
         handover: _builtins.bool = ...,
+        handover_to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handover", b"handover", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handover", b"handover", "handover_to", b"handover_to", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -323,6 +323,36 @@ def test_a_handover_waits_until_no_pod_uses_the_primary(cluster: AgentCluster) -
     cluster.agents["c"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
 
 
+def test_a_handover_waits_for_its_destination_not_for_a_replica_that_is_down(
+        cluster: AgentCluster) -> None:
+    """After a node died, the pod that used the volume may be rescheduled onto a replica other
+    than the one promoted: the primary then moves there (SyncNow with ``handover_to``). The
+    dead replica is still in the layout until it is replaced; the handover must not wait for
+    it (it waited SYNC_WAIT_SECONDS, 300 s, and then failed, for as long as the node was down),
+    only for the destination, which must hold everything before it is promoted."""
+    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], "a", mode=pb.ASYNCHRONOUS,
+                              max_lag=1.0))
+    write_files(cluster.agents["a"].live(VOLUME), 4, 256 << 10, seed=41)
+    cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=120)
+    cluster.agents["b"].kill()
+    write_files(cluster.agents["a"].live(VOLUME), 4, 256 << 10, seed=42)  # b misses these
+    begun = time.monotonic()
+    status = cluster.agents["a"].call(
+        "SyncNow", pb.SyncNowRequest(volume_id=VOLUME, handover=True, handover_to="c"),
+        timeout=60)
+    assert time.monotonic() - begun < 60  # (the call's own deadline says the same)
+    held = {r.node: r.last_received for r in status.replicas}
+    assert held["c"] == status.last_snapshot
+    assert_replicas_match(cluster, "a", ["c"])
+    # a destination that holds no replica is refused, not waited for
+    with pytest.raises(grpc.RpcError) as unknown:
+        cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(
+            volume_id=VOLUME, handover=True, handover_to="d"), timeout=60)
+    assert unknown.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    cluster.agents["b"].start()  # it reclaims what the killed agent left mounted
+    wait_until(lambda: in_sync(cluster, "a", ["b", "c"]), timeout=120, what="b back in sync")
+
+
 def test_incremental_receive_killed_midway_leaves_previous_snapshot(
         cluster: AgentCluster) -> None:
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
