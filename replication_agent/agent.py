@@ -587,7 +587,7 @@ async def drain_refused(messages: AsyncIterator[pb.PushMessage]) -> None:
     stale epoch's FAILED_PRECONDITION. A sender that has written everything waits for the
     answer and gets it as sent.
     """
-    with contextlib.suppress(Exception, TimeoutError):
+    with contextlib.suppress(Exception):  # TimeoutError included
         async with asyncio.timeout(REFUSED_DRAIN_SECONDS):
             count = 0
             async for _ in messages:

@@ -1,9 +1,10 @@
 """``Replication.Push`` frames encoded straight to protobuf's wire format.
 
 A snapshot stream is mostly 1 MiB frame payloads. Built as ``pb.PushMessage`` objects, each
-payload was copied into the message and copied again by ``SerializeToString``, which cost more
-of the sender's CPU than anything but the kernel's own send (0.7 ms per MiB here, measured on
-512 MiB). :func:`encode_frame` writes the same bytes with the payload copied once, and
+payload was copied into the message and copied again by ``SerializeToString``: 2.3-3.1 ms per
+MiB here, more of the sender's CPU than anything but the kernel's own send (0.44 ms with the
+agent's heap setting, ``heap.py``). :func:`encode_frame` writes the same bytes with the payload
+copied once (0.07 ms per MiB), and
 :func:`request_wire` is the Push call's serializer: it passes such bytes through and serializes
 anything else (the stream's header) as protobuf would. The receiver parses them as any
 ``PushMessage``: the bytes are identical to ``SerializeToString``'s, as the unit tests check.

@@ -308,7 +308,7 @@ class VolumeReconciler:
                              "volume") if following_consumer else None
             if not await self._call(emit, "SyncNow", action.node, self.agents.sync_now(
                     action.node, name,
-                    handover_to=switchover_to if following_consumer and switchover_to else ""),
+                    handover_to=(switchover_to or "") if following_consumer else ""),
                     refused=deferred):
                 return
             switched = True
