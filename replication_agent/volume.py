@@ -93,10 +93,10 @@ from .multiwriter import MultiWriter
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .qos import NodeBandwidth
+from .spool import Spool
 from .throttle import hold_writer
 from .transfer import (
     Outgoing,
-    Spool,
     frame_of,
     receive_snapshot,
     ref_message,

@@ -248,6 +248,10 @@ class FrameEncoder:
                 return frames
             frames.append(self._frame(bytes(self._buffer), last=False))
             self._buffer.clear()
+        if start == 0 and len(view) == self._chunk_size and isinstance(data, bytes):
+            # a whole chunk in an immutable object (a full pipe read): framed without a copy
+            frames.append(self._frame(data, last=False))
+            return frames
         while len(view) - start >= self._chunk_size:
             frames.append(self._frame(bytes(view[start:start + self._chunk_size]), last=False))
             start += self._chunk_size

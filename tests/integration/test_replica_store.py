@@ -1385,7 +1385,8 @@ def test_a_receive_that_fails_mid_stream_fails_the_stream_instead_of_stalling_it
     (and a Synchronous fsync waiting on it) until the connection dies."""
     only_btrfs(store, "replication sends btrfs send streams between btrfs replicas")
     from replication_agent.lineage import Lineage, SnapRef
-    from replication_agent.transfer import Outgoing, Spool, receive_snapshot, stream_snapshot
+    from replication_agent.spool import Spool
+    from replication_agent.transfer import Outgoing, receive_snapshot, stream_snapshot
 
     source, target = vid("stall-source"), vid("stall-target")
     store.create(source, 1024 * MiB, VolumeKind.FILESYSTEM)

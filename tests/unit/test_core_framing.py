@@ -101,6 +101,28 @@ def test_encoding_is_deterministic_and_cut_independent(data: bytes, chunk_size: 
     assert one_go == [*bytewise, encoder.finish()]
 
 
+@given(data=streams, chunk_size=st.integers(1, 700), policy=policies)
+def test_whole_chunks_fed_as_bytes_frame_the_same_without_a_copy(
+        data: bytes, chunk_size: int, policy: CompressionPolicy) -> None:
+    """A full pipe read is one whole chunk in a bytes object: the encoder frames it as it is
+    (the fast path), and the frames are the ones any other cut gives."""
+    pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
+    encoder = FrameEncoder(chunk_size, policy)
+    frames = [f for piece in pieces for f in encoder.feed(piece)]
+    assert [*frames, encoder.finish()] == encode(data, chunk_size, policy)
+    for piece, frame in zip(pieces, frames, strict=False):
+        if not frame.compressed:
+            assert frame.payload is piece
+
+
+def test_a_whole_chunk_after_a_partial_one_is_not_taken_as_is() -> None:
+    encoder = FrameEncoder(4)
+    assert encoder.feed(b"ab") == []
+    frames = encoder.feed(b"cdef")  # completes "abcd"; "ef" waits for more
+    assert [f.payload for f in frames] == [b"abcd"]
+    assert encoder.finish().payload == b"ef"
+
+
 def test_empty_stream_is_one_empty_last_frame() -> None:
     frames = encode(b"")
     assert frames == [_frame(0, b"", last=True)]
