@@ -43,6 +43,10 @@ THROTTLED = Counter(
     "sharedsync_writer_throttled_total",
     "fsync/close calls held back because a replica lagged beyond maxLag (onLagExceeded: "
     "Throttle)", ["volume"])
+SHARED_STREAMS = Counter(
+    "sharedsync_shared_streams_total",
+    "Increments sent to a peer from the stream recorded for another one, without a btrfs send "
+    "of their own", ["volume"])
 JOURNAL_RECORDS = Counter(
     "sharedsync_journal_records_total",
     "Synchronous fsync groups committed by a journal record (data only) instead of a snapshot",

@@ -44,6 +44,7 @@ from sharedsync.storage.files import syncfs
 from .lineage import Lineage, SnapRef
 from .proto import agent_pb2 as pb
 from .push_wire import encode_frame
+from .shared_streams import Recorder
 from .spool import Spool, SpoolWriter
 
 READ_SIZE = DEFAULT_CHUNK_SIZE
@@ -112,9 +113,11 @@ class Outgoing:
 async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
                           progress: Progress = _no_progress,
                           compress: CompressionPolicy = NEVER_COMPRESS,
+                          record: Recorder | None = None,
                           ) -> AsyncGenerator[pb.PushMessage | bytes, None]:
     """Yield the header and frames of ``out``: the request stream of a ``Push`` call made
     with :func:`~.push_wire.request_wire` as its serializer (frames come encoded already).
+    ``record`` is given every encoded frame before it goes (see :mod:`.shared_streams`).
 
     The kernel writes the send stream into a pipe from a worker thread (``btrfs.send``) while
     the event loop reads the other end: no ``btrfs send`` process per snapshot.
@@ -145,7 +148,7 @@ async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
                 for frame in encoder.feed(chunk):
                     await pace(len(frame.payload))
                     progress(frame.raw_length)
-                    yield encode_frame(frame)
+                    yield _encoded(frame, record)
         try:
             await sender
         except OSError as exc:
@@ -155,12 +158,19 @@ async def stream_snapshot(out: Outgoing, *, pace: Pacer = _no_pacing,
         last = encoder.finish()
         await pace(len(last.payload))
         progress(last.raw_length)
-        yield encode_frame(last)
+        yield _encoded(last, record)
     finally:
         os.close(read_fd)  # a send still writing fails with EPIPE, and its thread ends
         if not sender.done():
             with contextlib.suppress(OSError):
                 await asyncio.shield(sender)
+
+
+def _encoded(frame: Frame, record: Recorder | None) -> bytes:
+    wire = encode_frame(frame)
+    if record is not None:
+        record(wire, len(frame.payload), frame.raw_length, frame.last)
+    return wire
 
 
 async def _pipe_chunks(fd: int) -> AsyncGenerator[bytes, None]:

@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ from .multiwriter import MultiWriter
 from .peers import PeerPool
 from .proto import agent_pb2 as pb
 from .qos import NodeBandwidth
+from .shared_streams import SharedStreams, StreamKey, replay
 from .spool import Spool
 from .throttle import hold_writer
 from .transfer import (
@@ -420,14 +421,13 @@ class PeerLink:
                 metrics.REBUILD_PROGRESS.labels(engine.volume_id, self.node).set(
                     self.rebuild_progress)
 
-        outgoing = Outgoing(engine.lineage, target, parent, header, skip)
         push = engine.peers.push(self.node)
         started = time.monotonic()
         policy = engine.spec.policy
         engine.node_bandwidth.begin(engine.volume_id, policy.priority,
                                     float(policy.bandwidth_bytes_per_second))
-        stream = stream_snapshot(outgoing, pace=pace, progress=progress,
-                                 compress=engine.compression())
+        stream = self._stream(Outgoing(engine.lineage, target, parent, header, skip),
+                              pace, progress)
         try:
             result = await push(stream)
         finally:
@@ -465,6 +465,31 @@ class PeerLink:
         engine.prune_soon()
 
 
+    def _stream(self, out: Outgoing, pace: Callable[[int], Awaitable[None]],
+                progress: Callable[[int], None]) -> AsyncGenerator[pb.PushMessage | bytes, None]:
+        """The request stream of a push: the increment another peer was just sent, if it
+        was recorded for this one (see .shared_streams), else a fresh ``btrfs send``, recorded
+        when another peer holds the same parent and will want the same increment."""
+        engine = self.engine
+        compress = engine.compression()
+        if out.parent is None or out.skip:
+            return stream_snapshot(out, pace=pace, progress=progress, compress=compress)
+        key = StreamKey(out.parent, out.snapshot, compress)
+        frames = engine.shared_streams.take(key)
+        if frames is not None:
+            metrics.SHARED_STREAMS.labels(engine.volume_id).inc()
+            return replay(out.header, frames, pace, progress)
+        # peers that hold the parent, or are being sent it now (a trailing one, mid-push), and
+        # are not being sent this very increment already
+        wanted = sum(1 for link in engine.links.values()
+                     if link is not self and not link.has(out.snapshot)
+                     and link.in_flight != out.snapshot
+                     and out.parent in (link.acked, link.in_flight))
+        record = engine.shared_streams.record(key, wanted) if wanted else None
+        return stream_snapshot(out, pace=pace, progress=progress, compress=compress,
+                               record=record)
+
+
 class VolumeEngine:
     """This node's replica of one volume, as primary or replica."""
 
@@ -488,6 +513,8 @@ class VolumeEngine:
         self.fenced = fenced
         self.lineage = Lineage(store, self.volume_id)
         self.links: dict[str, PeerLink] = {}
+        #: The increment last sent to one peer, kept for the others (see .shared_streams).
+        self.shared_streams = SharedStreams()
         self.snapshot_times: dict[SnapRef, tuple[int, float]] = {}
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.bytes_shipped = 0
@@ -583,6 +610,7 @@ class VolumeEngine:
         self._loop_task = None
         for link in self.links.values():
             await link.stop()
+        self.shared_streams.clear()
         if self.multiwriter is not None:
             await self.multiwriter.stop()
         for task in list(self._journal_acks):

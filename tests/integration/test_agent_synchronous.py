@@ -361,3 +361,42 @@ def test_a_full_replica_waits_for_space_and_is_never_rebuilt(cluster: AgentClust
     held = replicated(cluster, "c") / "after.bin"
     assert hashlib.sha256(held.read_bytes()).hexdigest() == digest
     cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+
+
+def test_the_trailing_replica_is_sent_the_recorded_increment(cluster: AgentCluster) -> None:
+    """Quorum 2 of 3: each fsync's increment goes to one peer first, and the trailing one is
+    sent the recording of that stream (no btrfs send of its own). Both end with the same
+    snapshots, byte for byte."""
+    if on_ext4(cluster):
+        pytest.skip("recorded increments are btrfs snapshot streams")
+    cluster.apply(spec(cluster, VOLUME, ["a", "b", "c"], "a", mode=pb.SYNCHRONOUS,
+                       write_quorum=2))
+    mount = attach(cluster, "a")
+    for i in range(12):
+        with open(mount / f"file-{i:02d}.bin", "wb") as out:  # a new file: a snapshot commit
+            out.write(os.urandom(2 << 20))
+            out.flush()
+            os.fsync(out.fileno())
+    newest = cluster.agents["a"].volume(VOLUME).last_snapshot
+
+    def everyone_holds_the_newest() -> bool:
+        replicas = cluster.agents["a"].volume(VOLUME).replicas
+        return all((r.last_received.epoch, r.last_received.seq) >= (newest.epoch, newest.seq)
+                   for r in replicas if r.node in ("b", "c"))
+
+    wait_until(everyone_holds_the_newest, timeout=120, what="b and c hold the newest snapshot")
+    text = urllib.request.urlopen(cluster.metrics_url("a"), timeout=10).read().decode()
+    shared = metric(text, "sharedsync_shared_streams_total", volume=VOLUME)
+    assert shared is not None
+    assert shared >= 1, "every trailing send ran a btrfs send of its own"
+    digests = {n: tree_digest(replicated(cluster, n)) for n in ("a", "b", "c")}
+    assert digests["b"] == digests["a"]
+    assert digests["c"] == digests["a"]
+
+
+def tree_digest(root: Path) -> str:
+    """Names and contents of every file under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
