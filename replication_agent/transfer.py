@@ -52,6 +52,12 @@ READ_SIZE = DEFAULT_CHUNK_SIZE
 #: frame: with Linux's default 64 KiB, every MiB took 16 trips through the loop on each side
 #: (the most an unprivileged pipe may hold is /proc/sys/fs/pipe-max-size, 1 MiB by default).
 PIPE_BYTES = DEFAULT_CHUNK_SIZE
+#: A receive writes the filesystem back (syncfs, in the background) each time this much more
+#: of the stream went to ``btrfs receive``: a stream is acknowledged only once it is durable, and
+#: left to the end, a 1 GiB rebuild's final syncfs took 1.1-1.3 s after its last byte arrived
+#: (0.1-0.25 s now; the rebuild 166-177 -> 219-231 MiB/s). Smaller streams, most increments,
+#: never reach it: for a 64 MiB one, writing back every 16 MiB gained nothing measurable.
+EARLY_WRITEBACK_BYTES = 128 << 20
 
 #: Called with the number of bytes about to go on the wire; returns when they may.
 Pacer = Callable[[int], Awaitable[None]]
@@ -335,10 +341,18 @@ async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage
         receiver.result()  # surfaces btrfs receive's failure
         raise Internal("btrfs receive stopped before the end of the stream")
 
+    unflushed = 0
+    flushing: asyncio.Future[None] | None = None
+
     async def sink(raw: bytes) -> None:
+        nonlocal unflushed, flushing
         if spool is not None:
             await spool.append(raw)
         await feed(raw)
+        unflushed += len(raw)
+        if unflushed >= EARLY_WRITEBACK_BYTES and (flushing is None or flushing.done()):
+            unflushed = 0
+            flushing = asyncio.ensure_future(asyncio.to_thread(_write_back, lineage.directory))
 
     try:
         if prefix is not None:
@@ -348,12 +362,20 @@ async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage
         await _pump_frames(messages, sink, decoder, progress)
         await feed(None)
         await receiver
+        if flushing is not None:
+            await flushing
     except BaseException:
         receiver.cancel()
         with contextlib.suppress(BaseException):
             await receiver
         lineage.discard_partial()
         raise
+
+
+def _write_back(directory: Path) -> None:
+    """An early write-back: its errors are the final syncfs's to report."""
+    with contextlib.suppress(OSError):
+        syncfs(directory)
 
 
 async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,

@@ -1418,3 +1418,59 @@ def test_a_receive_that_fails_mid_stream_fails_the_stream_instead_of_stalling_it
     finally:
         for volume in (source, target):
             store.close(volume)
+
+
+def test_a_long_stream_is_written_back_as_it_arrives_and_arrives_whole(
+        store: ReplicaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receive writes the replica back every EARLY_WRITEBACK_BYTES of stream (here 4 MiB,
+    so a 40 MiB stream does it several times, while btrfs receive writes); the snapshot it
+    ends with is the sender's, file for file, whether the stream is full or incremental."""
+    only_btrfs(store, "replication sends btrfs send streams between btrfs replicas")
+    from replication_agent import transfer
+    from replication_agent.lineage import Lineage, SnapRef
+    from replication_agent.spool import Spool
+
+    monkeypatch.setattr(transfer, "EARLY_WRITEBACK_BYTES", 4 * MiB)
+    write_backs: list[Path] = []
+    real_write_back = transfer._write_back
+
+    def counted(directory: Path) -> None:
+        write_backs.append(directory)
+        real_write_back(directory)
+
+    monkeypatch.setattr(transfer, "_write_back", counted)
+    source, target = vid("wb-source"), vid("wb-target")
+    for volume in (source, target):
+        store.create(volume, 256 * MiB, VolumeKind.FILESYSTEM)
+        store.open(volume)
+    try:
+        sent, received = Lineage(store, source), Lineage(store, target)
+        sent.ensure()
+        received.ensure()
+        live = store.live_path(source)
+        parent = None
+        for seq, name in ((1, "first"), (2, "second")):
+            (live / name).mkdir()
+            for i in range(20):
+                (live / name / f"{i}.bin").write_bytes(os.urandom(MiB + i))
+            ref = SnapRef(1, seq)
+            sent.take(ref)
+            header = pb.StreamHeader(volume_id=target, epoch=1, sender_node="a",
+                                     snapshot=snapshot_ref(ref))
+            if parent is not None:
+                header.parent.CopyFrom(snapshot_ref(parent))
+
+            async def receive(out: transfer.Outgoing, header: pb.StreamHeader) -> None:
+                frames = parsed(transfer.stream_snapshot(out))
+                await anext(frames)
+                await transfer.receive_snapshot(received, header, frames,
+                                                Spool(store.root / "spool", target))
+
+            before = len(write_backs)
+            asyncio.run(receive(transfer.Outgoing(sent, ref, parent, header), header))
+            assert len(write_backs) > before, "no write-back while the stream arrived"
+            assert tree_digest(received.path(ref)) == tree_digest(sent.path(ref))
+            parent = ref
+    finally:
+        for volume in (source, target):
+            store.close(volume)
