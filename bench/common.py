@@ -528,8 +528,14 @@ def main(name: str, title: str, body: Callable[[bool, Path, Result], None],
     parser = argparse.ArgumentParser(prog=f"python -m bench.{name}")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="an empty or new directory (default: a fresh one under /tmp)")
     args = parser.parse_args(argv)
+    if args.workdir is not None and args.workdir.is_dir() and any(args.workdir.iterdir()):
+        # an earlier run's agents would start with its replicas: a rebuild onto a "fresh"
+        # node found the previous run's data there and ran out of space
+        parser.error(f"--workdir {args.workdir} is not empty: an earlier run's replicas would "
+                     "be reused; remove it or name a new one")
     result = Result(name=name, title=title, params={"quick": args.quick})
     out = args.out or OUT_DIR / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

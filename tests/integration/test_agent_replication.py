@@ -336,11 +336,10 @@ def test_a_handover_waits_for_its_destination_not_for_a_replica_that_is_down(
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=120)
     cluster.agents["b"].kill()
     write_files(cluster.agents["a"].live(VOLUME), 4, 256 << 10, seed=42)  # b misses these
-    begun = time.monotonic()
+    # waiting for b would take SYNC_WAIT_SECONDS (300 s): the call's deadline fails it first
     status = cluster.agents["a"].call(
         "SyncNow", pb.SyncNowRequest(volume_id=VOLUME, handover=True, handover_to="c"),
         timeout=60)
-    assert time.monotonic() - begun < 60  # (the call's own deadline says the same)
     held = {r.node: r.last_received for r in status.replicas}
     assert held["c"] == status.last_snapshot
     assert_replicas_match(cluster, "a", ["c"])
