@@ -464,7 +464,6 @@ class PeerLink:
         engine.refresh_state(self)
         engine.prune_soon()
 
-
     def _stream(self, out: Outgoing, pace: Callable[[int], Awaitable[None]],
                 progress: Callable[[int], None]) -> AsyncGenerator[pb.PushMessage | bytes, None]:
         """The request stream of a push: the increment another peer was just sent, if it
