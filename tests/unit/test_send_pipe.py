@@ -29,20 +29,30 @@ def _write_in_pieces(fd: int, data: bytes, seed: int) -> threading.Thread:
     return thread
 
 
-def test_every_byte_comes_out_in_order_in_whole_chunks() -> None:
-    data = random.Random(1).randbytes(9 * READ_SIZE + 12345)
+def _through_pipe(data: bytes, seed: int, pause: float = 0.0) -> list[bytes]:
+    """What ``_pipe_chunks`` yields for ``data`` written into a widened pipe by another
+    thread; ``pause``: seconds the reader spends on each piece (a slow wire)."""
 
     async def run() -> list[bytes]:
         read_fd, write_fd = os.pipe()
         widen_pipe(read_fd)
-        writer = _write_in_pieces(write_fd, data, seed=2)
+        writer = _write_in_pieces(write_fd, data, seed=seed)
+        chunks = []
         try:
-            return [chunk async for chunk in _pipe_chunks(read_fd)]
+            async for chunk in _pipe_chunks(read_fd):
+                chunks.append(chunk)
+                await asyncio.sleep(pause)
+            return chunks
         finally:
             os.close(read_fd)
             writer.join()
 
-    chunks = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_every_byte_comes_out_in_order_in_whole_chunks() -> None:
+    data = random.Random(1).randbytes(9 * READ_SIZE + 12345)
+    chunks = _through_pipe(data, seed=2)
     assert b"".join(chunks) == data
     assert [len(c) for c in chunks] == [READ_SIZE] * 9 + [12345]
 
@@ -50,22 +60,7 @@ def test_every_byte_comes_out_in_order_in_whole_chunks() -> None:
 def test_whole_chunks_are_framed_without_another_copy() -> None:
     """What the sender relies on: every piece is one frame's payload as it is."""
     data = random.Random(3).randbytes(4 * READ_SIZE + 7)
-
-    async def run() -> list[bytes]:
-        read_fd, write_fd = os.pipe()
-        widen_pipe(read_fd)
-        writer = _write_in_pieces(write_fd, data, seed=4)
-        chunks = []
-        try:
-            async for chunk in _pipe_chunks(read_fd):
-                chunks.append(chunk)
-                await asyncio.sleep(0.02)  # a slow wire: the writer fills the pipe meanwhile
-            return chunks
-        finally:
-            os.close(read_fd)
-            writer.join()
-
-    chunks = asyncio.run(run())
+    chunks = _through_pipe(data, seed=4, pause=0.02)  # the writer fills the pipe meanwhile
     encoder = FrameEncoder()
     frames = [f for c in chunks for f in encoder.feed(c)]
     assert [f.payload for f in frames] == chunks[:4]
