@@ -243,20 +243,20 @@ class Agents:
         await stub.Resync(pb.ResyncRequest(volume_id=volume_id, node=node, reason=reason),
                           timeout=CALL_TIMEOUT_SECONDS)
 
-    async def refresh(self, node: str) -> None:
+    async def refresh(self, node: str, call_timeout: float = CALL_TIMEOUT_SECONDS) -> None:
         try:
             self.statuses[node] = await self._stub(node).GetStatus(
-                pb.GetStatusRequest(), timeout=CALL_TIMEOUT_SECONDS)
+                pb.GetStatusRequest(), timeout=call_timeout)
         except (grpc.aio.AioRpcError, LookupError) as exc:
             self.statuses.pop(node, None)
             log.info("agent status unavailable", node=node, error=str(exc)[:200])
 
-    async def poll_once(self) -> None:
+    async def poll_once(self, call_timeout: float = CALL_TIMEOUT_SECONDS) -> None:
         alive = self.alive()
         for node in list(self.statuses):
             if node not in alive:
                 del self.statuses[node]
-        await asyncio.gather(*(self.refresh(node) for node in sorted(alive)))
+        await asyncio.gather(*(self.refresh(node, call_timeout) for node in sorted(alive)))
 
     async def poll_forever(self, interval: float = POLL_INTERVAL_SECONDS) -> None:
         while True:

@@ -31,6 +31,10 @@ log = structlog.get_logger(__name__)
 #: How often every volume is reconciled even when nothing about it changed.
 VOLUME_RESYNC_SECONDS = 3.0
 POLICY_RESYNC_SECONDS = 5.0
+#: How long a new leader waits for the agents' first reports (one that does not answer in
+#: time counts as reporting nothing: its replicas keep the state last recorded, and it cannot
+#: be promoted until it answers).
+PRIME_POLL_TIMEOUT_SECONDS = 5.0
 #: An agent's volume that no SharedVolume claims is removed only after it has been seen
 #: orphaned this long (watch events for a just-created SharedVolume may still be on the way).
 ORPHAN_GRACE_SECONDS = 30.0
@@ -169,7 +173,9 @@ async def login(memo: Any, **_: Any) -> kopf.AiohttpSession:
     return kopf.AiohttpSession(server=info.server, aiohttp_session=session)
 
 
-@kopf.on.startup()
+# a startup that fails (the API server unreachable while priming) is tried again soon: kopf's
+# default waits a minute, with no operator at work
+@kopf.on.startup(errors=kopf.ErrorsMode.TEMPORARY, backoff=2)
 async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
@@ -183,6 +189,7 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10]
     state = runtime(memo)
+    await prime_view(state)
     state.tasks.append(asyncio.create_task(_poll_agents(state), name="agent-poll"))
 
 
@@ -238,10 +245,12 @@ async def _sweep_orphans(state: Runtime) -> None:
 
 # -- the cluster view ------------------------------------------------------------------------
 
-@kopf.on.event("", "v1", "nodes")
-def node_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
-    state = runtime(memo)
-    if type == "DELETED":
+#: The label every agent's Lease carries (the chart's and the agent's).
+AGENT_LEASE_LABELS = {"app.kubernetes.io/component": "agent"}
+
+
+def _observe_node(state: Runtime, deleted: bool, name: str, body: Any) -> None:
+    if deleted:
         state.nodes.pop(name, None)
         return
     ready = any(c.get("type") == "Ready" and c.get("status") == "True"
@@ -251,39 +260,73 @@ def node_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
                                   schedulable=not (body.get("spec") or {}).get("unschedulable"))
 
 
-@kopf.on.event("coordination.k8s.io", "v1", "leases",
-               labels={"app.kubernetes.io/component": "agent"})
-def lease_event(type: str, namespace: str | None, body: Any, memo: Any, **_: Any) -> None:
-    state = runtime(memo)
+def _observe_lease(state: Runtime, deleted: bool, namespace: str | None, body: Any) -> None:
     if namespace != state.namespace:
         return
     info = agent_from_lease(body)
     if info is None:
         return
     leases: dict[str, AgentInfo] = dict(state.agents.leases)
-    if type == "DELETED":
+    if deleted:
         leases.pop(info.node, None)
     else:
         leases[info.node] = info
     state.agents.observe_leases(leases.values())
 
 
+def _observe(objects: dict[str, Mapping[str, Any]], deleted: bool, name: str,
+             body: Any) -> None:
+    if deleted:
+        objects.pop(name, None)
+    else:
+        objects[name] = _plain(body)
+
+
+async def prime_view(state: Runtime) -> None:
+    """Read the whole view, and every live agent's report, before any handler runs.
+
+    kopf starts its watches only once the startup handlers are done, and then each watch
+    delivers its objects on its own schedule: a new leader (a restart, a standby taking over)
+    reconciled volumes before it knew the nodes their replicas are on, and dropped those
+    replicas from the layout to place them again as new ones, rebuilt from nothing; a volume
+    whose policy had not arrived yet went NotReady, and the policy guard took in-use
+    finalizers off policies whose volumes it had not seen. Each decision is only as good as
+    the view it is made from, so the view is complete first; the watches keep it current.
+    """
+    listing = await state.kube.list_all(
+        state.namespace, ",".join(f"{k}={v}" for k, v in AGENT_LEASE_LABELS.items()))
+    for body in listing.nodes:
+        _observe_node(state, False, body["metadata"]["name"], body)
+    for body in listing.agent_leases:
+        _observe_lease(state, False, body["metadata"].get("namespace"), body)
+    for objects, bodies in ((state.policies, listing.policies),
+                            (state.shared_volumes, listing.volumes),
+                            (state.shared_volume_snapshots, listing.snapshots)):
+        for body in bodies:
+            _observe(objects, False, body["metadata"]["name"], body)
+    await state.agents.poll_once(call_timeout=PRIME_POLL_TIMEOUT_SECONDS)
+    log.info("view primed", nodes=len(state.nodes), agents=len(state.agents.statuses),
+             policies=len(state.policies), volumes=len(state.shared_volumes))
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
+    _observe_node(runtime(memo), type == "DELETED", name, body)
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels=AGENT_LEASE_LABELS)
+def lease_event(type: str, namespace: str | None, body: Any, memo: Any, **_: Any) -> None:
+    _observe_lease(runtime(memo), type == "DELETED", namespace, body)
+
+
 @kopf.on.event(GROUP, VERSION, "syncpolicies")
 def policy_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
-    state = runtime(memo)
-    if type == "DELETED":
-        state.policies.pop(name, None)
-    else:
-        state.policies[name] = _plain(body)
+    _observe(runtime(memo).policies, type == "DELETED", name, body)
 
 
 @kopf.on.event(GROUP, VERSION, "sharedvolumes")
 def volume_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
-    state = runtime(memo)
-    if type == "DELETED":
-        state.shared_volumes.pop(name, None)
-    else:
-        state.shared_volumes[name] = _plain(body)
+    _observe(runtime(memo).shared_volumes, type == "DELETED", name, body)
 
 
 # -- SharedVolume ------------------------------------------------------------------------------
@@ -339,11 +382,7 @@ SNAPSHOT_RETRY_SECONDS = 2.0
 
 @kopf.on.event(GROUP, VERSION, "sharedvolumesnapshots")
 def snapshot_event(type: str, name: str, body: Any, memo: Any, **_: Any) -> None:
-    state = runtime(memo)
-    if type == "DELETED":
-        state.shared_volume_snapshots.pop(name, None)
-    else:
-        state.shared_volume_snapshots[name] = _plain(body)
+    _observe(runtime(memo).shared_volume_snapshots, type == "DELETED", name, body)
 
 
 @kopf.on.resume(GROUP, VERSION, "sharedvolumesnapshots")

@@ -3,6 +3,7 @@ our custom resources and the removal of handled day-2 annotations."""
 
 import datetime
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -17,6 +18,17 @@ SHARED_VOLUME_SNAPSHOTS = "sharedvolumesnapshots"
 _MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Everything the operator's view holds, read once (objects as the API's JSON)."""
+
+    nodes: list[dict[str, Any]]
+    agent_leases: list[dict[str, Any]]
+    policies: list[dict[str, Any]]
+    volumes: list[dict[str, Any]]
+    snapshots: list[dict[str, Any]]
+
+
 class Kube:
     """A thin adapter over CustomObjectsApi for cluster-scoped sharedsync objects."""
 
@@ -24,6 +36,26 @@ class Kube:
         self.api_client = api_client
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
+
+    async def list_all(self, namespace: str, lease_selector: str) -> Listing:
+        """Nodes, the agents' Leases in ``namespace`` and every sharedsync object: what a new
+        leader reads before it decides anything (see ``handlers.prime_view``)."""
+        def plain(items: Any) -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = self.api_client.sanitize_for_serialization(items)
+            return found
+
+        async def custom(plural: str) -> list[dict[str, Any]]:
+            listed = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+            return list(listed.get("items") or ())
+
+        nodes = await self.core.list_node()
+        leases = await self.coordination.list_namespaced_lease(
+            namespace, label_selector=lease_selector)
+        return Listing(nodes=plain(nodes.items), agent_leases=plain(leases.items),
+                       policies=await custom(SYNC_POLICIES),
+                       volumes=await custom(SHARED_VOLUMES),
+                       snapshots=await custom(SHARED_VOLUME_SNAPSHOTS))
 
     async def post_event(self, body: Mapping[str, Any], type_: str, reason: str,
                          message: str, *, namespace: str) -> None:

@@ -282,6 +282,71 @@ def test_two_operators_one_leader_and_takeover(cluster: OperatorCluster) -> None
         cluster.operator.start()
 
 
+#: Events that say the operator moved or recreated a replica, or could not read the volume's
+#: policy: none of them may follow a restart in which nothing about the cluster changed.
+DISRUPTIVE_REASONS = {"ReplicaRemoved", "RebuildStarted", "Placed", "PolicyNotFound",
+                      "Failover", "Switchover"}
+
+
+def disruptive_events(cluster: OperatorCluster, names: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        for event in cluster.events(name):
+            if event["reason"] in DISRUPTIVE_REASONS:
+                key = f"{name} {event['reason']}: {event['message']}"
+                counts[key] = counts.get(key, 0) + int(event.get("count") or 1)
+    return counts
+
+
+def volume_timer_rounds(cluster: OperatorCluster) -> float:
+    with urllib.request.urlopen(
+            f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics", timeout=10) as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith('sharedsync_operator_reconcile_duration_seconds_count'
+                               '{handler="volume_timer"}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_restarted_operator_leaves_every_replica_where_it_is(
+        cluster: OperatorCluster) -> None:
+    # A new leader (a restart, or a standby taking over) starts with an empty view: nodes,
+    # agent leases, policies and agent reports arrive on watches and polls of their own. A
+    # volume reconciled before its replicas' nodes were known had those replicas dropped
+    # from its layout and placed again as new ones, rebuilt from scratch; one whose policy
+    # was not seen yet went NotReady. Nothing about the cluster changes across these
+    # restarts, so nothing about any volume may either.
+    cluster.apply(policy("steady-a", mode="Asynchronous", replicas=2, maxLag="2s"))
+    cluster.apply(policy("steady-s", mode="Synchronous", replicas=3, writeQuorum=2))
+    names = [f"vol-{i:02d}" + "5" * 22 for i in range(6)]
+    for i, name in enumerate(names):
+        cluster.apply(volume(name, "steady-a" if i % 2 else "steady-s"))
+    for name in names:
+        cluster.wait_condition("sv", name, "Ready", timeout=180)
+
+    def layouts() -> dict[str, tuple[str, int, tuple[str, ...]]]:
+        found = {}
+        for name in names:
+            status = cluster.get("sv", name)["status"]
+            found[name] = (str(status["primary"]), int(status["epoch"]),
+                           tuple(replica_nodes(cluster, name)))
+        return found
+    before, events_before = layouts(), disruptive_events(cluster, names)
+    for _ in range(3):
+        cluster.operator.kill()
+        cluster.operator.start()
+        # every volume's timer has run a few times in the new process
+        wait_until(lambda: volume_timer_rounds(cluster) >= 3 * len(names), timeout=120,
+                   interval=0.5, what="the restarted operator reconciles every volume")
+        for name in names:
+            assert cluster.condition("sv", name, "Ready").get("status") == "True", \
+                (name, cluster.get("sv", name)["status"], cluster.operator.log_tail())
+    assert layouts() == before
+    assert disruptive_events(cluster, names) == events_before
+    for name in names:
+        assert cluster.holders(name) == set(before[name][2]), name
+
+
 def test_primary_agent_killed_fails_over_and_old_primary_rejoins_fenced(
         cluster: OperatorCluster) -> None:
     cluster.apply(policy("failover", mode="Asynchronous", replicas=3, maxLag="1s",
