@@ -292,15 +292,14 @@ class LocalBtrfs:
         return self.mnt / "live"
 
     def __enter__(self) -> LocalBtrfs:
-        from sharedsync.storage import btrfs
+        from sharedsync.storage import btrfs, loop
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.image, "wb") as image:
             image.truncate(self.size)
         try:
-            self.device = subprocess.run(
-                ["losetup", "--find", "--show", str(self.image)], capture_output=True,
-                text=True, check=True).stdout.strip()
+            # the same loop device as a replica's (direct I/O where the disk allows it)
+            self.device = loop.attach(self.image)
             btrfs.make_filesystem(self.device, self.size, self.label)
             self.mnt.mkdir(parents=True, exist_ok=True)
             subprocess.run(["mount", "-t", "btrfs", "-o", "noatime", self.device,

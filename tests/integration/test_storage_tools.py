@@ -308,6 +308,45 @@ def test_attach_is_idempotent(work: Path) -> None:
     assert loop.devices_for(image) == []
 
 
+def test_attach_uses_direct_io_on_ext4_or_xfs(work: Path) -> None:
+    if loop.filesystem_type(work) not in loop.DIRECT_IO_FILESYSTEMS:
+        pytest.skip(f"the test directory is on {loop.filesystem_type(work)}, not ext4 or xfs")
+    image = _image(work / "dio.img", 16 * MiB)
+    device = loop.attach(image)
+    try:
+        assert loop.uses_direct_io(device)
+        # what goes through the device is what the image file holds
+        payload = os.urandom(MiB)
+        with open(device, "r+b") as dev:
+            dev.seek(3 * MiB)
+            dev.write(payload)
+            dev.flush()
+            os.fsync(dev.fileno())
+        with open(image, "rb") as f:
+            f.seek(3 * MiB)
+            assert f.read(MiB) == payload
+    finally:
+        loop.detach_all(image)
+
+
+def test_attach_is_buffered_where_the_filesystem_has_no_direct_io(work: Path) -> None:
+    # ramfs cannot do O_DIRECT (the kernel refuses a direct-I/O loop device on it)
+    ram = work / "ram"
+    ram.mkdir()
+    run(["mount", "-t", "ramfs", "ramfs", str(ram)])
+    try:
+        image = _image(ram / "buffered.img", 8 * MiB)
+        device = loop.attach(image)
+        try:
+            assert not loop.uses_direct_io(device)
+            assert loop.attach(image) == device
+            assert loop.size_of(device) == 8 * MiB
+        finally:
+            loop.detach_all(image)
+    finally:
+        mounts.unmount(ram)
+
+
 def test_devices_for_and_detach_all(work: Path) -> None:
     a = _image(work / "a.img", 8 * MiB)
     b = _image(work / "with space.img", 8 * MiB)
@@ -364,6 +403,18 @@ def btrfs_mount(work: Path) -> Iterator[Path]:
         yield target
     finally:
         mounts.unmount(target)
+        loop.detach_all(image)
+
+
+def test_a_file_on_btrfs_is_attached_buffered(btrfs_mount: Path) -> None:
+    # a block volume's file inside a replica: btrfs checksums file data, and direct I/O would
+    # hand it pages the filesystem on the device may still change while they are written
+    assert loop.filesystem_type(btrfs_mount) == "btrfs"
+    image = _image(btrfs_mount / "disk.img", 8 * MiB)
+    device = loop.attach(image)
+    try:
+        assert not loop.uses_direct_io(device)
+    finally:
         loop.detach_all(image)
 
 
