@@ -36,13 +36,13 @@ def attach(image: str | os.PathLike[str]) -> str:
     device as it is.
     """
     path = os.fspath(image)
-    plain = ["losetup", "--find", "--show", "--nooverlap", path]
+    find = ["losetup", "--find", "--show", "--nooverlap"]
     if filesystem_type(os.path.dirname(os.path.abspath(path))) in DIRECT_IO_FILESYSTEMS:
         try:
-            return run([*plain[:-1], "--direct-io=on", path]).strip()
+            return run([*find, "--direct-io=on", path]).strip()
         except CommandFailed:
             pass
-    return run(plain).strip()
+    return run([*find, path]).strip()
 
 
 def filesystem_type(path: str | os.PathLike[str]) -> str:
