@@ -272,13 +272,22 @@ async def _pump_frames(messages: AsyncIterator[pb.PushMessage],
                        "the stream ended without its last frame")
 
 
+#: ``btrfs receive`` confined to the directory it receives into. The stream comes from a peer,
+#: and its commands name paths that ``btrfs receive`` otherwise joins to that directory as
+#: they are: a ``mkfile ../../../etc/cron.d/x`` writes there, as root, on the receiving node
+#: (tried here with btrfs-progs 6.2). One compromised node could then take every node it
+#: replicates to. Chrooted, ``..`` stops at the replica's snapshot directory; incremental
+#: streams still find their parent and clone sources, which live in that same directory.
+RECEIVE_ARGV = ("btrfs", "receive", "--chroot", "-e")
+
+
 async def _run_receive(target: Path, source: AsyncIterator[bytes] | Path) -> None:
     """Run ``btrfs receive`` into ``target`` from a byte source (or a spool file)."""
     # opening a local spool file does not block in any way that matters
     stdin_file = open(source, "rb") if isinstance(source, Path) else None  # noqa: SIM115, ASYNC230
     try:
         proc = await asyncio.create_subprocess_exec(
-            "btrfs", "receive", "-e", str(target),
+            *RECEIVE_ARGV, str(target),
             stdin=stdin_file if stdin_file is not None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     finally:
@@ -309,10 +318,16 @@ async def _run_receive(target: Path, source: AsyncIterator[bytes] | Path) -> Non
         stderr_task.cancel()
         raise
     if code != 0 or cut_short:
-        said = stderr.decode(errors="replace").strip() or "it stopped reading"
+        said = _receive_errors(stderr) or "it stopped reading"
         # the kernel's ENOSPC, as btrfs-progs prints it: the replica is full, not broken
         failure = ResourceExhausted if os.strerror(errno.ENOSPC) in said else Internal
         raise failure(f"btrfs receive failed (exit {code}): {said}")
+
+
+def _receive_errors(stderr: bytes) -> str:
+    """What ``btrfs receive`` said, without the "Chroot to ..." line it prints every time."""
+    lines = stderr.decode(errors="replace").splitlines()
+    return "\n".join(line for line in lines if not line.startswith("Chroot to ")).strip()
 
 
 async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage],
