@@ -448,12 +448,8 @@ class NodeService(NodeServiceBase):
         self._published_entry(volume_id, path)
         meta = self._require_meta(volume_id)
         if wish.required > meta.size_bytes:
-            size = resolve_expansion(meta.size_bytes, wish)
-            available = self.store.available_bytes()
-            if size - meta.size_bytes > available:
-                raise ResourceExhausted(f"{size - meta.size_bytes} more bytes needed, "
-                                        f"{available} free on node {self.node_id}")
-            meta = self.store.expand(volume_id, size)
+            meta = self.store.expand(volume_id, resolve_expansion(meta.size_bytes, wish),
+                                     within_free_space=True)
         else:
             meta = self.store.grow_online(volume_id)
         log.info("volume expanded on node", volume_id=volume_id, capacity_bytes=meta.size_bytes)

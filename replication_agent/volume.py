@@ -1182,8 +1182,9 @@ class VolumeEngine:
             complete = await asyncio.to_thread(self.lineage.complete)
             if ref not in complete:
                 if header.volume_size_bytes > self.spec.size_bytes:
+                    # (a size from a peer: bounded by this node's free space)
                     await asyncio.to_thread(self.store.expand, self.volume_id,
-                                            header.volume_size_bytes)
+                                            header.volume_size_bytes, within_free_space=True)
 
                 def progress(n: int) -> None:
                     self.bytes_received += n

@@ -47,7 +47,13 @@ from pathlib import Path
 import structlog
 
 from sharedsync import failpoints
-from sharedsync.core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from sharedsync.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from sharedsync.core.ids import is_snapshot_id, is_volume_id
 from sharedsync.core.sizes import MIN_VOLUME_BYTES, MiB
 
@@ -572,12 +578,24 @@ class ReplicaStore:
 
     # -- resize ------------------------------------------------------------------------------
 
-    def expand(self, volume_id: str, size_bytes: int) -> ReplicaMeta:
-        """Grow the replica to ``size_bytes`` (online when open); never shrinks."""
+    def expand(self, volume_id: str, size_bytes: int, *,
+               within_free_space: bool = False) -> ReplicaMeta:
+        """Grow the replica to ``size_bytes`` (online when open); never shrinks.
+
+        ``within_free_space`` refuses (ResourceExhausted) growth beyond the free space of the
+        store's filesystem, for sizes asked on this node alone (NodeExpandVolume, a peer's
+        stream): images are sparse, so nothing else stops a replica from promising more than
+        the disk holds. The operator's sizes were checked against every node already.
+        """
         with self.locked(volume_id):
             meta = self._require(volume_id)
             if size_bytes <= meta.size_bytes:
                 return meta
+            if within_free_space:
+                more, available = size_bytes - meta.size_bytes, self.available_bytes()
+                if more > available:
+                    raise ResourceExhausted(f"{more} more bytes needed for {volume_id}, "
+                                            f"{available} free")
             with open(self._image(volume_id), "r+b") as image:
                 image.truncate(image_size(size_bytes, meta.kind))
             if self.is_open(volume_id):

@@ -388,12 +388,14 @@ def test_incremental_receive_killed_midway_leaves_previous_snapshot(
     assert_replicas_match(cluster, "a", ["b"])
 
 
-def test_a_stream_naming_paths_outside_the_replica_writes_nothing_there(
+def test_hostile_streams_from_a_peer_change_nothing_outside_the_replica(
         cluster: AgentCluster, tmp_path: Path) -> None:
-    """A peer's stream is applied by ``btrfs receive``, which joins the paths in it to the
-    replica's directory as they are. A compromised (or broken) primary sends one whose file
-    climbs out with ``../``: the receive must fail, write nothing outside the replica, leave
-    nothing behind in it, and the replica must take the real primary's streams afterwards."""
+    """What a compromised (or broken) primary may push to its replicas, with valid frames.
+
+    A stream is applied by ``btrfs receive``, which joins the paths in it to the replica's
+    directory as they are: a file that climbs out with ``../`` must not be written, and must
+    leave nothing behind. A header claiming the volume grew past the node's free space must
+    not grow the (sparse) image. The replica takes the real primary's streams afterwards."""
     from replication_agent.peers import CHANNEL_OPTIONS, PUSH_METHOD
     from replication_agent.push_wire import encode_frame, request_wire
     from replication_agent.tls import PEER_SERVER_NAME, TlsConfig, channel_credentials
@@ -403,29 +405,44 @@ def test_a_stream_naming_paths_outside_the_replica_writes_nothing_there(
 
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
     cluster.apply(spec, nodes=["b"])  # b waits for its first stream from a
+    image = cluster.agents["b"].data_dir / "replicas" / "volumes" / VOLUME / "image"
+    image_size = image.stat().st_size
     outside = tmp_path / "written-by-a-peer"
-    climb = "../" * 64 + str(outside).lstrip("/")
-    stream = file_writing_stream("e00000001-s000000000001", climb, b"* * * * * root sh\n")
-    header = pb.PushMessage(header=pb.StreamHeader(
-        volume_id=VOLUME, epoch=1, sender_node="a", snapshot=pb.SnapshotRef(epoch=1, seq=1),
-        kind=pb.BTRFS_SEND, volume_size_bytes=spec.size_bytes, volume_kind=spec.kind))
-    messages: list[pb.PushMessage | bytes] = [header, *map(encode_frame, encode(stream))]
     tls = TlsConfig(**{k: Path(v) for k, v in cluster.agents["a"].config["tls"].items()})
-    with grpc.secure_channel(
-            cluster.nodes["b"].endpoint(AGENT_PORT), channel_credentials(tls),
-            options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", PEER_SERVER_NAME)],
-    ) as channel:
-        push = channel.stream_unary(PUSH_METHOD, request_serializer=request_wire,
-                                    response_deserializer=pb.PushResult.FromString)
-        with pytest.raises(grpc.RpcError) as refused:
-            push(iter(messages), timeout=60)
-    assert refused.value.code() == grpc.StatusCode.INTERNAL, refused.value.details()
-    details = refused.value.details() or ""
+
+    def refusal(stream: bytes, size: int) -> grpc.RpcError:
+        header = pb.PushMessage(header=pb.StreamHeader(
+            volume_id=VOLUME, epoch=1, sender_node="a", snapshot=pb.SnapshotRef(epoch=1, seq=1),
+            kind=pb.BTRFS_SEND, volume_size_bytes=size, volume_kind=spec.kind))
+        messages: list[pb.PushMessage | bytes] = [header, *map(encode_frame, encode(stream))]
+        with grpc.secure_channel(
+                cluster.nodes["b"].endpoint(AGENT_PORT), channel_credentials(tls),
+                options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", PEER_SERVER_NAME)],
+        ) as channel:
+            push = channel.stream_unary(PUSH_METHOD, request_serializer=request_wire,
+                                        response_deserializer=pb.PushResult.FromString)
+            with pytest.raises(grpc.RpcError) as refused:
+                push(iter(messages), timeout=60)
+        return refused.value
+
+    climb = "../" * 64 + str(outside).lstrip("/")
+    escaping = file_writing_stream("e00000001-s000000000001", climb, b"* * * * * root sh\n")
+    refused = refusal(escaping, spec.size_bytes)
+    assert refused.code() == grpc.StatusCode.INTERNAL, refused.details()
+    details = refused.details() or ""
     assert "btrfs receive failed" in details
     assert "Chroot to" not in details
     assert not outside.exists(), "a peer's stream wrote outside the replica"
     sync_dir = cluster.agents["b"].sync_dir(VOLUME)
     assert [p.name for p in sync_dir.iterdir()] == [], "the refused stream left a subvolume"
+
+    harmless = file_writing_stream("e00000001-s000000000001", "f", b"data")
+    for claimed in (8 << 40, 1 << 50, (1 << 63) - 1):  # 8 TiB fits a sparse ext4 file
+        refused = refusal(harmless, claimed)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+        assert image.stat().st_size == image_size
+    assert cluster.agents["b"].volume(VOLUME).size_bytes == spec.size_bytes
+
     # the real primary's streams are still taken
     cluster.apply(spec, nodes=["a"])
     write_files(cluster.agents["a"].live(VOLUME), 3, 64 << 10, seed=21)
