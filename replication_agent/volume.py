@@ -42,6 +42,7 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
+from sharedsync import failpoints
 from sharedsync.core.audit_chain import AuditKind
 from sharedsync.core.commit_quorum import COMMIT_TIMEOUT_SECONDS, stream_now, write_quorum
 from sharedsync.core.errors import (
@@ -224,6 +225,9 @@ class PeerLink:
         self.unreachable_since: float | None = None
         self.last_sync_ns = 0
         self.rebuild_progress = 0.0
+        #: The snapshot the current rebuild brings the peer to (None: not rebuilding). Until
+        #: the peer holds it or a newer one, the snapshots it held before count for nothing.
+        self.rebuilding_to: SnapRef | None = None
         #: When the current push last sent a frame (its start, before the first).
         self.progressed_at = 0.0
         #: Bytes per second of the recent pushes that moved at least ``RATE_MIN_BYTES``
@@ -359,11 +363,22 @@ class PeerLink:
                                      f"epoch {reply.epoch}")
         theirs = {ref_of(r) for r in reply.snapshots}
         ours = set(self.engine.lineage.complete())
-        common = sorted(theirs & ours)
+        # a replica being rebuilt (a failed one, say) may still hold snapshots from before:
+        # what it holds counts only from the rebuild's own snapshot on
+        floor = self.rebuilding_to if self.state is ReplicaState.REBUILDING else None
+        common = sorted(ref for ref in theirs & ours if floor is None or ref >= floor)
         self.acked = common[-1] if common and self.state is not ReplicaState.FAILED else None
         self.partial = (ref_of(reply.partial), reply.partial_offset) \
             if reply.HasField("partial") else None
         self.known = True
+        if self.acked is not None and self.state is ReplicaState.REBUILDING:
+            # the rebuild's stream ended on the peer, but its answer never reached us (the
+            # peer restarted, the link broke): it is over all the same. Left Rebuilding, the
+            # replica stayed so for good (no full stream would follow), and a Rebuilding
+            # replica is never promoted.
+            self._finish_rebuild(self.acked, answer="lost")
+            self.event(AckReceived(lag_seconds=self.engine.lag_of(self),
+                                   max_lag_seconds=self.engine.max_lag()))
 
     async def _ship(self) -> None:
         engine = self.engine
@@ -382,6 +397,7 @@ class PeerLink:
             # A full stream (a new or rebuilt replica): resume an interrupted one if we can.
             if self.partial is not None and self.partial[0] in complete:
                 target, skip = self.partial
+            self.rebuilding_to = target
             self.event(RebuildStarted())
             engine.audit(AuditKind.REBUILD, phase="start", peer=self.node,
                          snapshot=target.name, resume_offset=skip)
@@ -453,16 +469,19 @@ class PeerLink:
             self.rate = rate if not self.rate else (self.rate + rate) / 2
         self.errors = 0
         if parent is None:
-            self.event(RebuildFinished())
+            self._finish_rebuild(received, bytes=sent)
         self.event(AckReceived(lag_seconds=engine.lag_of(self),
                                max_lag_seconds=engine.max_lag()))
-        if parent is None:
-            self.rebuild_progress = 1.0
-            metrics.REBUILD_PROGRESS.labels(engine.volume_id, self.node).set(1.0)
-            engine.audit(AuditKind.REBUILD, phase="finished", peer=self.node,
-                         snapshot=received.name, bytes=sent)
         engine.refresh_state(self)
         engine.prune_soon()
+
+    def _finish_rebuild(self, snapshot: SnapRef, **details: str | int) -> None:
+        self.rebuilding_to = None
+        self.event(RebuildFinished())
+        self.rebuild_progress = 1.0
+        metrics.REBUILD_PROGRESS.labels(self.engine.volume_id, self.node).set(1.0)
+        self.engine.audit(AuditKind.REBUILD, phase="finished", peer=self.node,
+                          snapshot=snapshot.name, **details)
 
     def _stream(self, out: Outgoing, pace: Callable[[int], Awaitable[None]],
                 progress: Callable[[int], None]) -> AsyncGenerator[pb.PushMessage | bytes, None]:
@@ -1208,6 +1227,7 @@ class VolumeEngine:
                     header.snapshot_unix_ns,
                     header.snapshot_unix_ns / 1e9 if header.snapshot_unix_ns else time.time())
                 self._background(self._prune_replica())
+                failpoints.hit("agent.receive.before_answer")
             return pb.PushResult(received=ref_message(ref), epoch=self.epoch,
                                  bytes_received=self.bytes_received)
 

@@ -133,6 +133,34 @@ def test_killed_replica_agent_resumes_and_converges(cluster: AgentCluster) -> No
     assert_replicas_match(cluster, "a", ["b"])
 
 
+def test_a_rebuild_whose_answer_was_lost_still_ends(cluster: AgentCluster) -> None:
+    """The peer applies a rebuild's whole stream and dies before it answers. Restarted, it
+    holds the snapshot: the rebuild is over, and the replica must be counted in sync (it
+    stayed Rebuilding for good, never to be promoted). Nothing is written afterwards, so
+    no later increment can hide the difference."""
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec, nodes=["a"])
+    write_files(cluster.agents["a"].live(VOLUME), 4, 256 << 10, seed=31)
+    wait_until(lambda: cluster.agents["a"].volume(VOLUME).last_snapshot.seq > 0, timeout=30,
+               what="a snapshot of what was written")
+    b = cluster.agents["b"]
+    b.stop()
+    b.env["SHAREDSYNC_FAILPOINTS"] = "agent.receive.before_answer"
+    b.start()
+    cluster.apply(spec, nodes=["b"])
+    assert b.process is not None
+    b.process.wait(timeout=60)  # killed by the failpoint, the stream applied and durable
+    del b.env["SHAREDSYNC_FAILPOINTS"]
+    b.start()
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="b counted in sync")
+    assert_replicas_match(cluster, "a", ["b"])
+    from replication_agent.audit import read_records
+    finished = [r.detail_map for r in read_records(cluster.audit_files("a"))
+                if r.kind == "rebuild" and r.detail_map.get("phase") == "finished"]
+    assert finished, "the rebuild never finished"
+    assert finished[-1].get("answer") == "lost"
+
+
 def abandoned(method: Callable[..., object], request: object, timeout: float) -> None:
     """Make a call whose deadline may expire before the agent is done (any other error fails)."""
     try:
