@@ -367,7 +367,11 @@ class PeerLink:
         # what it holds counts only from the rebuild's own snapshot on
         floor = self.rebuilding_to if self.state is ReplicaState.REBUILDING else None
         common = sorted(ref for ref in theirs & ours if floor is None or ref >= floor)
-        self.acked = common[-1] if common and self.state is not ReplicaState.FAILED else None
+        async with self._acked_changed:
+            self.acked = common[-1] if common and self.state is not ReplicaState.FAILED else None
+            # a commit may be waiting for a snapshot whose answer was lost, which the peer
+            # turns out to hold: without this it waited for its timeout and failed (EIO)
+            self._acked_changed.notify_all()
         self.partial = (ref_of(reply.partial), reply.partial_offset) \
             if reply.HasField("partial") else None
         self.known = True

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ import pytest
 from replication_agent.proto import agent_pb2 as pb
 from tests.e2e.kube import metric
 from tests.integration.agent_harness import (
+    REPO,
     STORE_FILESYSTEMS,
     AgentCluster,
     started_cluster,
@@ -79,6 +82,13 @@ def write_record(mount: Path, i: int) -> None:
         out.write(record(i))
         out.flush()
         os.fsync(out.fileno())
+
+
+#: ``write_record`` as a program: ``python -c WRITE_ONE_RECORD <mount> <i>``.
+WRITE_ONE_RECORD = (
+    "import sys; from pathlib import Path; "
+    "from tests.integration.test_agent_synchronous import write_record; "
+    "write_record(Path(sys.argv[1]), int(sys.argv[2]))")
 
 
 def records_in(root: Path) -> dict[int, bool]:
@@ -310,6 +320,34 @@ def out_of_space_refusals(cluster: AgentCluster, node: str) -> float:
     text = urllib.request.urlopen(cluster.metrics_url(node), timeout=10).read().decode()
     return metric(text, "sharedsync_sync_errors_total", volume=VOLUME,
                   reason="resource_exhausted") or 0.0
+
+
+def test_an_fsync_whose_answer_was_lost_still_returns(cluster: AgentCluster) -> None:
+    """The quorum peer applies an fsync's increment and dies before it answers. Restarted, it
+    holds the snapshot, and the fsync, which waited for it, must return (it waited for its
+    timeout and failed with EIO: the data was on the quorum all along)."""
+    if on_ext4(cluster):
+        pytest.skip("the snapshot increment's answer (btrfs replicas)")
+    cluster.apply(spec(cluster, VOLUME, ["a", "b"], "a", mode=pb.SYNCHRONOUS, write_quorum=2))
+    mount = attach(cluster, "a")
+    write_record(mount, 0)
+    b = cluster.agents["b"]
+    b.stop()
+    b.env["SHAREDSYNC_FAILPOINTS"] = "agent.receive.before_answer"
+    b.start()
+    # the writer is a process of its own: a test thread holding a file of the mount open
+    # would hand it to the agent started below, whose exec then closes it (a FUSE flush,
+    # which waits for the very commit that waits for b)
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_ONE_RECORD, str(mount),
+                               str(PER_FILE)], cwd=REPO, stderr=subprocess.PIPE)
+    assert b.process is not None
+    b.process.wait(timeout=60)  # killed by the failpoint, the increment applied
+    del b.env["SHAREDSYNC_FAILPOINTS"]
+    b.start()
+    _, said = writer.communicate(timeout=120)
+    assert writer.returncode == 0, f"the fsync failed: {said.decode(errors='replace')}"
+    cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+    check_all([0, PER_FILE], replicated(cluster, "b"), "b")
 
 
 def test_a_full_replica_waits_for_space_and_is_never_rebuilt(cluster: AgentCluster) -> None:
