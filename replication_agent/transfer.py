@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sharedsync import failpoints
 from sharedsync.core.errors import (
     Aborted,
     FailedPrecondition,
@@ -444,4 +445,5 @@ async def _receive_full(lineage: Lineage, header: pb.StreamHeader,
         await writer.keep()  # what verified so far survives for a resume
         raise
     writer.drop()
+    failpoints.hit("agent.receive.before_spool_clear")
     spool.clear()

@@ -1270,9 +1270,15 @@ class VolumeEngine:
         self._forget(await asyncio.to_thread(prune))
 
     def holdings(self) -> pb.HoldingsResponse:
-        reply = pb.HoldingsResponse(
-            snapshots=[snapshot_ref(r) for r in self.lineage.complete()], epoch=self.epoch)
+        complete = self.lineage.complete()
+        reply = pb.HoldingsResponse(snapshots=[snapshot_ref(r) for r in complete],
+                                    epoch=self.epoch)
         partial = self.spool.partial()
+        if partial is not None and partial[0] in complete:
+            # the stream it kept ended after all (the agent died before deleting it): a spool
+            # can be the size of the volume, and nothing else would ever delete this one
+            self.spool.clear()
+            partial = None
         if partial is not None:
             reply.partial.CopyFrom(snapshot_ref(partial[0]))
             reply.partial_offset = partial[1]

@@ -133,11 +133,15 @@ def test_killed_replica_agent_resumes_and_converges(cluster: AgentCluster) -> No
     assert_replicas_match(cluster, "a", ["b"])
 
 
-def test_a_rebuild_whose_answer_was_lost_still_ends(cluster: AgentCluster) -> None:
-    """The peer applies a rebuild's whole stream and dies before it answers. Restarted, it
-    holds the snapshot: the rebuild is over, and the replica must be counted in sync (it
-    stayed Rebuilding for good, never to be promoted). Nothing is written afterwards, so
-    no later increment can hide the difference."""
+@pytest.mark.parametrize("failpoint", ["agent.receive.before_answer",
+                                       "agent.receive.before_spool_clear"])
+def test_a_rebuild_whose_answer_was_lost_still_ends(cluster: AgentCluster,
+                                                    failpoint: str) -> None:
+    """The peer applies a rebuild's whole stream and dies before it answers (before it
+    deleted the stream's spool, too). Restarted, it holds the snapshot: the rebuild is over,
+    and the replica must be counted in sync (it stayed Rebuilding for good, never to be
+    promoted), with no spool left (one can be the size of the volume). Nothing is written
+    afterwards, so no later increment can hide the difference."""
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
     cluster.apply(spec, nodes=["a"])
     write_files(cluster.agents["a"].live(VOLUME), 4, 256 << 10, seed=31)
@@ -145,7 +149,7 @@ def test_a_rebuild_whose_answer_was_lost_still_ends(cluster: AgentCluster) -> No
                what="a snapshot of what was written")
     b = cluster.agents["b"]
     b.stop()
-    b.env["SHAREDSYNC_FAILPOINTS"] = "agent.receive.before_answer"
+    b.env["SHAREDSYNC_FAILPOINTS"] = failpoint
     b.start()
     cluster.apply(spec, nodes=["b"])
     assert b.process is not None
@@ -159,6 +163,8 @@ def test_a_rebuild_whose_answer_was_lost_still_ends(cluster: AgentCluster) -> No
                 if r.kind == "rebuild" and r.detail_map.get("phase") == "finished"]
     assert finished, "the rebuild never finished"
     assert finished[-1].get("answer") == "lost"
+    spool = b.data_dir / "agent" / "spool"
+    assert not spool.is_dir() or list(spool.iterdir()) == []
 
 
 def abandoned(method: Callable[..., object], request: object, timeout: float) -> None:
