@@ -39,6 +39,7 @@ from sharedsync.core.framing import (
     FrameEncoder,
     FrameFault,
 )
+from sharedsync.core.send_stream import StreamRefused, SubvolumeGuard
 from sharedsync.storage import btrfs
 from sharedsync.storage.files import syncfs
 
@@ -332,10 +333,12 @@ def _receive_errors(stderr: bytes) -> str:
 
 
 async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage],
-                        decoder: FrameDecoder, progress: Progress, *,
+                        decoder: FrameDecoder, guard: SubvolumeGuard, progress: Progress, *,
                         prefix: Path | None = None, spool: SpoolWriter | None = None) -> None:
     """Feed verified frames to ``btrfs receive`` as they arrive (after ``prefix``, the bytes of
-    a resumed stream already held), copying them to ``spool`` when given."""
+    a resumed stream already held), copying them to ``spool`` when given. ``guard`` sees every
+    byte first: a stream that would create any subvolume but the one asked for stops before
+    the bytes that show it reach ``btrfs receive``."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
 
     async def produce() -> AsyncIterator[bytes]:
@@ -362,6 +365,7 @@ async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage
 
     async def sink(raw: bytes) -> None:
         nonlocal unflushed, flushing
+        guard.feed(raw)
         if spool is not None:
             await spool.append(raw)
         await feed(raw)
@@ -374,6 +378,7 @@ async def _apply_stream(lineage: Lineage, messages: AsyncIterator[pb.PushMessage
         if prefix is not None:
             with open(prefix, "rb") as held:  # noqa: ASYNC230 - local reads between awaits
                 while chunk := held.read(READ_SIZE):
+                    guard.feed(chunk)
                     await feed(chunk)
         await _pump_frames(messages, sink, decoder, progress)
         await feed(None)
@@ -400,15 +405,16 @@ async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
     """Apply one incoming stream to ``lineage``, all of it or nothing, and make it durable."""
     ref = ref_of(header.snapshot)
     decoder = FrameDecoder()
+    guard = SubvolumeGuard(ref.name)
     lineage.ensure()
     lineage.discard_partial()
     if header.HasField("parent"):
         parent = ref_of(header.parent)
         if parent not in lineage.complete():
             raise FailedPrecondition(f"missing parent snapshot {parent.name}")
-        await _apply_stream(lineage, messages, decoder, progress)
+        await _apply_stream(lineage, messages, decoder, guard, progress)
     else:
-        await _receive_full(lineage, header, messages, spool, decoder, progress)
+        await _receive_full(lineage, header, messages, spool, decoder, guard, progress)
     if ref not in lineage.complete():
         raise Internal(f"btrfs receive finished but {ref.name} is not complete")
     # btrfs receive writes through the page cache and does not sync: write the snapshot back
@@ -420,7 +426,8 @@ async def receive_snapshot(lineage: Lineage, header: pb.StreamHeader,
 
 async def _receive_full(lineage: Lineage, header: pb.StreamHeader,
                         messages: AsyncIterator[pb.PushMessage], spool: Spool,
-                        decoder: FrameDecoder, progress: Progress) -> None:
+                        decoder: FrameDecoder, guard: SubvolumeGuard,
+                        progress: Progress) -> None:
     """A full stream: applied as it arrives and spooled (fsynced) alongside, so that an
     interrupted transfer resumes from the verified bytes it already has."""
     ref = ref_of(header.snapshot)
@@ -435,11 +442,11 @@ async def _receive_full(lineage: Lineage, header: pb.StreamHeader,
     spool.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     writer = SpoolWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     try:
-        await _apply_stream(lineage, messages, decoder, progress,
+        await _apply_stream(lineage, messages, decoder, guard, progress,
                             prefix=path if held else None, spool=writer)
-    except Internal:
+    except (Internal, StreamRefused):
         writer.drop()
-        spool.clear()  # btrfs refused the stream: not worth resuming
+        spool.clear()  # btrfs or the guard refused the stream: not worth resuming
         raise
     except BaseException:
         await writer.keep()  # what verified so far survives for a resume

@@ -429,13 +429,15 @@ def test_hostile_streams_from_a_peer_change_nothing_outside_the_replica(
     A stream is applied by ``btrfs receive``, which joins the paths in it to the replica's
     directory as they are: a file that climbs out with ``../`` must not be written, and must
     leave nothing behind. A header claiming the volume grew past the node's free space must
-    not grow the (sparse) image. The replica takes the real primary's streams afterwards."""
+    not grow the (sparse) image. A stream creating a second subvolume (under a later
+    snapshot's name, which a promotion would prefer) must leave neither. The replica takes
+    the real primary's streams afterwards."""
     from replication_agent.peers import CHANNEL_OPTIONS, PUSH_METHOD
     from replication_agent.push_wire import encode_frame, request_wire
     from replication_agent.tls import PEER_SERVER_NAME, TlsConfig, channel_credentials
     from sharedsync.core.framing import encode
     from tests.integration.agent_harness import AGENT_PORT
-    from tests.integration.hostile_stream import file_writing_stream
+    from tests.send_streams import end, file_with, file_writing_stream, stream, subvol
 
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
     cluster.apply(spec, nodes=["b"])  # b waits for its first stream from a
@@ -476,6 +478,13 @@ def test_hostile_streams_from_a_peer_change_nothing_outside_the_replica(
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
         assert image.stat().st_size == image_size
     assert cluster.agents["b"].volume(VOLUME).size_bytes == spec.size_bytes
+
+    planting = stream(subvol("e00000001-s000000000001"), file_with("f", b"1"),
+                      subvol("e00000009-s000000000001"), file_with("g", b"2"), end())
+    refused = refusal(planting, spec.size_bytes)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    assert "second subvolume" in (refused.details() or "")
+    assert [p.name for p in sync_dir.iterdir()] == [], "the refused stream left a subvolume"
 
     # the real primary's streams are still taken
     cluster.apply(spec, nodes=["a"])
