@@ -379,10 +379,9 @@ class PeerLink:
             # the rebuild's stream ended on the peer, but its answer never reached us (the
             # peer restarted, the link broke): it is over all the same. Left Rebuilding, the
             # replica stayed so for good (no full stream would follow), and a Rebuilding
-            # replica is never promoted.
+            # replica is never promoted. (Lagging now; the link's refresh_state, once this
+            # push attempt is over, counts it in sync as for any acknowledgement learnt here.)
             self._finish_rebuild(self.acked, answer="lost")
-            self.event(AckReceived(lag_seconds=self.engine.lag_of(self),
-                                   max_lag_seconds=self.engine.max_lag()))
 
     async def _ship(self) -> None:
         engine = self.engine
