@@ -33,7 +33,14 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +217,7 @@ class PersistedState:
 class PeerLink:
     """Ships snapshots of one volume to one peer, newest wanted first, one push at a time."""
 
-    def __init__(self, engine: "VolumeEngine", node: str) -> None:
+    def __init__(self, engine: "VolumeEngine", node: str, *, placed: bool = False) -> None:
         self.engine = engine
         self.node = node
         self.acked: SnapRef | None = None
@@ -218,7 +225,14 @@ class PeerLink:
         self.partial: tuple[SnapRef, int] | None = None
         self.wanted: SnapRef | None = None
         self.in_flight: SnapRef | None = None
-        self.state = ReplicaState.LAGGING  # not confirmed until the first acknowledgement
+        #: A replica placed just now (a new volume, a node added to it) holds nothing yet: it
+        #: is Rebuilding from the start. Shown Lagging (healthy) until its full stream began,
+        #: it made a volume Ready, and CreateVolume return, before any replica had its data,
+        #: then Rebuilding a moment later. A link made for any other reason (the agent
+        #: restarted, this node was promoted) starts Lagging: not confirmed until the first
+        #: acknowledgement, and not wrongly Rebuilding in the status the operator remembers
+        #: (a replica shown Rebuilding is never promoted).
+        self.state = ReplicaState.REBUILDING if placed else ReplicaState.LAGGING
         self.errors = 0  # consecutive failures that were not the network
         self.message = ""
         self.failures = 0
@@ -376,12 +390,18 @@ class PeerLink:
             if reply.HasField("partial") else None
         self.known = True
         if self.acked is not None and self.state is ReplicaState.REBUILDING:
-            # the rebuild's stream ended on the peer, but its answer never reached us (the
-            # peer restarted, the link broke): it is over all the same. Left Rebuilding, the
-            # replica stayed so for good (no full stream would follow), and a Rebuilding
-            # replica is never promoted. (Lagging now; the link's refresh_state, once this
-            # push attempt is over, counts it in sync as for any acknowledgement learnt here.)
-            self._finish_rebuild(self.acked, answer="lost")
+            if self.rebuilding_to is None:
+                # placed anew, but it holds a snapshot we have (a node given back to the
+                # volume, say): an increment brings it up to date, no full copy is needed
+                self.event(RebuildFinished())
+            else:
+                # the rebuild's stream ended on the peer, but its answer never reached us
+                # (the peer restarted, the link broke): it is over all the same. Left
+                # Rebuilding, the replica stayed so for good (no full stream would follow),
+                # and a Rebuilding replica is never promoted.
+                self._finish_rebuild(self.acked, answer="lost")
+            # (Lagging now; the link's refresh_state, once this push attempt is over, counts
+            # it in sync as for any acknowledgement learnt here.)
 
     async def _ship(self) -> None:
         engine = self.engine
@@ -589,6 +609,9 @@ class VolumeEngine:
     async def start(self) -> None:
         """Create or open the replica and start the loops its role calls for."""
         kind = VolumeKind(self.spec.kind or "filesystem")
+        # new to this node (no state persisted yet; its replica may have been made from a
+        # content source a moment ago): no peer can hold a snapshot of it
+        placed = () if self.state_path.exists() else self.spec.replica_nodes
         await asyncio.to_thread(self.store.ensure_layout)
         meta = await asyncio.to_thread(self.store.meta, self.volume_id)
         if meta is None:
@@ -615,7 +638,7 @@ class VolumeEngine:
                 watch_changes=self.filesystem is StoreFilesystem.EXT4)
             await self.multiwriter.start()
         else:
-            self._sync_links()
+            self._sync_links(placed)
             if self.role is Role.PRIMARY and not self.fenced:
                 self._start_primary_loop()
         self._scrubber = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.volume_id}")
@@ -692,20 +715,22 @@ class VolumeEngine:
             self.audit(AuditKind.POLICY, mode=pb.Mode.Name(spec.policy.mode),
                        bandwidth=spec.policy.bandwidth_bytes_per_second,
                        write_quorum=spec.policy.write_quorum)
-        self._sync_links()
+        self._sync_links(placed=set(spec.replica_nodes) - set(old.replica_nodes))
         if self.multiwriter is not None:
             self.multiwriter.sync_peers()
         self.persist()
         self._wake.set()
 
-    def _sync_links(self) -> None:
+    def _sync_links(self, placed: Collection[str] = ()) -> None:
+        """One link per peer while this node is primary; ``placed``: the peers that have just
+        been given a replica of the volume, which holds nothing yet (see PeerLink)."""
         wanted = {n for n in self.spec.replica_nodes if n != self.node} \
             if self.role is Role.PRIMARY and not self.file_level else set()
         for node in set(self.links) - wanted:
             link = self.links.pop(node)
             self._background(link.stop())
         for node in wanted - set(self.links):
-            link = PeerLink(self, node)
+            link = PeerLink(self, node, placed=node in placed)
             self.links[node] = link
             link.start()
             link.want(self.lineage.newest())

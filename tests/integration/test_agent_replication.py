@@ -119,6 +119,46 @@ def test_scheduled_mode_ships_on_sync_now_only(cluster: AgentCluster) -> None:
     assert_replicas_match(cluster, "a", ["b"])
 
 
+def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
+        cluster: AgentCluster) -> None:
+    """A replica of a new volume, or one added to a volume, holds nothing: it must not count as
+    healthy (Lagging or InSync) before its full copy arrived. Shown Lagging, it made the
+    operator call the volume Ready, and CreateVolume return, before any replica had the data;
+    a failover then would have had nothing to promote."""
+    def state_of(node: str) -> int | None:
+        found = [r.state for r in cluster.agents["a"].volume(VOLUME).replicas if r.node == node]
+        return found[0] if found else None
+
+    healthy = (pb.IN_SYNC, pb.LAGGING)
+    cluster.partition("c")  # c's copy cannot arrive
+    cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    write_files(cluster.agents["a"].live(VOLUME), 2, 32 << 10, seed=41)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="b holds a copy")
+    assert state_of("c") not in healthy, f"c is counted healthy: state {state_of('c')}"
+    cluster.heal("c")
+    wait_until(lambda: in_sync(cluster, "a", ["b", "c"]), timeout=120, what="c holds a copy")
+
+    # added to a volume that has data: the same until its copy arrived
+    other = "vol-" + "a2" * 12
+    cluster.apply(volume_spec(other, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    write_files(cluster.agents["a"].live(other), 2, 32 << 10, seed=42)
+
+    def synced(nodes: list[str]) -> bool:
+        replicas = {r.node: r.state for r in cluster.agents["a"].volume(other).replicas}
+        return all(replicas.get(n) == pb.IN_SYNC for n in nodes)
+    wait_until(lambda: synced(["b"]), timeout=60, what="b holds a copy of the second volume")
+    cluster.partition("c")
+    cluster.apply(volume_spec(other, ["a", "b", "c"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    wait_until(lambda: any(r.node == "c" for r in cluster.agents["a"].volume(other).replicas),
+               timeout=30, what="a tracks c")
+    for _ in range(5):
+        states = {r.node: r.state for r in cluster.agents["a"].volume(other).replicas}
+        assert states["c"] not in healthy, f"c is counted healthy: {states}"
+        time.sleep(0.5)
+    cluster.heal("c")
+    wait_until(lambda: synced(["b", "c"]), timeout=120, what="c holds a copy of the second")
+
+
 def test_killed_replica_agent_resumes_and_converges(cluster: AgentCluster) -> None:
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
                        bandwidth=4 << 20)
