@@ -7,7 +7,9 @@ GOPROXY=off, so a test never downloads anything. Several modules of the session 
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -31,12 +33,48 @@ def require_snapshot_crd_files() -> list[Path]:
 
 def install_snapshot_crds(cp: ControlPlane, field_manager: str = "sharedsync-tests") -> list[str]:
     """Install the CRDs where missing and wait until they are served; return the names of the
-    CRDs this call created (the caller deletes those, and only those, when done)."""
+    CRDs this call created (the caller deletes those, and only those, when done).
+
+    A module before this one may have left them terminating (a CRD goes only once its objects
+    have; a snapshot whose controller is gone keeps its finalizer): new objects of such a CRD
+    are refused, so this waits for it to be gone and fails with what holds it otherwise.
+    """
     files = require_snapshot_crd_files()
     names = [f"{name}.{SNAPSHOT_GROUP}" for name in SNAPSHOT_CRDS]
+    for name in names:
+        _wait_unless_terminating(cp, name)
     created = [n for n in names if cp.kubectl("get", "crd", n, check=False).returncode != 0]
     cp.kubectl("apply", "--server-side", "--force-conflicts", f"--field-manager={field_manager}",
                *(f"--filename={f}" for f in files))
     cp.kubectl("wait", "--for=condition=Established", f"--timeout={WAIT_SECONDS}s",
                *(f"crd/{n}" for n in names), timeout=WAIT_SECONDS + 30)
+    wanted = set(names)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not wanted <= set(cp.kubectl("api-resources", "-o", "name",
+                                       check=False).stdout.split()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{sorted(wanted)} not in discovery after {WAIT_SECONDS} s")
+        time.sleep(0.5)
     return created
+
+
+def _wait_unless_terminating(cp: ControlPlane, name: str) -> None:
+    found = cp.kubectl("get", "crd", name, "-o", "json", check=False)
+    if found.returncode != 0 or not json.loads(found.stdout)["metadata"].get(
+            "deletionTimestamp"):
+        return
+    cp.kubectl("wait", "--for=delete", f"crd/{name}", f"--timeout={WAIT_SECONDS}s",
+               check=False, timeout=WAIT_SECONDS + 30)
+    if cp.kubectl("get", "crd", name, check=False).returncode == 0:
+        plural = name.partition(".")[0]
+        left = cp.kubectl("get", plural, "-A", "-o", "name", check=False)
+        raise AssertionError(f"CRD {name} is still terminating after {WAIT_SECONDS} s; "
+                             f"objects holding it: {left.stdout.strip() or left.stderr}")
+
+
+def delete_snapshots(cp: ControlPlane, namespace: str, timeout: float = WAIT_SECONDS) -> None:
+    """Delete a namespace's VolumeSnapshots while their controllers still run (a test that
+    failed half way leaves some): stopped, the controllers can no longer take the finalizers
+    off, and the CRDs' deletion would wait for them for good."""
+    cp.kubectl("delete", "volumesnapshots", "--all", "-n", namespace, "--ignore-not-found",
+               "--wait=true", f"--timeout={timeout:.0f}s", check=False, timeout=timeout + 30)

@@ -42,7 +42,7 @@ from tests.controlplane.operator_harness import (
     policy,
     started_cluster,
 )
-from tests.controlplane.snapshot_crds import install_snapshot_crds
+from tests.controlplane.snapshot_crds import delete_snapshots, install_snapshot_crds
 from tests.integration.agent_harness import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
@@ -224,6 +224,7 @@ def csi(cluster: OperatorCluster, tmp_path_factory: pytest.TempPathFactory) -> I
         with registered_node_plugins(cluster):
             yield csi
     finally:
+        delete_snapshots(cp, CLAIMS)  # what a failed test left, while its controllers run
         for process in [*sidecars, controller]:
             process.stop()
         if created_crds:

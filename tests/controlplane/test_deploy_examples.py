@@ -16,7 +16,6 @@ it only the snapshot file is skipped (a failure in CI).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,8 @@ import pytest
 import yaml
 
 from .controlplane import FIELD_MANAGER, REPO_ROOT, ControlPlane
-from .snapshot_crds import snapshot_crd_files
+from .snapshot_crds import SNAPSHOT_GROUP
+from .snapshot_crds import install_snapshot_crds as shared_install_snapshot_crds
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -45,7 +45,6 @@ ORDER = (
     "snapshot.yaml",
     "restore-and-clone.yaml",
 )
-SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
 WAIT_TIMEOUT = 120.0
 #: A CRD's deletion once took more than two minutes here, on a busy machine.
 CRD_DELETE_TIMEOUT = 300.0
@@ -178,23 +177,8 @@ def test_manifest_applies(deployment: Deployment, name: str) -> None:
 
 
 def install_snapshot_crds(deployment: Deployment) -> None:
-    files, reason = snapshot_crd_files()
-    if not files:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI must run scripts/build-tools first")
-        pytest.skip(reason)
-    cp = deployment.cp
-    names = [yaml.safe_load(f.read_text())["metadata"]["name"] for f in files]
-    for crd in names:
-        if cp.kubectl("get", "crd", crd, check=False).returncode != 0:
-            deployment.created.insert(0, f"crd/{crd}")  # deleted last
-    cp.kubectl("apply", "--server-side", f"--field-manager={FIELD_MANAGER}",
-               *(f"--filename={f}" for f in files))
-    cp.kubectl("wait", "--for=condition=Established", f"--timeout={WAIT_TIMEOUT:.0f}s",
-               *(f"crd/{n}" for n in names), timeout=WAIT_TIMEOUT + 30)
-    wanted = {f"volumesnapshots.{SNAPSHOT_GROUP}", f"volumesnapshotclasses.{SNAPSHOT_GROUP}"}
-    wait_for("discovery of the snapshot resources", lambda: wanted <= set(
-        cp.kubectl("api-resources", "-o", "name", check=False).stdout.split()))
+    created = shared_install_snapshot_crds(deployment.cp, FIELD_MANAGER)
+    deployment.created[:0] = [f"crd/{name}" for name in created]  # deleted last
 
 
 # -- what the controllers make of the objects ---------------------------------------------------
