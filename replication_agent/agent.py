@@ -232,7 +232,8 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             state_dir=self.state_dir, spool_dir=self.spool_dir, audit=self.audit_log,
             node_bandwidth=self.node_bandwidth,
             epoch=state.epoch if state else None, role=state.role if state else None,
-            fenced=state.fenced if state else False)
+            fenced=state.fenced if state else False,
+            awaiting_copy=state.awaiting_copy if state else ())
         if state is not None:
             engine.primary = state.primary
         await engine.start()

@@ -192,18 +192,21 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class PersistedState:
-    """What survives a restart: the spec as last applied, the epoch and the role."""
+    """What survives a restart: the spec as last applied, the epoch and the role, and the
+    peers this primary placed a replica on that has not held any of the volume yet."""
 
     spec: pb.VolumeSpec
     epoch: int
     role: Role
     primary: str
     fenced: bool = False
+    awaiting_copy: frozenset[str] = frozenset()
 
     def to_json(self) -> bytes:
         return json.dumps({
             "spec": json_format.MessageToDict(self.spec), "epoch": self.epoch,
             "role": str(self.role), "primary": self.primary, "fenced": self.fenced,
+            "awaitingCopy": sorted(self.awaiting_copy),
         }, sort_keys=True).encode()
 
     @classmethod
@@ -211,7 +214,8 @@ class PersistedState:
         raw = json.loads(data)
         spec = json_format.ParseDict(raw["spec"], pb.VolumeSpec())
         return cls(spec=spec, epoch=int(raw["epoch"]), role=Role(raw["role"]),
-                   primary=str(raw["primary"]), fenced=bool(raw.get("fenced", False)))
+                   primary=str(raw["primary"]), fenced=bool(raw.get("fenced", False)),
+                   awaiting_copy=frozenset(map(str, raw.get("awaitingCopy", ()))))
 
 
 class PeerLink:
@@ -225,11 +229,12 @@ class PeerLink:
         self.partial: tuple[SnapRef, int] | None = None
         self.wanted: SnapRef | None = None
         self.in_flight: SnapRef | None = None
-        #: A replica placed just now (a new volume, a node added to it) holds nothing yet: it
-        #: is Rebuilding from the start. Shown Lagging (healthy) until its full stream began,
-        #: it made a volume Ready, and CreateVolume return, before any replica had its data,
-        #: then Rebuilding a moment later. A link made for any other reason (the agent
-        #: restarted, this node was promoted) starts Lagging: not confirmed until the first
+        #: A replica this primary placed (a new volume, a node added to it) holds nothing
+        #: until its first copy arrived, across restarts of this agent too: it is Rebuilding
+        #: from the start (see VolumeEngine.awaiting_copy). Shown Lagging (healthy) until its
+        #: full stream began, it made a volume Ready, and CreateVolume return, before any
+        #: replica had its data, and it could be promoted with nothing in it. Any other link
+        #: (this node was promoted, say) starts Lagging: not confirmed until the first
         #: acknowledgement, and not wrongly Rebuilding in the status the operator remembers
         #: (a replica shown Rebuilding is never promoted).
         self.state = ReplicaState.REBUILDING if placed else ReplicaState.LAGGING
@@ -389,6 +394,8 @@ class PeerLink:
         self.partial = (ref_of(reply.partial), reply.partial_offset) \
             if reply.HasField("partial") else None
         self.known = True
+        if self.acked is not None:
+            self.engine.copy_held(self.node)
         if self.acked is not None and self.state is ReplicaState.REBUILDING:
             if self.rebuilding_to is None:
                 # placed anew, but it holds a snapshot we have (a node given back to the
@@ -481,6 +488,7 @@ class PeerLink:
             self.acked = received
             self.in_flight = None
             self._acked_changed.notify_all()
+        engine.copy_held(self.node)
         await engine.links_moved()
         self.last_sync_ns = time.time_ns()
         self.message = ""
@@ -537,7 +545,8 @@ class VolumeEngine:
     def __init__(self, *, node: str, spec: pb.VolumeSpec, store: ReplicaStore,
                  peers: PeerPool, state_dir: Path, spool_dir: Path, audit: AuditLog,
                  node_bandwidth: NodeBandwidth | None = None, epoch: int | None = None,
-                 role: Role | None = None, fenced: bool = False) -> None:
+                 role: Role | None = None, fenced: bool = False,
+                 awaiting_copy: Collection[str] = ()) -> None:
         self.node = node
         self.spec = spec
         self.volume_id = spec.volume_id
@@ -552,6 +561,9 @@ class VolumeEngine:
             Role.PRIMARY if spec.primary_node == node else Role.REPLICA)
         self.primary = spec.primary_node
         self.fenced = fenced
+        #: The peers this node, as primary, placed a replica on that has held nothing of the
+        #: volume yet (persisted): their links start Rebuilding (see PeerLink.state).
+        self.awaiting_copy = set(awaiting_copy)
         self.lineage = Lineage(store, self.volume_id)
         self.links: dict[str, PeerLink] = {}
         #: The increment last sent to one peer, kept for the others (see .shared_streams).
@@ -609,9 +621,10 @@ class VolumeEngine:
     async def start(self) -> None:
         """Create or open the replica and start the loops its role calls for."""
         kind = VolumeKind(self.spec.kind or "filesystem")
-        # new to this node (no state persisted yet; its replica may have been made from a
-        # content source a moment ago): no peer can hold a snapshot of it
-        placed = () if self.state_path.exists() else self.spec.replica_nodes
+        if not self.state_path.exists() and self.role is Role.PRIMARY:
+            # new to this node (its replica may have been made from a content source a moment
+            # ago): no peer can hold a snapshot of it
+            self.awaiting_copy = set(self.spec.replica_nodes) - {self.node}
         await asyncio.to_thread(self.store.ensure_layout)
         meta = await asyncio.to_thread(self.store.meta, self.volume_id)
         if meta is None:
@@ -638,7 +651,12 @@ class VolumeEngine:
                 watch_changes=self.filesystem is StoreFilesystem.EXT4)
             await self.multiwriter.start()
         else:
-            self._sync_links(placed)
+            self._sync_links()
+            if self.awaiting_copy:
+                # a snapshot for them to receive now, whatever the mode, schedule or pause:
+                # without one they stayed Rebuilding, and the volume not Ready, until the
+                # first scheduled cycle (a new replica gets a first copy while paused, too)
+                self._wake.set()
             if self.role is Role.PRIMARY and not self.fenced:
                 self._start_primary_loop()
         self._scrubber = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.volume_id}")
@@ -680,7 +698,14 @@ class VolumeEngine:
     def persist(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_path, PersistedState(
-            self.spec, self.epoch, self.role, self.primary, self.fenced).to_json())
+            self.spec, self.epoch, self.role, self.primary, self.fenced,
+            frozenset(self.awaiting_copy)).to_json())
+
+    def copy_held(self, node: str) -> None:
+        """``node`` holds a snapshot of the volume: from now on it is a replica like any."""
+        if node in self.awaiting_copy:
+            self.awaiting_copy.discard(node)
+            self.persist()
 
     def audit(self, kind: AuditKind, **details: str | int | float | bool) -> None:
         self.audit_log.append(kind, self.volume_id, details)
@@ -715,22 +740,24 @@ class VolumeEngine:
             self.audit(AuditKind.POLICY, mode=pb.Mode.Name(spec.policy.mode),
                        bandwidth=spec.policy.bandwidth_bytes_per_second,
                        write_quorum=spec.policy.write_quorum)
-        self._sync_links(placed=set(spec.replica_nodes) - set(old.replica_nodes))
+        if self.role is Role.PRIMARY:
+            self.awaiting_copy |= set(spec.replica_nodes) - set(old.replica_nodes) - {self.node}
+        self.awaiting_copy &= set(spec.replica_nodes)
+        self._sync_links()
         if self.multiwriter is not None:
             self.multiwriter.sync_peers()
         self.persist()
         self._wake.set()
 
-    def _sync_links(self, placed: Collection[str] = ()) -> None:
-        """One link per peer while this node is primary; ``placed``: the peers that have just
-        been given a replica of the volume, which holds nothing yet (see PeerLink)."""
+    def _sync_links(self) -> None:
+        """One link per peer while this node is primary."""
         wanted = {n for n in self.spec.replica_nodes if n != self.node} \
             if self.role is Role.PRIMARY and not self.file_level else set()
         for node in set(self.links) - wanted:
             link = self.links.pop(node)
             self._background(link.stop())
         for node in wanted - set(self.links):
-            link = PeerLink(self, node, placed=node in placed)
+            link = PeerLink(self, node, placed=node in self.awaiting_copy)
             self.links[node] = link
             link.start()
             link.want(self.lineage.newest())
@@ -809,6 +836,7 @@ class VolumeEngine:
                 self.audit(AuditKind.PROMOTION, journal_records_replayed=replayed)
             self.epoch, self.role, self.primary, self.fenced = epoch, Role.PRIMARY, self.node, False
             self.handover_until = None
+            self.awaiting_copy = set()  # what the peers hold is learnt, not presumed
             self.persist()
         metrics.EPOCH.labels(self.volume_id).set(epoch)
         self.audit(AuditKind.PROMOTION, epoch=epoch, snapshot=newest.name if newest else "")
@@ -1372,6 +1400,8 @@ class VolumeEngine:
             raise FailedPrecondition(f"{node} is not a replica of {self.volume_id} here")
         link.known = False
         link.acked = None
+        self.awaiting_copy.add(node)  # it dropped every snapshot: it holds nothing now
+        self.persist()
         link.want(self.lineage.newest())
         self.audit(AuditKind.REBUILD, phase="requested", peer=node, reason=reason[:200])
 

@@ -122,9 +122,9 @@ def test_scheduled_mode_ships_on_sync_now_only(cluster: AgentCluster) -> None:
 def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
         cluster: AgentCluster) -> None:
     """A replica of a new volume, or one added to a volume, holds nothing: it must not count as
-    healthy (Lagging or InSync) before its full copy arrived. Shown Lagging, it made the
-    operator call the volume Ready, and CreateVolume return, before any replica had the data;
-    a failover then would have had nothing to promote."""
+    healthy (Lagging or InSync) before its full copy arrived, even after the primary's agent
+    restarted. Shown Lagging, it made the operator call the volume Ready, and CreateVolume
+    return, before any replica had the data, and it could have been promoted empty."""
     def state_of(node: str) -> int | None:
         found = [r.state for r in cluster.agents["a"].volume(VOLUME).replicas if r.node == node]
         return found[0] if found else None
@@ -134,6 +134,12 @@ def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
     cluster.apply(volume_spec(VOLUME, ["a", "b", "c"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
     write_files(cluster.agents["a"].live(VOLUME), 2, 32 << 10, seed=41)
     wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="b holds a copy")
+    assert state_of("c") not in healthy, f"c is counted healthy: state {state_of('c')}"
+    # the same after the primary's agent restarted (an upgrade, say): it remembers
+    cluster.agents["a"].stop()
+    cluster.agents["a"].start()
+    wait_until(lambda: state_of("c") is not None and state_of("b") == pb.IN_SYNC, timeout=60,
+               what="the restarted a tracks b and c")
     assert state_of("c") not in healthy, f"c is counted healthy: state {state_of('c')}"
     cluster.heal("c")
     wait_until(lambda: in_sync(cluster, "a", ["b", "c"]), timeout=120, what="c holds a copy")
@@ -157,6 +163,15 @@ def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
         time.sleep(0.5)
     cluster.heal("c")
     wait_until(lambda: synced(["b", "c"]), timeout=120, what="c holds a copy of the second")
+
+    # a Scheduled volume whose schedule is far off: its replica gets a first copy all the same
+    # (without one it stayed Rebuilding, and the volume not Ready, until the schedule fired)
+    scheduled = "vol-" + "a3" * 12
+    cluster.apply(volume_spec(scheduled, ["a", "b"], "a", mode=pb.SCHEDULED,
+                              schedule="0 0 1 1 *"))
+    wait_until(lambda: {r.node: r.state for r in cluster.agents["a"].volume(scheduled).replicas
+                        }.get("b") == pb.IN_SYNC,
+               timeout=60, what="b holds a first copy of the Scheduled volume")
 
 
 def test_killed_replica_agent_resumes_and_converges(cluster: AgentCluster) -> None:
