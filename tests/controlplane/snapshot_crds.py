@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from localcluster.snapshot_crds import SNAPSHOT_CRDS, SNAPSHOT_GROUP, snapshot_crd_files
 from tests.controlplane.controlplane import ControlPlane
+from tests.integration.agent_harness import wait_until
 
 __all__ = ["SNAPSHOT_CRDS", "SNAPSHOT_GROUP", "snapshot_crd_files"]
 WAIT_SECONDS = 120
@@ -42,23 +42,19 @@ def install_snapshot_crds(cp: ControlPlane, field_manager: str = "sharedsync-tes
     files = require_snapshot_crd_files()
     names = [f"{name}.{SNAPSHOT_GROUP}" for name in SNAPSHOT_CRDS]
     for name in names:
-        _wait_unless_terminating(cp, name)
+        _wait_while_terminating(cp, name)
     created = [n for n in names if cp.kubectl("get", "crd", n, check=False).returncode != 0]
     cp.kubectl("apply", "--server-side", "--force-conflicts", f"--field-manager={field_manager}",
                *(f"--filename={f}" for f in files))
     cp.kubectl("wait", "--for=condition=Established", f"--timeout={WAIT_SECONDS}s",
                *(f"crd/{n}" for n in names), timeout=WAIT_SECONDS + 30)
-    wanted = set(names)
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not wanted <= set(cp.kubectl("api-resources", "-o", "name",
-                                       check=False).stdout.split()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{sorted(wanted)} not in discovery after {WAIT_SECONDS} s")
-        time.sleep(0.5)
+    wait_until(lambda: set(names) <= set(cp.kubectl("api-resources", "-o", "name",
+                                                    check=False).stdout.split()),
+               timeout=WAIT_SECONDS, interval=0.5, what=f"{names} in discovery")
     return created
 
 
-def _wait_unless_terminating(cp: ControlPlane, name: str) -> None:
+def _wait_while_terminating(cp: ControlPlane, name: str) -> None:
     found = cp.kubectl("get", "crd", name, "-o", "json", check=False)
     if found.returncode != 0 or not json.loads(found.stdout)["metadata"].get(
             "deletionTimestamp"):

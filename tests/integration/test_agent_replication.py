@@ -125,9 +125,12 @@ def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
     healthy (Lagging or InSync) before its full copy arrived, even after the primary's agent
     restarted. Shown Lagging, it made the operator call the volume Ready, and CreateVolume
     return, before any replica had the data, and it could have been promoted empty."""
+    def states(volume: str) -> dict[str, int]:
+        """Each peer's state as the primary, a, shows it."""
+        return {r.node: r.state for r in cluster.agents["a"].volume(volume).replicas}
+
     def state_of(node: str) -> int | None:
-        found = [r.state for r in cluster.agents["a"].volume(VOLUME).replicas if r.node == node]
-        return found[0] if found else None
+        return states(VOLUME).get(node)
 
     healthy = (pb.IN_SYNC, pb.LAGGING)
     cluster.partition("c")  # c's copy cannot arrive
@@ -150,16 +153,14 @@ def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
     write_files(cluster.agents["a"].live(other), 2, 32 << 10, seed=42)
 
     def synced(nodes: list[str]) -> bool:
-        replicas = {r.node: r.state for r in cluster.agents["a"].volume(other).replicas}
-        return all(replicas.get(n) == pb.IN_SYNC for n in nodes)
+        return all(states(other).get(n) == pb.IN_SYNC for n in nodes)
     wait_until(lambda: synced(["b"]), timeout=60, what="b holds a copy of the second volume")
     cluster.partition("c")
     cluster.apply(volume_spec(other, ["a", "b", "c"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
-    wait_until(lambda: any(r.node == "c" for r in cluster.agents["a"].volume(other).replicas),
-               timeout=30, what="a tracks c")
+    wait_until(lambda: "c" in states(other), timeout=30, what="a tracks c")
     for _ in range(5):
-        states = {r.node: r.state for r in cluster.agents["a"].volume(other).replicas}
-        assert states["c"] not in healthy, f"c is counted healthy: {states}"
+        now = states(other)
+        assert now["c"] not in healthy, f"c is counted healthy: {now}"
         time.sleep(0.5)
     cluster.heal("c")
     wait_until(lambda: synced(["b", "c"]), timeout=120, what="c holds a copy of the second")
@@ -169,9 +170,8 @@ def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
     scheduled = "vol-" + "a3" * 12
     cluster.apply(volume_spec(scheduled, ["a", "b"], "a", mode=pb.SCHEDULED,
                               schedule="0 0 1 1 *"))
-    wait_until(lambda: {r.node: r.state for r in cluster.agents["a"].volume(scheduled).replicas
-                        }.get("b") == pb.IN_SYNC,
-               timeout=60, what="b holds a first copy of the Scheduled volume")
+    wait_until(lambda: states(scheduled).get("b") == pb.IN_SYNC, timeout=60,
+               what="b holds a first copy of the Scheduled volume")
 
 
 def test_killed_replica_agent_resumes_and_converges(cluster: AgentCluster) -> None:
