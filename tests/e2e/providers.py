@@ -186,7 +186,11 @@ class LocalCluster(Cluster):
         if not os.access(CLUSTER_SCRIPT, os.X_OK):
             raise UnavailableError(f"{CLUSTER_SCRIPT} is missing")
         if not keep_cluster():
-            # what `down` must give back (compared in stop())
+            # a cluster an earlier run left behind (killed by a timeout, or a session that
+            # ended mid-run) is taken down first: `up` then starts clean, and the host that
+            # `down` must give back (compared in stop()) is one without any cluster on it
+            run_logged([str(CLUSTER_SCRIPT), "down"], self.workdir / "cluster-down-before.log",
+                       timeout=600)
             self.host_before = hostcheck.snapshot()
             # idempotent; on a cold machine it builds the tools and images first
             run_logged([str(CLUSTER_SCRIPT), "up"], self.workdir / "cluster-up.log",

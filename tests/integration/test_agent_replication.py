@@ -56,12 +56,22 @@ def newest_snapshot(cluster: AgentCluster, node: str) -> Path | None:
 
 
 def in_sync(cluster: AgentCluster, primary: str, peers: list[str]) -> bool:
+    """The primary counts every peer InSync at its newest snapshot, and each peer's newest
+    snapshot holds what the primary's live volume holds now.
+
+    The states alone do not say the peers hold what was just written: a new volume's first
+    snapshot is taken at once, so its peers can be InSync at a snapshot of the empty volume
+    taken a moment before the test wrote its files."""
     status = cluster.agents[primary].volume(VOLUME)
     newest = status.last_snapshot
     others = [r for r in status.replicas if r.node in peers]
-    return bool(others) and all(
-        r.state == pb.IN_SYNC and r.last_received.seq == newest.seq and
-        r.last_received.epoch == newest.epoch for r in others)
+    if not others or not all(
+            r.state == pb.IN_SYNC and r.last_received.seq == newest.seq and
+            r.last_received.epoch == newest.epoch for r in others):
+        return False
+    expected = tree_digest(cluster.agents[primary].live(VOLUME))
+    held = [newest_snapshot(cluster, peer) for peer in peers]
+    return all(snapshot is not None and tree_digest(snapshot) == expected for snapshot in held)
 
 
 def assert_replicas_match(cluster: AgentCluster, primary: str, peers: list[str]) -> None:
@@ -82,9 +92,8 @@ def test_asynchronous_replication_converges(cluster: AgentCluster) -> None:
     # a second round of changes travels as an increment
     write_files(live, 5, 64 << 10, seed=2)
     (live / "dir" / "file-0019.bin").unlink()
-    wait_until(lambda: in_sync(cluster, "a", ["b", "c"]) and
-               tree_digest(newest_snapshot(cluster, "b") or live) == tree_digest(live),
-               timeout=60, what="second round in sync")
+    wait_until(lambda: in_sync(cluster, "a", ["b", "c"]), timeout=60,
+               what="second round in sync")
     assert_replicas_match(cluster, "a", ["b", "c"])
     status = cluster.agents["a"].volume(VOLUME)
     assert status.bytes_shipped > 0
@@ -666,8 +675,8 @@ def test_scrub_on_a_damaged_replica_rebuilds_it(cluster: AgentCluster) -> None:
     result = cluster.agents["b"].call("Scrub", pb.ScrubRequest(volume_id=VOLUME))
     assert result.errors > 0
     assert result.resync_requested
-    wait_until(lambda: in_sync(cluster, "a", ["b"]) and newest_snapshot(cluster, "b") is not None,
-               timeout=120, what="the damaged replica rebuilt")
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120,
+               what="the damaged replica rebuilt")
     snapshot = newest_snapshot(cluster, "b")
     assert snapshot is not None
     assert (snapshot / "victim").read_bytes() == pattern
