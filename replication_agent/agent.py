@@ -233,7 +233,8 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             node_bandwidth=self.node_bandwidth,
             epoch=state.epoch if state else None, role=state.role if state else None,
             fenced=state.fenced if state else False,
-            awaiting_copy=state.awaiting_copy if state else ())
+            awaiting_copy=state.awaiting_copy if state else (),
+            failed=state.failed if state else ())
         if state is not None:
             engine.primary = state.primary
         await engine.start()

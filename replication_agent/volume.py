@@ -192,8 +192,9 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class PersistedState:
-    """What survives a restart: the spec as last applied, the epoch and the role, and the
-    peers this primary placed a replica on that has not held any of the volume yet."""
+    """What survives a restart: the spec as last applied, the epoch and the role, the peers
+    this primary placed a replica on that has not held any of the volume yet, and the peers
+    whose replica failed and has not been rebuilt since."""
 
     spec: pb.VolumeSpec
     epoch: int
@@ -201,12 +202,13 @@ class PersistedState:
     primary: str
     fenced: bool = False
     awaiting_copy: frozenset[str] = frozenset()
+    failed: frozenset[str] = frozenset()
 
     def to_json(self) -> bytes:
         return json.dumps({
             "spec": json_format.MessageToDict(self.spec), "epoch": self.epoch,
             "role": str(self.role), "primary": self.primary, "fenced": self.fenced,
-            "awaitingCopy": sorted(self.awaiting_copy),
+            "awaitingCopy": sorted(self.awaiting_copy), "failedReplicas": sorted(self.failed),
         }, sort_keys=True).encode()
 
     @classmethod
@@ -215,13 +217,15 @@ class PersistedState:
         spec = json_format.ParseDict(raw["spec"], pb.VolumeSpec())
         return cls(spec=spec, epoch=int(raw["epoch"]), role=Role(raw["role"]),
                    primary=str(raw["primary"]), fenced=bool(raw.get("fenced", False)),
-                   awaiting_copy=frozenset(map(str, raw.get("awaitingCopy", ()))))
+                   awaiting_copy=frozenset(map(str, raw.get("awaitingCopy", ()))),
+                   failed=frozenset(map(str, raw.get("failedReplicas", ()))))
 
 
 class PeerLink:
     """Ships snapshots of one volume to one peer, newest wanted first, one push at a time."""
 
-    def __init__(self, engine: "VolumeEngine", node: str, *, placed: bool = False) -> None:
+    def __init__(self, engine: "VolumeEngine", node: str, *, placed: bool = False,
+                 failed: bool = False) -> None:
         self.engine = engine
         self.node = node
         self.acked: SnapRef | None = None
@@ -236,8 +240,11 @@ class PeerLink:
         #: replica had its data, and it could be promoted with nothing in it. Any other link
         #: (this node was promoted, say) starts Lagging: not confirmed until the first
         #: acknowledgement, and not wrongly Rebuilding in the status the operator remembers
-        #: (a replica shown Rebuilding is never promoted).
-        self.state = ReplicaState.REBUILDING if placed else ReplicaState.LAGGING
+        #: (a replica shown Rebuilding is never promoted). A replica that failed and was not
+        #: rebuilt since (VolumeEngine.failed_replicas) starts Failed: what it holds counts
+        #: for nothing until a full rebuild, across restarts of this agent too.
+        self.state = ReplicaState.FAILED if failed else (
+            ReplicaState.REBUILDING if placed else ReplicaState.LAGGING)
         self.errors = 0  # consecutive failures that were not the network
         self.message = ""
         self.failures = 0
@@ -329,6 +336,7 @@ class PeerLink:
         self.known = False  # re-read what the peer holds before the next attempt
         if self.state is ReplicaState.FAILED:
             self.acked = None  # only a full rebuild brings a failed replica back
+            self.engine.replica_failed(self.node)
         self.engine.refresh_state(self)
         log.warning("push failed", volume_id=self.engine.volume_id, peer=self.node,
                     error=self.message, failures=self.failures)
@@ -509,6 +517,7 @@ class PeerLink:
     def _finish_rebuild(self, snapshot: SnapRef, **details: str | int) -> None:
         self.rebuilding_to = None
         self.event(RebuildFinished())
+        self.engine.replica_rebuilt(self.node)
         self.rebuild_progress = 1.0
         metrics.REBUILD_PROGRESS.labels(self.engine.volume_id, self.node).set(1.0)
         self.engine.audit(AuditKind.REBUILD, phase="finished", peer=self.node,
@@ -546,7 +555,7 @@ class VolumeEngine:
                  peers: PeerPool, state_dir: Path, spool_dir: Path, audit: AuditLog,
                  node_bandwidth: NodeBandwidth | None = None, epoch: int | None = None,
                  role: Role | None = None, fenced: bool = False,
-                 awaiting_copy: Collection[str] = ()) -> None:
+                 awaiting_copy: Collection[str] = (), failed: Collection[str] = ()) -> None:
         self.node = node
         self.spec = spec
         self.volume_id = spec.volume_id
@@ -564,6 +573,11 @@ class VolumeEngine:
         #: The peers this node, as primary, placed a replica on that has held nothing of the
         #: volume yet (persisted): their links start Rebuilding (see PeerLink.state).
         self.awaiting_copy = set(awaiting_copy)
+        #: The peers whose replica failed (ERRORS_BEFORE_FAILED errors in a row) and has not
+        #: been rebuilt since (persisted): their links start Failed. In memory only, a failed
+        #: replica came back Lagging after a restart of this agent, counted healthy (so
+        #: promotable) until it failed again.
+        self.failed_replicas = set(failed)
         self.lineage = Lineage(store, self.volume_id)
         self.links: dict[str, PeerLink] = {}
         #: The increment last sent to one peer, kept for the others (see .shared_streams).
@@ -699,12 +713,24 @@ class VolumeEngine:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_path, PersistedState(
             self.spec, self.epoch, self.role, self.primary, self.fenced,
-            frozenset(self.awaiting_copy)).to_json())
+            frozenset(self.awaiting_copy), frozenset(self.failed_replicas)).to_json())
 
     def copy_held(self, node: str) -> None:
         """``node`` holds a snapshot of the volume: from now on it is a replica like any."""
         if node in self.awaiting_copy:
             self.awaiting_copy.discard(node)
+            self.persist()
+
+    def replica_failed(self, node: str) -> None:
+        """``node``'s replica failed: only a full rebuild brings it back, even after a restart."""
+        if node not in self.failed_replicas:
+            self.failed_replicas.add(node)
+            self.persist()
+
+    def replica_rebuilt(self, node: str) -> None:
+        """A rebuild of ``node`` ended: its replica is one like any again."""
+        if node in self.failed_replicas:
+            self.failed_replicas.discard(node)
             self.persist()
 
     def audit(self, kind: AuditKind, **details: str | int | float | bool) -> None:
@@ -743,6 +769,7 @@ class VolumeEngine:
         if self.role is Role.PRIMARY:
             self.awaiting_copy |= set(spec.replica_nodes) - set(old.replica_nodes) - {self.node}
         self.awaiting_copy &= set(spec.replica_nodes)
+        self.failed_replicas &= set(spec.replica_nodes)
         self._sync_links()
         if self.multiwriter is not None:
             self.multiwriter.sync_peers()
@@ -757,7 +784,8 @@ class VolumeEngine:
             link = self.links.pop(node)
             self._background(link.stop())
         for node in wanted - set(self.links):
-            link = PeerLink(self, node, placed=node in self.awaiting_copy)
+            link = PeerLink(self, node, placed=node in self.awaiting_copy,
+                            failed=node in self.failed_replicas)
             self.links[node] = link
             link.start()
             link.want(self.lineage.newest())
@@ -837,6 +865,7 @@ class VolumeEngine:
             self.epoch, self.role, self.primary, self.fenced = epoch, Role.PRIMARY, self.node, False
             self.handover_until = None
             self.awaiting_copy = set()  # what the peers hold is learnt, not presumed
+            self.failed_replicas = set()
             self.persist()
         metrics.EPOCH.labels(self.volume_id).set(epoch)
         self.audit(AuditKind.PROMOTION, epoch=epoch, snapshot=newest.name if newest else "")

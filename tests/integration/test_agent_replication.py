@@ -183,6 +183,53 @@ def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
                what="b holds a first copy of the Scheduled volume")
 
 
+def test_a_failed_replica_stays_failed_across_a_restart_of_the_primary(
+        cluster: AgentCluster) -> None:
+    """A replica whose receives keep failing is Failed, and only a full rebuild brings it
+    back. The primary remembers that across its own restarts: in memory only, the replica
+    came back Lagging (healthy, so promotable) on the snapshots from before its failure."""
+    import subprocess
+
+    def state_of(node: str) -> int | None:
+        return {r.node: r.state for r in cluster.agents["a"].volume(VOLUME).replicas}.get(node)
+
+    def rebuilds_of_b() -> int:
+        from replication_agent.audit import read_records
+        return sum(1 for r in read_records(cluster.audit_files("a"))
+                   if r.kind == "rebuild" and r.detail_map.get("phase") == "start"
+                   and r.detail_map.get("peer") == "b")
+
+    cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    live = cluster.agents["a"].live(VOLUME)
+    write_files(live, 3, 32 << 10, seed=51)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="b holds a copy")
+    # b can no longer take a snapshot in (even root cannot add to an immutable directory):
+    # every receive fails on b, which is neither the network nor a lack of space
+    sync_dir = cluster.agents["b"].sync_dir(VOLUME)
+    subprocess.run(["chattr", "+i", str(sync_dir)], check=True)
+    try:
+        write_files(live, 2, 32 << 10, seed=52)
+        wait_until(lambda: state_of("b") == pb.FAILED, timeout=120, interval=0.2,
+                   what="b Failed after its receives failed again and again")
+        cluster.agents["a"].stop()
+        cluster.agents["a"].start()
+        wait_until(lambda: state_of("b") is not None, timeout=30, what="the restarted a tracks b")
+        for _ in range(8):
+            now = state_of("b")
+            assert now not in (pb.IN_SYNC, pb.LAGGING), f"failed b counted healthy: {now}"
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["chattr", "-i", str(sync_dir)], check=True)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="b rebuilt")
+    rebuilds = rebuilds_of_b()
+    # rebuilt, b is a replica like any: a later restart of a starts no rebuild of it
+    cluster.agents["a"].stop()
+    cluster.agents["a"].start()
+    write_files(live, 1, 32 << 10, seed=53)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="b follows a again")
+    assert rebuilds_of_b() == rebuilds, "a rebuilt b again after b's rebuild had finished"
+
+
 def test_killed_replica_agent_resumes_and_converges(cluster: AgentCluster) -> None:
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0,
                        bandwidth=4 << 20)

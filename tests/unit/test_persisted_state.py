@@ -13,7 +13,7 @@ def spec() -> pb.VolumeSpec:
 
 def test_a_state_reads_back_as_written() -> None:
     state = PersistedState(spec(), 3, Role.PRIMARY, "a", fenced=True,
-                           awaiting_copy=frozenset({"c", "b"}))
+                           awaiting_copy=frozenset({"c", "b"}), failed=frozenset({"b"}))
     again = PersistedState.from_json(state.to_json())
     assert again == state
 
@@ -26,3 +26,12 @@ def test_a_file_written_before_awaiting_copy_existed_presumes_no_peer_empty() ->
     old = written.replace(b'"awaitingCopy": [], ', b"")
     assert b"awaitingCopy" not in old
     assert PersistedState.from_json(old).awaiting_copy == frozenset()
+
+
+def test_a_file_written_before_failed_replicas_were_kept_has_none_failed() -> None:
+    """Files of earlier versions have no failedReplicas: no replica starts Failed."""
+    written = PersistedState(spec(), 1, Role.PRIMARY, "a", failed=frozenset({"c"})).to_json()
+    assert b'"failedReplicas": ["c"]' in written
+    old = written.replace(b'"failedReplicas": ["c"], ', b"")
+    assert b"failedReplicas" not in old
+    assert PersistedState.from_json(old).failed == frozenset()
