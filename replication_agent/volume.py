@@ -715,23 +715,27 @@ class VolumeEngine:
             self.spec, self.epoch, self.role, self.primary, self.fenced,
             frozenset(self.awaiting_copy), frozenset(self.failed_replicas)).to_json())
 
+    def _mark(self, peers: set[str], node: str, member: bool) -> None:
+        """Put ``node`` in or out of one of the persisted peer sets; the state file is written
+        only when that changes it (these are called on every acknowledgement or failure)."""
+        if (node in peers) != member:
+            if member:
+                peers.add(node)
+            else:
+                peers.discard(node)
+            self.persist()
+
     def copy_held(self, node: str) -> None:
         """``node`` holds a snapshot of the volume: from now on it is a replica like any."""
-        if node in self.awaiting_copy:
-            self.awaiting_copy.discard(node)
-            self.persist()
+        self._mark(self.awaiting_copy, node, False)
 
     def replica_failed(self, node: str) -> None:
         """``node``'s replica failed: only a full rebuild brings it back, even after a restart."""
-        if node not in self.failed_replicas:
-            self.failed_replicas.add(node)
-            self.persist()
+        self._mark(self.failed_replicas, node, True)
 
     def replica_rebuilt(self, node: str) -> None:
         """A rebuild of ``node`` ended: its replica is one like any again."""
-        if node in self.failed_replicas:
-            self.failed_replicas.discard(node)
-            self.persist()
+        self._mark(self.failed_replicas, node, False)
 
     def audit(self, kind: AuditKind, **details: str | int | float | bool) -> None:
         self.audit_log.append(kind, self.volume_id, details)

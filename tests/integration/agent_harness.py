@@ -113,6 +113,14 @@ class AgentCluster:
         rotated = sorted(directory.glob("audit.log.*"), key=lambda p: -int(p.suffix[1:]))
         return [*rotated, directory / "audit.log"]
 
+    def rebuild_starts(self, name: str) -> list[dict[str, str | int | float | bool]]:
+        """The full streams node ``name`` began to send (a new replica, or one rebuilt from
+        scratch), from its audit log, oldest first."""
+        from replication_agent.audit import read_records
+        return [r.detail_map for r in read_records(
+            [p for p in self.audit_files(name) if p.exists()])
+            if r.kind == "rebuild" and r.detail_map.get("phase") == "start"]
+
     def start(self) -> AgentCluster:
         for agent in self.agents.values():
             agent.start()

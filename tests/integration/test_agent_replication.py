@@ -74,6 +74,11 @@ def in_sync(cluster: AgentCluster, primary: str, peers: list[str]) -> bool:
     return all(snapshot is not None and tree_digest(snapshot) == expected for snapshot in held)
 
 
+def peer_states(cluster: AgentCluster, primary: str, volume: str = VOLUME) -> dict[str, int]:
+    """Each peer's replica state as ``primary`` shows it."""
+    return {r.node: r.state for r in cluster.agents[primary].volume(volume).replicas}
+
+
 def assert_replicas_match(cluster: AgentCluster, primary: str, peers: list[str]) -> None:
     expected = tree_digest(cluster.agents[primary].live(VOLUME))
     for peer in peers:
@@ -135,8 +140,7 @@ def test_a_replica_placed_just_now_is_rebuilding_until_it_holds_a_copy(
     restarted. Shown Lagging, it made the operator call the volume Ready, and CreateVolume
     return, before any replica had the data, and it could have been promoted empty."""
     def states(volume: str) -> dict[str, int]:
-        """Each peer's state as the primary, a, shows it."""
-        return {r.node: r.state for r in cluster.agents["a"].volume(volume).replicas}
+        return peer_states(cluster, "a", volume)
 
     def state_of(node: str) -> int | None:
         return states(VOLUME).get(node)
@@ -191,13 +195,10 @@ def test_a_failed_replica_stays_failed_across_a_restart_of_the_primary(
     import subprocess
 
     def state_of(node: str) -> int | None:
-        return {r.node: r.state for r in cluster.agents["a"].volume(VOLUME).replicas}.get(node)
+        return peer_states(cluster, "a").get(node)
 
     def rebuilds_of_b() -> int:
-        from replication_agent.audit import read_records
-        return sum(1 for r in read_records(cluster.audit_files("a"))
-                   if r.kind == "rebuild" and r.detail_map.get("phase") == "start"
-                   and r.detail_map.get("peer") == "b")
+        return sum(1 for d in cluster.rebuild_starts("a") if d.get("peer") == "b")
 
     cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
     live = cluster.agents["a"].live(VOLUME)
@@ -617,9 +618,7 @@ def test_full_stream_resumes_from_the_spooled_prefix(cluster: AgentCluster) -> N
     cluster.agents["b"].start()
     wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="rebuild finished")
     assert_replicas_match(cluster, "a", ["b"])
-    from replication_agent.audit import read_records
-    rebuilds = [r.detail_map for r in read_records(cluster.audit_files("a"))
-                if r.kind == "rebuild" and r.detail_map.get("phase") == "start"]
+    rebuilds = cluster.rebuild_starts("a")
     assert any(int(d.get("resume_offset", 0)) > 0 for d in rebuilds), (
         f"the second attempt did not resume: {rebuilds}")
 

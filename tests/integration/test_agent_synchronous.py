@@ -251,14 +251,6 @@ def test_throttle_holds_writers_back_while_a_replica_lags(cluster: AgentCluster)
     cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
 
 
-def rebuild_starts(cluster: AgentCluster, node: str) -> list[dict[str, str | int | float | bool]]:
-    """The full streams ``node`` began to send (a new replica, or one rebuilt from scratch)."""
-    from replication_agent.audit import read_records
-    return [r.detail_map for r in read_records(
-        [p for p in cluster.audit_files(node) if p.exists()])
-        if r.kind == "rebuild" and r.detail_map.get("phase") == "start"]
-
-
 def write_big(path: Path, size: int, chunk: bytes) -> str:
     """Write ``size`` bytes in 1 MiB writes, fsync every 16 MiB (each must reach the quorum);
     return the content's digest."""
@@ -292,7 +284,7 @@ def test_rewriting_most_of_the_volume_keeps_every_replica(cluster: AgentCluster)
     size = 150 << 20
     write_big(mount / "first.bin", size, chunk)
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
-    rebuilds = len(rebuild_starts(cluster, "a"))
+    rebuilds = len(cluster.rebuild_starts("a"))
     (mount / "first.bin").unlink()
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
     # the old file's space comes back on the primary as soon as its last snapshot is pruned
@@ -307,8 +299,8 @@ def test_rewriting_most_of_the_volume_keeps_every_replica(cluster: AgentCluster)
                what="the deleted file's space back on the primary")
     digest = write_big(mount / "second.bin", size, chunk)
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
-    assert len(rebuild_starts(cluster, "a")) == rebuilds, (
-        f"a replica was rebuilt from scratch: {rebuild_starts(cluster, 'a')[rebuilds:]}")
+    assert len(cluster.rebuild_starts("a")) == rebuilds, (
+        f"a replica was rebuilt from scratch: {cluster.rebuild_starts('a')[rebuilds:]}")
     for node in ("b", "c"):
         held = replicated(cluster, node) / "second.bin"
         assert hashlib.sha256(held.read_bytes()).hexdigest() == digest, f"{node}'s copy differs"
@@ -363,7 +355,7 @@ def test_a_full_replica_waits_for_space_and_is_never_rebuilt(cluster: AgentClust
     chunk = os.urandom(1 << 20)
     write_big(mount / "before.bin", 8 << 20, chunk)
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
-    rebuilds = len(rebuild_starts(cluster, "a"))
+    rebuilds = len(cluster.rebuild_starts("a"))
     filler = cluster.agents["c"].sync_dir(VOLUME).parent / "filler"
     with open(filler, "wb") as out:
         end = 0
@@ -388,14 +380,14 @@ def test_a_full_replica_waits_for_space_and_is_never_rebuilt(cluster: AgentClust
         wait_until(lambda: out_of_space_refusals(cluster, "a") > 5, timeout=120,
                    interval=0.5, what="c refusing sends for lack of space, again and again")
         assert c_waits_for_space(), c_status()
-        assert len(rebuild_starts(cluster, "a")) == rebuilds
+        assert len(cluster.rebuild_starts("a")) == rebuilds
     finally:
         filler.unlink()
     cluster.agents["a"].call("SyncNow", pb.SyncNowRequest(volume_id=VOLUME), timeout=300)
     wait_until(lambda: all(r.state == pb.IN_SYNC
                            for r in cluster.agents["a"].volume(VOLUME).replicas),
                timeout=120, what="c back in sync")
-    assert len(rebuild_starts(cluster, "a")) == rebuilds, "c was rebuilt from scratch"
+    assert len(cluster.rebuild_starts("a")) == rebuilds, "c was rebuilt from scratch"
     held = replicated(cluster, "c") / "after.bin"
     assert hashlib.sha256(held.read_bytes()).hexdigest() == digest
     cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
