@@ -382,6 +382,7 @@ class PeerLink:
         stub = self.engine.peers.stub(self.node)
         reply = await stub.Holdings(pb.HoldingsRequest(volume_id=self.engine.volume_id),
                                     timeout=10)
+        self.unreachable_since = None  # it answered
         if reply.epoch > self.engine.epoch:
             # the peer follows a newer primary: whatever we write now can no longer count
             await self.engine.fence(f"peer {self.node} is at epoch {reply.epoch}, "
@@ -492,6 +493,9 @@ class PeerLink:
             with contextlib.suppress(RuntimeError):
                 await stream.aclose()
         received = ref_of(result.received)
+        # it answered: the states below must not count the time it was cut off (a push that
+        # succeeded more than STALE_AFTER_SECONDS into an outage turned the peer Stale again)
+        self.unreachable_since = None
         async with self._acked_changed:
             self.acked = received
             self.in_flight = None
@@ -1549,9 +1553,12 @@ class VolumeEngine:
             link.event(StaleTimeout())
         elif lag > self.max_lag() and link.state is ReplicaState.IN_SYNC:
             link.event(LagExceeded(lag_seconds=lag))
-        elif link.state in (ReplicaState.LAGGING, ReplicaState.IN_SYNC) and \
+        elif (link.state in (ReplicaState.LAGGING, ReplicaState.IN_SYNC)
+              or (link.state is ReplicaState.STALE and link.known)) and \
                 link.unreachable_since is None and link.acked is not None and \
                 classify_lag(lag, self.max_lag()) is ReplicaState.IN_SYNC:
+            # (a Stale peer that answers again and already holds the newest snapshot is sent
+            # nothing, so no push acknowledges it: what it holds, learnt now, does)
             link.event(AckReceived(lag_seconds=lag, max_lag_seconds=self.max_lag()))
         if link.state is ReplicaState.LAGGING and previous is ReplicaState.IN_SYNC:
             metrics.LAG_EXCEEDED.labels(self.volume_id, link.node).inc()

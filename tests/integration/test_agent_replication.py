@@ -122,6 +122,27 @@ def test_partitioned_replica_catches_up_after_heal(cluster: AgentCluster) -> Non
     assert_replicas_match(cluster, "a", ["b", "c"])
 
 
+def test_a_stale_replica_that_answers_again_is_in_sync_without_new_writes(
+        cluster: AgentCluster) -> None:
+    """Cut off for longer than STALE_AFTER_SECONDS, a replica is Stale. Once it answers and
+    holds the newest snapshot it is InSync, with no further write needed: the push that
+    succeeded after the outage was counted Stale again, and nothing else lifted it (a
+    Synchronous volume whose fsyncs ship journal records may take no snapshot for hours)."""
+    from replication_agent.volume import STALE_AFTER_SECONDS
+
+    cluster.apply(volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0))
+    live = cluster.agents["a"].live(VOLUME)
+    write_files(live, 2, 32 << 10, seed=61)
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="b holds a copy")
+    cluster.partition("b")
+    write_files(live, 2, 32 << 10, seed=62)  # a snapshot b cannot receive yet
+    wait_until(lambda: peer_states(cluster, "a").get("b") == pb.STALE,
+               timeout=STALE_AFTER_SECONDS + 60, what="b Stale")
+    cluster.heal("b")  # nothing is written from here on
+    wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60,
+               what="b InSync once it holds the newest snapshot")
+
+
 def test_scheduled_mode_ships_on_sync_now_only(cluster: AgentCluster) -> None:
     # a schedule that never fires during the test: once a year
     spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.SCHEDULED, schedule="0 0 1 1 *")
