@@ -20,6 +20,7 @@ from .dev_pki import issue_dev_pki
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc
 from .server import serve
+from .tls import CONTROLLER_NAME
 
 DEFAULT_SOCKET = "/run/sharedsync/agent.sock"
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("directory", type=Path)
     certs.add_argument("--node", action="append", required=True, metavar="NAME=ADDRESS",
                        help="a node and the address it listens on (repeatable)")
+    certs.add_argument("--controller", action="append", default=[], metavar="NAME",
+                       help="also a client certificate for the agents' control API over the "
+                            "network, named NAME (repeatable; agents accept "
+                            f"{CONTROLLER_NAME!r} unless their controllerNames say otherwise)")
 
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -92,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "certs":
             nodes = dict(item.split("=", 1) for item in args.node)
-            for issued in issue_dev_pki(args.directory, nodes):
+            for issued in issue_dev_pki(args.directory, nodes, controllers=args.controller):
                 print(f"{issued.node}: cert {issued.tls.cert} key {issued.tls.key}")
             return 0
         if args.command == "audit":

@@ -20,7 +20,7 @@ from sharedsync.core.errors import InvalidArgument
 from sharedsync.core.quantity import parse_bytes
 from sharedsync.core.schedule import parse_duration
 
-from .tls import TlsConfig
+from .tls import CONTROLLER_NAME, TlsConfig
 
 ModeName = Literal["Synchronous", "Asynchronous", "Scheduled"]
 
@@ -104,6 +104,10 @@ class AgentConfig(_Strict):
     data_dir: Path = Field(Path("/var/lib/sharedsync"), alias="dataDir")
     metrics_address: str = Field("", alias="metricsAddress")
     tls: TlsConfig | None = None
+    #: Names (common name or DNS name) of the client certificates that may call the control
+    #: API (the Agent service) over the network: the operator's and the CSI controller's.
+    #: Agents' certificates may call only the replication protocol (sharedsync.core.rpc_roles).
+    controller_names: list[str] = Field([CONTROLLER_NAME], alias="controllerNames")
     peers: dict[str, str] = {}
     node_bandwidth: int = Field(0, alias="nodeBandwidth")
     audit_max_bytes: int = Field(16 << 20, alias="auditMaxBytes")

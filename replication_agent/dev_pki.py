@@ -7,6 +7,7 @@ certificate toolkit.
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,14 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.chmod(0o600)
 
 
-def issue_dev_pki(directory: Path, nodes: dict[str, str], *, days: int = 365) -> list[IssuedNode]:
-    """Create a CA and a certificate per node (``name -> address``) under ``directory``."""
+def issue_dev_pki(directory: Path, nodes: dict[str, str], *, days: int = 365,
+                  controllers: Sequence[str] = ()) -> list[IssuedNode]:
+    """Create a CA and a certificate per node (``name -> address``) under ``directory``, plus
+    a client certificate per name in ``controllers`` (CN and DNS name the controller's name,
+    client auth only: it may call the agents' control API, not act as a peer)."""
+    clash = set(controllers) & set(nodes)
+    if clash:
+        raise ValueError(f"a controller cannot be named like a node: {sorted(clash)}")
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -53,26 +60,33 @@ def issue_dev_pki(directory: Path, nodes: dict[str, str], *, days: int = 365) ->
     ca_path = directory / "ca.crt"
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(directory / "ca.key", ca_key)
+
+    def issue(name: str, alt_names: list[x509.GeneralName],
+              usages: list[x509.ObjectIdentifier]) -> IssuedNode:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        return IssuedNode(name, TlsConfig(ca=ca_path, cert=cert_path, key=key_path))
+
     issued = []
     for node, address in nodes.items():
-        key = ec.generate_private_key(ec.SECP256R1())
         names: list[x509.GeneralName] = [x509.DNSName(PEER_SERVER_NAME), x509.DNSName(node)]
         host = address.rpartition(":")[0].strip("[]") if ":" in address else address
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-        cert = (x509.CertificateBuilder().subject_name(_name(node)).issuer_name(ca_cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName(names), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        cert_path, key_path = directory / f"{node}.crt", directory / f"{node}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key_path, key)
-        issued.append(IssuedNode(node, TlsConfig(ca=ca_path, cert=cert_path, key=key_path)))
+        issued.append(issue(node, names, [ExtendedKeyUsageOID.SERVER_AUTH,
+                                          ExtendedKeyUsageOID.CLIENT_AUTH]))
+    for controller in controllers:
+        issued.append(issue(controller, [x509.DNSName(controller)],
+                            [ExtendedKeyUsageOID.CLIENT_AUTH]))
     return issued

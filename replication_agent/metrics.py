@@ -51,3 +51,6 @@ JOURNAL_RECORDS = Counter(
     "sharedsync_journal_records_total",
     "Synchronous fsync groups committed by a journal record (data only) instead of a snapshot",
     ["volume"])
+RPC_DENIED = Counter(
+    "sharedsync_agent_rpc_denied_total",
+    "Calls on the agent's network port refused for the caller's certificate", ["method_name"])

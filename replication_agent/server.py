@@ -12,6 +12,7 @@ from sharedsync.lifecycle import until_terminated
 from sharedsync.rpc_interceptor import ErrorMappingInterceptor
 
 from .agent import Agent, ensure_dirs
+from .authz import CallerCheckInterceptor
 from .config import AgentConfig
 from .heap import keep_large_buffers
 from .peers import SERVER_OPTIONS
@@ -29,7 +30,9 @@ RPC_SECONDS = Histogram(
 def build_servers(agent: Agent, config: AgentConfig) -> tuple[grpc.aio.Server, grpc.aio.Server]:
     """The network server (peers, operator) and the local one (CSI node plugin, CLI)."""
     interceptor = ErrorMappingInterceptor(RPC_SECONDS)
-    network = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    # over TLS, each call's certificate must grant its method (the local socket is the node's)
+    checks = [] if config.tls is None else [CallerCheckInterceptor(config.controller_names)]
+    network = grpc.aio.server(interceptors=[*checks, interceptor], options=SERVER_OPTIONS)
     local = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     for server in (network, local):
         agent_pb2_grpc.add_AgentServicer_to_server(agent, server)

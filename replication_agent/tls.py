@@ -15,6 +15,9 @@ import grpc
 
 #: The name every agent certificate carries, so peers dialled by address can verify it.
 PEER_SERVER_NAME = "agent.sharedsync.internal"
+#: The name the operator's client certificate carries (the chart issues it; the CSI controller
+#: shares it): agents let it call their control API (config ``controllerNames``).
+CONTROLLER_NAME = "sharedsync-operator"
 
 
 @dataclass(frozen=True, slots=True)

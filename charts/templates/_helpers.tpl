@@ -242,3 +242,23 @@ roleRef:
 
 {{/* The name every agent certificate carries (replication_agent/tls.py PEER_SERVER_NAME). */}}
 {{- define "sharedsync.peerServerName" -}}agent.sharedsync.internal{{- end -}}
+
+{{/* The name of the operator's client certificate the chart or cert-manager issues
+(replication_agent/tls.py CONTROLLER_NAME). */}}
+{{- define "sharedsync.operatorCertName" -}}sharedsync-operator{{- end -}}
+
+{{/*
+The certificate names the agents let call their control API over the network (agent config
+controllerNames, as a JSON list): agentTls.controllerNames, plus the operator certificate the
+chart issues; with existingSecret and no existingOperatorSecret the operator presents the
+agents' own certificate, so its name must be listed too (and any agent may then call it).
+*/}}
+{{- define "sharedsync.controllerNames" -}}
+{{- $names := .Values.agentTls.controllerNames | default list -}}
+{{- if ne .Values.agentTls.mode "existingSecret" -}}
+{{- $names = append $names (include "sharedsync.operatorCertName" .) -}}
+{{- else if not .Values.agentTls.existingOperatorSecret -}}
+{{- $names = append $names (include "sharedsync.peerServerName" .) -}}
+{{- end -}}
+{{- $names | uniq | toJson -}}
+{{- end -}}

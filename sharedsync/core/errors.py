@@ -18,6 +18,10 @@ class InvalidArgument(SharedsyncError):
     """The request is malformed: a missing, oversized or out-of-domain field."""
 
 
+class PermissionDenied(SharedsyncError):
+    """The caller is known (its certificate verified) but may not call this method."""
+
+
 class NotFound(SharedsyncError):
     """The named volume, snapshot or path does not exist."""
 

@@ -48,6 +48,13 @@ def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1,
 
 
 AGENT_PORT = 7400
+
+
+def controller_name(client: str) -> str:
+    """The name on the certificate of the harness's Agent API client ``client``: the
+    operator's carries the one agents accept by default (``controllerNames``)."""
+    from replication_agent.tls import CONTROLLER_NAME
+    return CONTROLLER_NAME if client == "operator" else client
 METRICS_PORT = 9810
 
 
@@ -73,10 +80,11 @@ class AgentCluster:
         self.net = TestNetwork().start()
         self.nodes = {name: self.net.add_node(name) for name in names}
         issued = {i.node: i.tls for i in issue_dev_pki(
-            workdir / "pki", {**{n: node.endpoint(AGENT_PORT) for n, node in self.nodes.items()},
-                              **{c: "127.0.0.1:1" for c in clients}})}
-        #: Certificates for Agent API clients that are not agents (the operator).
-        self.client_tls = {c: issued[c] for c in clients}
+            workdir / "pki", {n: node.endpoint(AGENT_PORT) for n, node in self.nodes.items()},
+            controllers=[controller_name(c) for c in clients])}
+        #: Certificates for Agent API clients that are not agents (the operator), named as the
+        #: agents' default controllerNames expect.
+        self.client_tls = {c: issued[controller_name(c)] for c in clients}
         self.proxies: dict[tuple[str, str], Any] = {}
         self.agents: dict[str, AgentProcess] = {}
         for src, node in self.nodes.items():

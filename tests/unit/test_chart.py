@@ -34,14 +34,16 @@ import csi_driver.interceptor  # registers csi_plugin_operations_seconds
 import replication_agent.cli
 import replication_agent.metrics  # registers the agent's metrics
 from csi_driver.config import DRIVER_NAME
-from replication_agent.config import load_config
+from replication_agent.config import AgentConfig, load_config
 from replication_agent.tls import (
+    CONTROLLER_NAME,
     PEER_SERVER_NAME,
     TlsConfig,
     channel_credentials,
     server_credentials,
 )
 from sharedsync import __version__
+from sharedsync.core.rpc_roles import CallerRole, caller_roles
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts"
@@ -649,12 +651,18 @@ def test_csidriver_is_the_deploy_manifest(default_docs: list[Obj]) -> None:
     assert chart["spec"]["volumeLifecycleModes"] == ["Persistent"]
 
 
+def load_agent_config(docs: list[Obj], tmp_path: Path) -> AgentConfig:
+    """The rendered agent ConfigMap's config, read by the agent's own loader on node-a."""
+    config_map = one(docs, "ConfigMap", f"{FULLNAME}-agent")
+    path = tmp_path / "agent.yaml"
+    path.write_text(config_map["data"]["agent.yaml"])
+    return load_config(path, environ={"NODE_NAME": "node-a", "POD_IP": "10.1.2.3"})
+
+
 def test_agent_config_loads_with_the_agents_own_loader(default_docs: list[Obj],
                                                        tmp_path: Path) -> None:
     config_map = one(default_docs, "ConfigMap", f"{FULLNAME}-agent")
-    path = tmp_path / "agent.yaml"
-    path.write_text(config_map["data"]["agent.yaml"])
-    config = load_config(path, environ={"NODE_NAME": "node-a", "POD_IP": "10.1.2.3"})
+    config = load_agent_config(default_docs, tmp_path)
     assert config.node == "node-a"
     assert config.listen == "10.1.2.3:7400"
     assert str(config.control_socket) == "/run/sharedsync/agent.sock"
@@ -672,6 +680,21 @@ def test_agent_config_loads_with_the_agents_own_loader(default_docs: list[Obj],
     # the config must not name a variable the pod does not set
     env = {e["name"] for e in agent["env"]}
     assert set(re.findall(r"\$\{(\w+)\}", config_map["data"]["agent.yaml"])) <= env
+
+
+@pytest.mark.parametrize(("sets", "expected"), [
+    ([], [CONTROLLER_NAME]),
+    (MODES["certManager"], [CONTROLLER_NAME]),
+    (["agentTls.controllerNames={ops-tool}"], ["ops-tool", CONTROLLER_NAME]),
+    # the operator's own Secret: only the names listed
+    (MODES["existingSecret"] + ["agentTls.controllerNames={my-operator}"], ["my-operator"]),
+    # the operator presents the agents' certificate: its name must be accepted as well
+    (["agentTls.mode=existingSecret", "agentTls.existingSecret=my-agent-tls"],
+     [PEER_SERVER_NAME]),
+])
+def test_agent_config_names_the_controllers_the_operator_certificate_carries(
+        sets: list[str], expected: list[str], tmp_path: Path) -> None:
+    assert load_agent_config(render(*sets), tmp_path).controller_names == expected
 
 
 def _expand(args: list[str], env: dict[str, str]) -> list[str]:
@@ -752,6 +775,19 @@ def test_generated_certificates_carry_a_mutual_tls_connection(default_docs: list
         .get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
             x509.DNSName)
     assert PEER_SERVER_NAME in names
+    # what the agents make of each (the rendered config's controllerNames): the operator's
+    # certificate calls the control API, the agents' one only the replication protocol
+    controllers = load_agent_config(default_docs, tmp_path).controller_names
+
+    def roles(tls: TlsConfig) -> frozenset[CallerRole]:
+        cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        common = [str(a.value) for a in cert.subject.get_attributes_for_oid(
+            x509.NameOID.COMMON_NAME)]
+        return caller_roles([*common, *alt.get_values_for_type(x509.DNSName)],
+                            peer_name=PEER_SERVER_NAME, controller_names=controllers)
+    assert roles(operator) == {CallerRole.CONTROLLER}
+    assert roles(agent) == {CallerRole.PEER}
 
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     port = server.add_secure_port("127.0.0.1:0", server_credentials(agent))
