@@ -29,7 +29,8 @@ us; otherwise: a handle that wrote, truncated or fallocated since its last commi
 only after (1) the daemon has fsynced its own backing descriptor (the kernel does not sync the
 backing file for us) and (2) ``hooks.commit(paths, datasync)`` has returned, i.e. the change is
 durable on enough replicas. If the backing fsync fails its errno is returned; if ``commit``
-raises, the caller gets EIO: the application learns that its data is not safe.
+raises, the caller gets EIO (EROFS when it raised that: a fenced replica): the application
+learns that its data is not safe.
 
 Group commit: one reader thread reads requests and hands FSYNC/FLUSH straight to a single
 commit worker, which starts the fsyncs of the backing descriptors on the worker pool (in
@@ -1633,9 +1634,14 @@ class FuseServer:
         error = 0
         try:
             self.hooks.commit(paths, datasync)
-        except Exception:
-            log.exception("fuse: commit of %d path(s) failed; answering EIO", len(paths))
-            error = errno.EIO
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+                # the hook's own answer: the replica was fenced, a newer primary exists
+                log.warning("fuse: commit of %d path(s) refused: %s", len(paths), exc)
+                error = errno.EROFS
+            else:
+                log.exception("fuse: commit of %d path(s) failed; answering EIO", len(paths))
+                error = errno.EIO
         # a local failure is the caller's errno, whatever the peers did (data they hold and the
         # caller was not promised is harmless: POSIX leaves the file's state open after it)
         local_errors = {id(syncs[i]): e for i, e in local().items()}

@@ -7,6 +7,8 @@ bounded, and what is checked is what data ended where.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import time
@@ -430,6 +432,44 @@ def test_a_fenced_old_primary_can_be_promoted_again(cluster: AgentCluster) -> No
                               epoch=3))
     wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=120, what="b follows a again")
     assert_replicas_match(cluster, "a", ["b"])
+
+
+def test_a_pod_on_a_fenced_primary_gets_no_write_acknowledged(cluster: AgentCluster) -> None:
+    """What a pod still running on an old primary sees once a newer primary exists (its node
+    was cut off, the volume failed over, the pod was not moved): the replica is made
+    read-only, which refuses new opens for writing, but not writes through a file the pod
+    already holds open (the kernel checks at open); those still land in the set-aside live.
+    fsync and close reach the FUSE daemon, though, and fail with EROFS: nothing written after
+    the fence is ever acknowledged as durable."""
+    spec = volume_spec(VOLUME, ["a", "b"], "a", mode=pb.ASYNCHRONOUS, max_lag=1.0)
+    cluster.apply(spec)
+    mount = Path(cluster.agents["a"].call("Attach", pb.AttachRequest(volume_id=VOLUME)).path)
+    held = os.open(mount / "held-open.log", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(held, b"before the fence\n")
+        os.fsync(held)  # acknowledged: a is the primary
+        wait_until(lambda: in_sync(cluster, "a", ["b"]), timeout=60, what="initial sync")
+        cluster.proxies[("b", "a")].client.partition()
+        cluster.agents["b"].call("Promote", pb.PromoteRequest(volume_id=VOLUME, epoch=2))
+        (mount / "after.bin").write_bytes(b"x" * 4096)  # a's next push meets epoch 2
+        wait_until(lambda: cluster.agents["a"].volume(VOLUME).fenced
+                   and btrfs.subvolume_info(cluster.agents["a"].live(VOLUME)).read_only,
+                   timeout=60, what="a fenced, its live read-only")
+        def errno_of(call: Callable[[], object]) -> int | None:
+            try:
+                call()
+            except OSError as exc:
+                return exc.errno
+            return None
+        assert errno_of(lambda: (mount / "new.bin").write_bytes(b"y")) == errno.EROFS
+        os.write(held, b"after the fence\n")  # lands (the open came before) ...
+        assert errno_of(lambda: os.fsync(held)) == errno.EROFS  # ... but is never acknowledged
+        assert errno_of(lambda: os.fdatasync(held)) == errno.EROFS
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(held)
+        cluster.proxies[("b", "a")].client.heal()
+        cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
 
 
 def test_a_switchover_moves_the_primary_of_an_attached_volume(cluster: AgentCluster) -> None:

@@ -61,6 +61,7 @@ class RecordingHooks:
         self.entered = threading.Event()
         self.gate: threading.Event | None = None
         self.fail = False
+        self.read_only = False
 
     def commit(self, paths: list[str], datasync: bool) -> None:
         with self.lock:
@@ -72,6 +73,8 @@ class RecordingHooks:
             raise TimeoutError("test never released the commit")
         if self.fail:
             raise ConnectionError("replicas unreachable")
+        if self.read_only:
+            raise OSError(errno.EROFS, "this replica was fenced")
         self.event("commit-end")
 
     def on_write(self, path: str, offset: int, length: int) -> None:
@@ -717,6 +720,19 @@ def test_commit_failure_is_eio(fs: Mounted) -> None:
     # close-after-write reports the failed commit too
     assert _errno(lambda: os.close(fd)) == errno.EIO
     hooks.fail = False
+
+
+def test_a_commit_refused_as_read_only_is_erofs(fs: Mounted) -> None:
+    """A fenced replica's hook refuses with EROFS: the caller learns why, not just EIO."""
+    fd = os.open(fs.mnt / "fenced", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"after the fence")
+        fs.hooks.read_only = True
+        assert _errno(lambda: os.fsync(fd)) == errno.EROFS
+        assert _errno(lambda: os.fdatasync(fd)) == errno.EROFS
+        assert _errno(lambda: os.close(fd)) == errno.EROFS
+    finally:
+        fs.hooks.read_only = False
 
 
 def test_group_commit_batches_concurrent_fsyncs(fs: Mounted) -> None:
