@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,8 @@ T = TypeVar("T")
 
 #: How long one volume may take to stop its loops before the agent moves on.
 STOP_TIMEOUT_SECONDS = 5.0
+#: How often primaries check whether they are cut off from the API server and their peers.
+ISOLATION_CHECK_SECONDS = 0.5
 #: Attempts at unmounting a busy replica at shutdown, half a second apart.
 CLOSE_ATTEMPTS = 6
 #: How long SyncNow and CreateSnapshot wait for every replica to acknowledge a sync point.
@@ -179,6 +181,23 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             await self._start_engine(state.spec, state)
         for volume in self.config.volumes:
             await self.apply(spec_from_config(volume))
+
+    async def guard_isolation(self, lapsed: Callable[[], bool], probe_seconds: float) -> None:
+        """Until cancelled: every few seconds, each primary cut off from the API server (our
+        Lease ``lapsed``) and from all its peers suspends writes, and resumes them once both
+        are back (VolumeEngine.check_isolation). Volumes are checked side by side: an
+        isolated node's probes all wait out their timeout."""
+        while True:
+            await asyncio.sleep(ISOLATION_CHECK_SECONDS)
+            now_lapsed = lapsed()
+            engines = list(self.engines.values())
+            results = await asyncio.gather(
+                *(e.check_isolation(now_lapsed, probe_seconds) for e in engines),
+                return_exceptions=True)
+            for engine, result in zip(engines, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error("isolation check failed", volume_id=engine.volume_id,
+                              exc_info=result)
 
     async def stop(self) -> None:
         """Stop syncing and unmount every replica nothing else uses (the host is left clean;

@@ -18,6 +18,7 @@ from pathlib import Path
 import structlog
 
 from sharedsync import __version__
+from sharedsync.core.isolation import lease_lapsed
 from sharedsync.kubeclient import api_client
 from sharedsync.leases import STORE_FILESYSTEM_ANNOTATION, LeaseKeeper
 
@@ -50,10 +51,12 @@ WEDGED_AFTER_SECONDS = 120.0
 
 
 async def announce_forever(config: AgentConfig, store_filesystem: str,
-                           heartbeat: Callable[[], float] | None = None) -> None:
+                           heartbeat: Callable[[], float] | None = None,
+                           renewed: Callable[[float], None] | None = None) -> None:
     """Renew the Lease until cancelled; API errors are logged and retried, never fatal (the
     data path must not depend on the API server being up). With ``heartbeat`` (the monotonic
-    time the agent's main loop last ticked), renewal stops while that loop is wedged."""
+    time the agent's main loop last ticked), renewal stops while that loop is wedged.
+    ``renewed`` is told the monotonic time each successful renewal started."""
     kube = config.kubernetes
     assert kube is not None
     period = kube.lease_duration_seconds / 3
@@ -70,7 +73,9 @@ async def announce_forever(config: AgentConfig, store_filesystem: str,
                           stalled_seconds=round(stalled))
             else:
                 try:
-                    await keeper.renew(take_over=True)
+                    started = time.monotonic()
+                    if await keeper.renew(take_over=True) and renewed is not None:
+                        renewed(started)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - keep announcing through API outages
@@ -93,6 +98,10 @@ class Announcer:
         self.config = config
         self.store_filesystem = store_filesystem
         self.beat = time.monotonic()
+        self.started_at = self.beat
+        #: When the last successful renewal started (monotonic; None: none yet). Written by
+        #: the lease thread, read by the main loop (a float assignment is atomic).
+        self.renewed_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
@@ -111,10 +120,21 @@ class Announcer:
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._task = loop.create_task(
-            announce_forever(self.config, self.store_filesystem, lambda: self.beat))
+            announce_forever(self.config, self.store_filesystem, lambda: self.beat,
+                             self._renewed))
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(self._task)
         loop.close()
+
+    def _renewed(self, at: float) -> None:
+        self.renewed_at = at
+
+    def lapsed(self) -> bool:
+        """Whether the operator may soon see our Lease as expired (sharedsync.core.isolation)."""
+        kube = self.config.kubernetes
+        assert kube is not None
+        return lease_lapsed(self.renewed_at, self.started_at, kube.lease_duration_seconds,
+                            time.monotonic())
 
     async def stop(self) -> None:
         if self._ticker is not None:

@@ -33,6 +33,10 @@ CONFLICTS = Counter(
     "sharedsync_conflicts_total", "Concurrent writes to one file resolved by policy",
     ["volume"])
 EPOCH = Gauge("sharedsync_volume_epoch", "The volume's epoch as this node knows it", ["volume"])
+WRITES_SUSPENDED = Gauge(
+    "sharedsync_volume_writes_suspended",
+    "1 while this primary takes no writes: its agent Lease lapsed and no peer answers",
+    ["volume"])
 LAG_EXCEEDED = Counter(
     "sharedsync_lag_exceeded_total", "Times a peer's lag went over the policy's maxLag",
     ["volume", "peer"])

@@ -8,8 +8,10 @@ import grpc
 import structlog
 from prometheus_client import Histogram
 
+from sharedsync.core.isolation import probe_seconds
 from sharedsync.lifecycle import until_terminated
 from sharedsync.rpc_interceptor import ErrorMappingInterceptor
+from sharedsync.tasks import cancel_and_wait
 
 from .agent import Agent, ensure_dirs
 from .authz import CallerCheckInterceptor
@@ -63,16 +65,22 @@ async def serve(config: AgentConfig) -> None:
     await network.start()
     await local.start()
     announcer = None
+    guard: asyncio.Task[None] | None = None
     if config.kubernetes is not None:
         from .announce import Announcer
         announcer = Announcer(config, agent.store.filesystem)
         announcer.start()
+        probe = probe_seconds(config.kubernetes.lease_duration_seconds)
+        guard = asyncio.create_task(agent.guard_isolation(announcer.lapsed, probe),
+                                    name="isolation")
     log.info("agent serving", node=config.node, listen=config.listen,
              control_socket=str(config.control_socket), volumes=len(agent.engines),
              tls=config.tls is not None, kubernetes=config.kubernetes is not None,
              store_filesystem=str(agent.store.filesystem))
     await until_terminated()
     log.info("agent stopping")
+    if guard is not None:
+        await cancel_and_wait(guard)
     if announcer is not None:
         await announcer.stop()
     await asyncio.gather(network.stop(SHUTDOWN_GRACE_SECONDS),

@@ -61,6 +61,7 @@ from sharedsync.core.errors import (
     Unavailable,
 )
 from sharedsync.core.framing import NEVER_COMPRESS, CompressionPolicy, FrameDecoder
+from sharedsync.core.isolation import Isolation, isolation_action
 from sharedsync.core.replica_state import (
     AckReceived,
     Event,
@@ -606,6 +607,10 @@ class VolumeEngine:
         self._manual_trigger = spec.policy.manual_trigger
         self._snapshot_bytes_cache: tuple[float, int] = (0.0, 0)
         self._fuse: FuseServer | None = None
+        #: Why this primary takes no writes for now (empty: it does). Set while its agent Lease
+        #: lapsed and no peer answers (sharedsync.core.isolation); not persisted: a restarted
+        #: agent decides again from its own Lease.
+        self.suspended = ""
         self._retired: set[asyncio.Future[None]] = set()
         self._pruning = False
         self._prune_again = False
@@ -676,6 +681,7 @@ class VolumeEngine:
                 # first scheduled cycle (a new replica gets a first copy while paused, too)
                 self._wake.set()
             if self.role is Role.PRIMARY and not self.fenced:
+                await self._writable_again("left read-only by a suspension before a restart")
                 self._start_primary_loop()
         self._scrubber = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.volume_id}")
 
@@ -827,7 +833,8 @@ class VolumeEngine:
             self.role = Role.REPLICA
             await self.stop()
             self.links.clear()
-        self.fenced = False
+        self.fenced, self.suspended = False, ""
+        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
         self.persist()
         metrics.EPOCH.labels(self.volume_id).set(epoch)
         self.audit(AuditKind.EPOCH, epoch=epoch, primary=primary, was_primary=was_primary)
@@ -837,7 +844,8 @@ class VolumeEngine:
         """Stop acting as primary: a newer epoch exists, so our writes may no longer count."""
         if self.fenced:
             return
-        self.fenced = True
+        self.fenced, self.suspended = True, ""
+        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
         self.persist()
         self.audit(AuditKind.FENCE, reason=why[:200])
         log.warning("fenced", volume_id=self.volume_id, reason=why)
@@ -847,6 +855,67 @@ class VolumeEngine:
             log.exception("could not make the fenced replica read-only", volume_id=self.volume_id)
         if self._loop_task is not None and self._loop_task is not asyncio.current_task():
             self._loop_task.cancel()
+
+    # -- isolation ---------------------------------------------------------------------------
+
+    async def check_isolation(self, lapsed: bool, probe_seconds: float) -> None:
+        """Suspend or resume writes as sharedsync.core.isolation decides, from whether the
+        agent's Lease ``lapsed`` and what the peers answer a probe now (each given
+        ``probe_seconds``). Only a primary that
+        ships snapshots is concerned: file-level replicas are all writable by design (their
+        concurrent changes are merged), and a replica takes no writes anyway."""
+        if self.file_level or self.role is not Role.PRIMARY or self.fenced:
+            return
+        if not lapsed and not self.suspended:
+            return  # the common case: no probe
+        answers = await self._probe_peers(probe_seconds) if self.links else []
+        action = isolation_action(suspended=bool(self.suspended), lapsed=lapsed,
+                                  peers=len(self.links), answers=answers, epoch=self.epoch)
+        if action is Isolation.FENCE:
+            await self.fence(f"a peer is at epoch {max(answers)}, we are at {self.epoch}")
+        elif action is Isolation.SUSPEND:
+            await self._suspend("the agent's Lease lapsed and no peer answers: the operator "
+                                "may be failing this volume over")
+        elif action is Isolation.RESUME:
+            await self._resume()
+
+    async def _probe_peers(self, wait_seconds: float) -> list[int]:
+        """The epochs of the peers that answer a Holdings call now."""
+        async def epoch_of(node: str) -> int | None:
+            try:
+                reply = await self.peers.stub(node).Holdings(
+                    pb.HoldingsRequest(volume_id=self.volume_id), timeout=wait_seconds)
+            except Exception:  # noqa: BLE001 - any failure is "did not answer"
+                return None
+            return int(reply.epoch)
+        found = await asyncio.gather(*(epoch_of(node) for node in sorted(self.links)))
+        return [epoch for epoch in found if epoch is not None]
+
+    async def _suspend(self, why: str) -> None:
+        self.suspended = why
+        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(1)
+        self.audit(AuditKind.SUSPEND, suspended=True, reason=why[:200])
+        log.warning("writes suspended", volume_id=self.volume_id, reason=why)
+        try:
+            await asyncio.to_thread(btrfs.set_read_only, self.lineage.live, True)
+        except Exception:
+            log.exception("could not make the suspended replica read-only",
+                          volume_id=self.volume_id)
+
+    async def _resume(self) -> None:
+        await self._writable_again("the Lease is renewed and a peer confirms our epoch")
+        self.suspended = ""
+        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
+        self.audit(AuditKind.SUSPEND, suspended=False)
+        log.info("writes resumed", volume_id=self.volume_id)
+
+    async def _writable_again(self, why: str) -> None:
+        """Make this primary's live subvolume writable if it is read-only."""
+        live = self.lineage.live
+        if await asyncio.to_thread(lambda: btrfs.is_subvolume(live)
+                                   and btrfs.subvolume_info(live).read_only):
+            await asyncio.to_thread(btrfs.set_read_only, live, False)
+            log.info("live made writable", volume_id=self.volume_id, reason=why)
 
     async def promote(self, epoch: int) -> None:
         """Become primary at ``epoch``: the newest complete snapshot becomes ``live``."""
@@ -871,6 +940,8 @@ class VolumeEngine:
             if replayed:
                 self.audit(AuditKind.PROMOTION, journal_records_replayed=replayed)
             self.epoch, self.role, self.primary, self.fenced = epoch, Role.PRIMARY, self.node, False
+            self.suspended = ""
+            metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
             self.handover_until = None
             self.awaiting_copy = set()  # what the peers hold is learnt, not presumed
             self.failed_replicas = set()
@@ -1589,7 +1660,8 @@ class VolumeEngine:
             node=self.node, role=str(self.role), state=pb.IN_SYNC,
             last_sync_unix_ns=self.last_received_ns,
             last_received=ref_message(newest),
-            message="fenced: a newer epoch exists" if self.fenced else "")]
+            message="fenced: a newer epoch exists" if self.fenced
+            else f"writes suspended: {self.suspended}" if self.suspended else "")]
         for link in self.links.values():
             self.refresh_state(link)
             replicas.append(pb.ReplicaStatus(
@@ -1655,6 +1727,8 @@ class _CommitHooks:
             return
         if engine.fenced:
             raise OSError(errno.EROFS, "this replica was fenced: a newer primary exists")
+        if engine.suspended:
+            raise OSError(errno.EROFS, f"writes suspended: {engine.suspended}")
         if engine.role is not Role.PRIMARY:
             return
         if throttle:

@@ -52,6 +52,7 @@ class AuditKind(enum.StrEnum):
     POLICY = "policy"
     EPOCH = "epoch"  # this replica learned of (and follows) a newer epoch
     FENCE = "fence"  # this replica stopped accepting writes: a newer primary exists
+    SUSPEND = "suspend"  # a primary cut off from the API server and its peers stopped, or resumed
     LAG = "lag"  # a peer's lag went over the policy's maxLag
     VOLUME = "volume"  # a replica was attached, detached or removed on this node
 

@@ -176,6 +176,30 @@ class OperatorCluster:
                 found.add(name)
         return found
 
+    @contextlib.contextmanager
+    def cut_off(self, node: str) -> Iterator[None]:
+        """Node ``node`` loses the network, as behind a failed switch: in its own network
+        namespace, what it sends to the bridge's subnet (the API server, the other agents,
+        the operator's host side) is reset and what comes from there dropped. Its agent's
+        node-local control socket still answers the test. All is restored on leaving. (The
+        fault proxies do not carry these agents' links: the operator hands them the agents'
+        own addresses.)"""
+        from tests.cluster.netns import SUBNET
+        rules = [["OUTPUT", "-d", SUBNET, "-p", "tcp", "-j", "REJECT",
+                  "--reject-with", "tcp-reset"],
+                 ["INPUT", "-s", SUBNET, "-j", "DROP"]]
+        namespace = self.agents.nodes[node].namespace
+
+        def iptables(*args: str) -> None:
+            subprocess.run(["ip", "netns", "exec", namespace, "iptables", *args], check=True)
+        for rule in rules:
+            iptables("-I", *rule)
+        try:
+            yield
+        finally:
+            for rule in rules:
+                iptables("-D", *rule)
+
     def events(self, name: str) -> list[dict[str, Any]]:
         out = self.cp.kubectl("get", "events", "-A", "-o", "json",
                               "--field-selector", f"involvedObject.name={name}")

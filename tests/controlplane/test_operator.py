@@ -7,12 +7,14 @@ here asserts a timing: waits are bounded and what is checked is where data and r
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -383,6 +385,112 @@ def test_primary_agent_killed_fails_over_and_old_primary_rejoins_fenced(
                and cluster.agents.agents[old].volume(name).epoch
                == cluster.get("sv", name)["status"]["epoch"], timeout=120,
                what="the old primary rejoins as a replica")
+    cluster.wait_condition("sv", name, "Ready", timeout=180)
+
+
+def errno_of(call: Callable[[], object]) -> int | None:
+    try:
+        call()
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def appended_and_synced(fd: int) -> int | None:
+    """Append a line to ``fd`` and fsync it: None when acknowledged, else the errno."""
+    def append() -> None:
+        os.write(fd, b"a line\n")
+        os.fsync(fd)
+    return errno_of(append)
+
+
+@contextlib.contextmanager
+def attached_file(cluster: OperatorCluster, node: str, name: str) -> Iterator[tuple[Path, int]]:
+    """The volume served on ``node`` (as to a pod there) and a file held open in it."""
+    agent = cluster.agents.agents[node]
+    mount = Path(agent.call("Attach", pb.AttachRequest(volume_id=name)).path)
+    fd = os.open(mount / "app.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        yield mount, fd
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        agent.call("Detach", pb.DetachRequest(volume_id=name))
+
+
+def audit_times(cluster: OperatorCluster, node: str, name: str, kind: str,
+                **details: object) -> list[int]:
+    """When ``node``'s audit log recorded ``kind`` decisions about volume ``name``."""
+    from replication_agent.audit import read_records
+    files = [p for p in cluster.agents.audit_files(node) if p.exists()]
+    return [r.time_ns for r in read_records(files) if r.volume == name and r.kind == kind
+            and all(r.detail_map.get(k) == v for k, v in details.items())]
+
+
+def test_a_primary_cut_off_from_everything_suspends_writes_until_it_is_back(
+        cluster: OperatorCluster) -> None:
+    """Its Lease lapses and no peer answers: it acknowledges no write (EROFS) until the API
+    server and a peer at its epoch are back, then takes writes again, still primary. The
+    operator is stopped, so nothing fails the volume over meanwhile."""
+    cluster.apply(policy("isolated", mode="Asynchronous", replicas=2, maxLag="1s"))
+    name = "vol-" + "0d" * 12
+    cluster.apply(volume(name, "isolated"))
+    cluster.wait_condition("sv", name, "Ready")
+    status = cluster.get("sv", name)["status"]
+    primary, epoch = status["primary"], status["epoch"]
+    agent = cluster.agents.agents[primary]
+    cluster.operator.stop()
+    try:
+        with attached_file(cluster, primary, name) as (mount, fd):
+            assert appended_and_synced(fd) is None
+            with cluster.cut_off(primary):
+                wait_until(lambda: appended_and_synced(fd) == errno.EROFS, timeout=60,
+                           interval=0.2, what="writes suspended")
+                assert agent.volume(name).replicas[0].message.startswith("writes suspended")
+                assert errno_of(lambda: (mount / "new.bin").write_bytes(b"y")) == errno.EROFS
+            wait_until(lambda: appended_and_synced(fd) is None, timeout=60, interval=0.2,
+                       what="writes resumed")
+            (mount / "new.bin").write_bytes(b"y")
+            status_now = agent.volume(name)
+            assert (status_now.role, status_now.epoch, status_now.fenced) == \
+                ("primary", epoch, False)
+            assert not status_now.replicas[0].message
+    finally:
+        cluster.operator.start()
+    assert audit_times(cluster, primary, name, "suspend", suspended=True)
+    assert audit_times(cluster, primary, name, "suspend", suspended=False)
+
+
+def test_an_isolated_primary_stops_acknowledging_before_it_is_failed_over(
+        cluster: OperatorCluster) -> None:
+    """The operator fails over a primary whose Lease expired; that primary, cut off from the
+    API server and its peer, suspended writes before: no write it acknowledged after the
+    promotion is set aside when it rejoins (only those of the moments before its Lease
+    lapsed can be). It then learns of the newer epoch and rejoins as a replica."""
+    cluster.apply(policy("isolated-failover", mode="Asynchronous", replicas=2, maxLag="1s",
+                         failover={"staleReplicaTimeout": "10m"}))
+    name = "vol-" + "0e" * 12
+    cluster.apply(volume(name, "isolated-failover"))
+    cluster.wait_condition("sv", name, "Ready")
+    status = cluster.get("sv", name)["status"]
+    old, epoch = status["primary"], status["epoch"]
+    with attached_file(cluster, old, name) as (_, fd):
+        assert appended_and_synced(fd) is None
+        with cluster.cut_off(old):
+            wait_until(lambda: cluster.get("sv", name)["status"]["primary"] != old,
+                       timeout=120, what="failover")
+            assert appended_and_synced(fd) == errno.EROFS
+        status = cluster.get("sv", name)["status"]
+        new, new_epoch = status["primary"], status["epoch"]
+        assert new_epoch > epoch
+        [suspended_at] = audit_times(cluster, old, name, "suspend", suspended=True)
+        promoted_at = min(audit_times(cluster, new, name, "promotion", epoch=new_epoch))
+        assert suspended_at < promoted_at, "the old primary still took writes when promoted"
+        wait_until(lambda: cluster.agents.agents[old].volume(name).role == "replica"
+                   and cluster.agents.agents[old].volume(name).epoch == new_epoch,
+                   timeout=120, what="the old primary rejoins as a replica")
+        # a replica now: the volume is no longer served here (the mount is gone)
+        assert appended_and_synced(fd) in (errno.EROFS, errno.ENOTCONN)
     cluster.wait_condition("sv", name, "Ready", timeout=180)
 
 
