@@ -14,7 +14,7 @@ import os
 import random
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,7 +29,7 @@ from tests.controlplane.operator_harness import (
     started_cluster,
     volume,
 )
-from tests.integration.agent_harness import tree_digest, wait_until
+from tests.integration.agent_harness import errno_of, tree_digest, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
 
@@ -386,14 +386,6 @@ def test_primary_agent_killed_fails_over_and_old_primary_rejoins_fenced(
                == cluster.get("sv", name)["status"]["epoch"], timeout=120,
                what="the old primary rejoins as a replica")
     cluster.wait_condition("sv", name, "Ready", timeout=180)
-
-
-def errno_of(call: Callable[[], object]) -> int | None:
-    try:
-        call()
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def appended_and_synced(fd: int) -> int | None:

@@ -47,6 +47,16 @@ def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1,
     raise AssertionError(f"timed out waiting for {what}{suffix}")
 
 
+def errno_of(call: Any) -> int | None:
+    """The errno of the OSError ``call()`` raised, None when it succeeded (what a pod's
+    system call on a volume returned)."""
+    try:
+        call()
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
 AGENT_PORT = 7400
 
 

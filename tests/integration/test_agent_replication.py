@@ -23,6 +23,7 @@ from sharedsync.storage import btrfs
 from sharedsync.storage.leftovers import leftovers_under
 from tests.integration.agent_harness import (
     AgentCluster,
+    errno_of,
     started_cluster,
     tree_digest,
     volume_spec,
@@ -455,12 +456,6 @@ def test_a_pod_on_a_fenced_primary_gets_no_write_acknowledged(cluster: AgentClus
         wait_until(lambda: cluster.agents["a"].volume(VOLUME).fenced
                    and btrfs.subvolume_info(cluster.agents["a"].live(VOLUME)).read_only,
                    timeout=60, what="a fenced, its live read-only")
-        def errno_of(call: Callable[[], object]) -> int | None:
-            try:
-                call()
-            except OSError as exc:
-                return exc.errno
-            return None
         assert errno_of(lambda: (mount / "new.bin").write_bytes(b"y")) == errno.EROFS
         os.write(held, b"after the fence\n")  # lands (the open came before) ...
         assert errno_of(lambda: os.fsync(held)) == errno.EROFS  # ... but is never acknowledged
