@@ -253,7 +253,9 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             epoch=state.epoch if state else None, role=state.role if state else None,
             fenced=state.fenced if state else False,
             awaiting_copy=state.awaiting_copy if state else (),
-            failed=state.failed if state else ())
+            failed=state.failed if state else (),
+            # without a Lease nothing would resume a suspension (sharedsync.core.isolation)
+            suspended=state.suspended if state and self.config.kubernetes else "")
         if state is not None:
             engine.primary = state.primary
         await engine.start()

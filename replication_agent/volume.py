@@ -204,12 +204,16 @@ class PersistedState:
     fenced: bool = False
     awaiting_copy: frozenset[str] = frozenset()
     failed: frozenset[str] = frozenset()
+    #: Why this primary's writes are suspended (empty: they are not); see
+    #: sharedsync.core.isolation. Kept so that a restart does not take writes it must not.
+    suspended: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps({
             "spec": json_format.MessageToDict(self.spec), "epoch": self.epoch,
             "role": str(self.role), "primary": self.primary, "fenced": self.fenced,
             "awaitingCopy": sorted(self.awaiting_copy), "failedReplicas": sorted(self.failed),
+            "writesSuspended": self.suspended,
         }, sort_keys=True).encode()
 
     @classmethod
@@ -219,7 +223,8 @@ class PersistedState:
         return cls(spec=spec, epoch=int(raw["epoch"]), role=Role(raw["role"]),
                    primary=str(raw["primary"]), fenced=bool(raw.get("fenced", False)),
                    awaiting_copy=frozenset(map(str, raw.get("awaitingCopy", ()))),
-                   failed=frozenset(map(str, raw.get("failedReplicas", ()))))
+                   failed=frozenset(map(str, raw.get("failedReplicas", ()))),
+                   suspended=str(raw.get("writesSuspended", "")))
 
 
 class PeerLink:
@@ -560,7 +565,8 @@ class VolumeEngine:
                  peers: PeerPool, state_dir: Path, spool_dir: Path, audit: AuditLog,
                  node_bandwidth: NodeBandwidth | None = None, epoch: int | None = None,
                  role: Role | None = None, fenced: bool = False,
-                 awaiting_copy: Collection[str] = (), failed: Collection[str] = ()) -> None:
+                 awaiting_copy: Collection[str] = (), failed: Collection[str] = (),
+                 suspended: str = "") -> None:
         self.node = node
         self.spec = spec
         self.volume_id = spec.volume_id
@@ -608,9 +614,12 @@ class VolumeEngine:
         self._snapshot_bytes_cache: tuple[float, int] = (0.0, 0)
         self._fuse: FuseServer | None = None
         #: Why this primary takes no writes for now (empty: it does). Set while its agent Lease
-        #: lapsed and no peer answers (sharedsync.core.isolation); not persisted: a restarted
-        #: agent decides again from its own Lease.
-        self.suspended = ""
+        #: lapsed and no peer answers (sharedsync.core.isolation); persisted, so a restart
+        #: keeps it until the agent's isolation guard resumes it.
+        self.suspended = suspended
+        #: Held while the live subvolume's read-only flag is changed (fence, suspend, resume):
+        #: a resume must not make a replica fenced meanwhile writable again.
+        self._read_only_lock = asyncio.Lock()
         self._retired: set[asyncio.Future[None]] = set()
         self._pruning = False
         self._prune_again = False
@@ -681,7 +690,11 @@ class VolumeEngine:
                 # first scheduled cycle (a new replica gets a first copy while paused, too)
                 self._wake.set()
             if self.role is Role.PRIMARY and not self.fenced:
-                await self._writable_again("left read-only by a suspension before a restart")
+                if self.suspended:  # still so: the isolation guard resumes it
+                    metrics.WRITES_SUSPENDED.labels(self.volume_id).set(1)
+                    await self._set_live_read_only()
+                else:  # a suspension cut short by a restart without a Lease (standalone)
+                    await self._writable_again("no suspension is in force")
                 self._start_primary_loop()
         self._scrubber = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.volume_id}")
 
@@ -723,7 +736,8 @@ class VolumeEngine:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_path, PersistedState(
             self.spec, self.epoch, self.role, self.primary, self.fenced,
-            frozenset(self.awaiting_copy), frozenset(self.failed_replicas)).to_json())
+            frozenset(self.awaiting_copy), frozenset(self.failed_replicas),
+            self.suspended).to_json())
 
     def _mark(self, peers: set[str], node: str, member: bool) -> None:
         """Put ``node`` in or out of one of the persisted peer sets; the state file is written
@@ -827,6 +841,7 @@ class VolumeEngine:
         if epoch <= self.epoch:
             return
         was_primary = self.role is Role.PRIMARY
+        was_suspended = bool(self.suspended)
         self.epoch, self.primary, self.handover_until = epoch, primary, None
         self._newest_received = None
         if primary != self.node:
@@ -835,6 +850,8 @@ class VolumeEngine:
             self.links.clear()
         self.fenced, self.suspended = False, ""
         metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
+        if was_suspended and primary == self.node:
+            await self._writable_again("still the primary at a newer epoch")
         self.persist()
         metrics.EPOCH.labels(self.volume_id).set(epoch)
         self.audit(AuditKind.EPOCH, epoch=epoch, primary=primary, was_primary=was_primary)
@@ -850,7 +867,8 @@ class VolumeEngine:
         self.audit(AuditKind.FENCE, reason=why[:200])
         log.warning("fenced", volume_id=self.volume_id, reason=why)
         try:
-            await asyncio.to_thread(btrfs.set_read_only, self.lineage.live, True)
+            async with self._read_only_lock:
+                await asyncio.to_thread(btrfs.set_read_only, self.lineage.live, True)
         except Exception:
             log.exception("could not make the fenced replica read-only", volume_id=self.volume_id)
         if self._loop_task is not None and self._loop_task is not asyncio.current_task():
@@ -868,7 +886,10 @@ class VolumeEngine:
             return
         if not lapsed and not self.suspended:
             return  # the common case: no probe
+        epoch = self.epoch
         answers = await self._probe_peers(probe_seconds) if self.links else []
+        if self.role is not Role.PRIMARY or self.fenced or self.epoch != epoch:
+            return  # promoted, demoted or fenced while we asked: decide on the next round
         action = isolation_action(suspended=bool(self.suspended), lapsed=lapsed,
                                   peers=len(self.links), answers=answers, epoch=self.epoch)
         if action is Isolation.FENCE:
@@ -892,12 +913,19 @@ class VolumeEngine:
         return [epoch for epoch in found if epoch is not None]
 
     async def _suspend(self, why: str) -> None:
-        self.suspended = why
+        self.suspended = why  # the commit hook refuses from here on
+        self.persist()
         metrics.WRITES_SUSPENDED.labels(self.volume_id).set(1)
         self.audit(AuditKind.SUSPEND, suspended=True, reason=why[:200])
         log.warning("writes suspended", volume_id=self.volume_id, reason=why)
+        await self._set_live_read_only()
+
+    async def _set_live_read_only(self) -> None:
+        """Make a suspended primary's live subvolume read-only (new opens for writing fail)."""
         try:
-            await asyncio.to_thread(btrfs.set_read_only, self.lineage.live, True)
+            async with self._read_only_lock:
+                if self.suspended and self.role is Role.PRIMARY and not self.fenced:
+                    await asyncio.to_thread(btrfs.set_read_only, self.lineage.live, True)
         except Exception:
             log.exception("could not make the suspended replica read-only",
                           volume_id=self.volume_id)
@@ -905,17 +933,22 @@ class VolumeEngine:
     async def _resume(self) -> None:
         await self._writable_again("the Lease is renewed and a peer confirms our epoch")
         self.suspended = ""
+        self.persist()
         metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
         self.audit(AuditKind.SUSPEND, suspended=False)
         log.info("writes resumed", volume_id=self.volume_id)
 
     async def _writable_again(self, why: str) -> None:
-        """Make this primary's live subvolume writable if it is read-only."""
+        """Make this primary's live subvolume writable if it is read-only (and this node
+        still the primary, not fenced)."""
         live = self.lineage.live
-        if await asyncio.to_thread(lambda: btrfs.is_subvolume(live)
-                                   and btrfs.subvolume_info(live).read_only):
-            await asyncio.to_thread(btrfs.set_read_only, live, False)
-            log.info("live made writable", volume_id=self.volume_id, reason=why)
+        async with self._read_only_lock:
+            if self.role is not Role.PRIMARY or self.fenced:
+                return
+            if await asyncio.to_thread(lambda: btrfs.is_subvolume(live)
+                                       and btrfs.subvolume_info(live).read_only):
+                await asyncio.to_thread(btrfs.set_read_only, live, False)
+                log.info("live made writable", volume_id=self.volume_id, reason=why)
 
     async def promote(self, epoch: int) -> None:
         """Become primary at ``epoch``: the newest complete snapshot becomes ``live``."""

@@ -421,9 +421,10 @@ def audit_times(cluster: OperatorCluster, node: str, name: str, kind: str,
 
 def test_a_primary_cut_off_from_everything_suspends_writes_until_it_is_back(
         cluster: OperatorCluster) -> None:
-    """Its Lease lapses and no peer answers: it acknowledges no write (EROFS) until the API
-    server and a peer at its epoch are back, then takes writes again, still primary. The
-    operator is stopped, so nothing fails the volume over meanwhile."""
+    """Its Lease lapses and no peer answers: it acknowledges no write (EROFS), across a
+    restart of its agent too, until the API server and a peer at its epoch are back, then
+    takes writes again, still primary. The operator is stopped, so nothing fails the volume
+    over meanwhile."""
     cluster.apply(policy("isolated", mode="Asynchronous", replicas=2, maxLag="1s"))
     name = "vol-" + "0d" * 12
     cluster.apply(volume(name, "isolated"))
@@ -440,9 +441,14 @@ def test_a_primary_cut_off_from_everything_suspends_writes_until_it_is_back(
                            interval=0.2, what="writes suspended")
                 assert agent.volume(name).replicas[0].message.startswith("writes suspended")
                 assert errno_of(lambda: (mount / "new.bin").write_bytes(b"y")) == errno.EROFS
-            wait_until(lambda: appended_and_synced(fd) is None, timeout=60, interval=0.2,
-                       what="writes resumed")
-            (mount / "new.bin").write_bytes(b"y")
+                # a restart keeps the suspension from its first moment (the state file)
+                agent.stop()
+                agent.start()
+                assert agent.volume(name).replicas[0].message.startswith("writes suspended")
+                mount = Path(agent.call("Attach", pb.AttachRequest(volume_id=name)).path)
+                assert errno_of(lambda: (mount / "new.bin").write_bytes(b"y")) == errno.EROFS
+            wait_until(lambda: errno_of(lambda: (mount / "new.bin").write_bytes(b"y")) is None,
+                       timeout=60, interval=0.2, what="writes resumed")
             status_now = agent.volume(name)
             assert (status_now.role, status_now.epoch, status_now.fenced) == \
                 ("primary", epoch, False)

@@ -15,7 +15,8 @@ def spec() -> pb.VolumeSpec:
 
 def test_a_state_reads_back_as_written() -> None:
     state = PersistedState(spec(), 3, Role.PRIMARY, "a", fenced=True,
-                           awaiting_copy=frozenset({"c", "b"}), failed=frozenset({"b"}))
+                           awaiting_copy=frozenset({"c", "b"}), failed=frozenset({"b"}),
+                           suspended="the agent's Lease lapsed and no peer answers")
     again = PersistedState.from_json(state.to_json())
     assert again == state
 
@@ -34,3 +35,11 @@ def test_a_file_written_before_a_peer_set_existed_reads_as_empty(key: str) -> No
     read = {"awaitingCopy": again.awaiting_copy, "failedReplicas": again.failed}
     assert read[key] == frozenset()
     assert all(peers == frozenset({"c"}) for name, peers in read.items() if name != key)
+
+
+def test_a_file_written_before_suspensions_existed_reads_as_not_suspended() -> None:
+    written = PersistedState(spec(), 1, Role.PRIMARY, "a", suspended="cut off").to_json()
+    assert b'"writesSuspended": "cut off"' in written
+    old = written.replace(b', "writesSuspended": "cut off"', b"")
+    assert b"writesSuspended" not in old
+    assert PersistedState.from_json(old).suspended == ""
