@@ -90,10 +90,6 @@ class CallerCheckInterceptor(grpc.aio.ServerInterceptor):
         async def call(request: Any,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await self._check(method, context)
-            result = inner(request, context)
-            if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
-            else:  # a handler that writes through the context and returns
-                await result
+            async for item in inner(request, context):  # our streaming handlers are generators
+                yield item
         return call

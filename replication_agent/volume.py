@@ -613,9 +613,7 @@ class VolumeEngine:
         self._manual_trigger = spec.policy.manual_trigger
         self._snapshot_bytes_cache: tuple[float, int] = (0.0, 0)
         self._fuse: FuseServer | None = None
-        #: Why this primary takes no writes for now (empty: it does). Set while its agent Lease
-        #: lapsed and no peer answers (sharedsync.core.isolation); persisted, so a restart
-        #: keeps it until the agent's isolation guard resumes it.
+        self._suspended = ""
         self.suspended = suspended
         #: Held while the live subvolume's read-only flag is changed (fence, suspend, resume):
         #: a resume must not make a replica fenced meanwhile writable again.
@@ -639,6 +637,18 @@ class VolumeEngine:
         self._newest_received: SnapRef | None = None
         #: Notified when a peer's push ends (see ``PeerLink._wait_turn``).
         self.links_changed = asyncio.Condition()
+
+    @property
+    def suspended(self) -> str:
+        """Why this primary takes no writes for now (empty: it does). Set while its agent Lease
+        lapsed and no peer answers (sharedsync.core.isolation); persisted, so a restart keeps
+        it until the agent's isolation guard resumes it."""
+        return self._suspended
+
+    @suspended.setter
+    def suspended(self, why: str) -> None:
+        self._suspended = why
+        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(1 if why else 0)
 
     @property
     def file_level(self) -> bool:
@@ -691,7 +701,6 @@ class VolumeEngine:
                 self._wake.set()
             if self.role is Role.PRIMARY and not self.fenced:
                 if self.suspended:  # still so: the isolation guard resumes it
-                    metrics.WRITES_SUSPENDED.labels(self.volume_id).set(1)
                     await self._set_live_read_only()
                 else:  # a suspension cut short by a restart without a Lease (standalone)
                     await self._writable_again("no suspension is in force")
@@ -849,7 +858,6 @@ class VolumeEngine:
             await self.stop()
             self.links.clear()
         self.fenced, self.suspended = False, ""
-        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
         if was_suspended and primary == self.node:
             await self._writable_again("still the primary at a newer epoch")
         self.persist()
@@ -862,7 +870,6 @@ class VolumeEngine:
         if self.fenced:
             return
         self.fenced, self.suspended = True, ""
-        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
         self.persist()
         self.audit(AuditKind.FENCE, reason=why[:200])
         log.warning("fenced", volume_id=self.volume_id, reason=why)
@@ -915,7 +922,6 @@ class VolumeEngine:
     async def _suspend(self, why: str) -> None:
         self.suspended = why  # the commit hook refuses from here on
         self.persist()
-        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(1)
         self.audit(AuditKind.SUSPEND, suspended=True, reason=why[:200])
         log.warning("writes suspended", volume_id=self.volume_id, reason=why)
         await self._set_live_read_only()
@@ -934,7 +940,6 @@ class VolumeEngine:
         await self._writable_again("the Lease is renewed and a peer confirms our epoch")
         self.suspended = ""
         self.persist()
-        metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
         self.audit(AuditKind.SUSPEND, suspended=False)
         log.info("writes resumed", volume_id=self.volume_id)
 
@@ -974,7 +979,6 @@ class VolumeEngine:
                 self.audit(AuditKind.PROMOTION, journal_records_replayed=replayed)
             self.epoch, self.role, self.primary, self.fenced = epoch, Role.PRIMARY, self.node, False
             self.suspended = ""
-            metrics.WRITES_SUSPENDED.labels(self.volume_id).set(0)
             self.handover_until = None
             self.awaiting_copy = set()  # what the peers hold is learnt, not presumed
             self.failed_replicas = set()

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -49,6 +50,16 @@ def write(root: Path, name: str, size: int = 256 << 10, seed: int = 0) -> None:
         out.write(random.Random(seed).randbytes(size))
         out.flush()
         os.fsync(out.fileno())
+
+
+def ready_volume(cluster: OperatorCluster, name: str, policy_name: str,
+                 **spec: Any) -> dict[str, Any]:
+    """Volume ``name`` on a new SyncPolicy ``policy_name`` (``spec``): its status once Ready."""
+    cluster.apply(policy(policy_name, **spec))
+    cluster.apply(volume(name, policy_name))
+    cluster.wait_condition("sv", name, "Ready")
+    status: dict[str, Any] = cluster.get("sv", name)["status"]
+    return status
 
 
 def replica_nodes(cluster: OperatorCluster, name: str) -> list[str]:
@@ -149,11 +160,8 @@ def test_bad_policies_are_reported_and_touch_nothing(cluster: OperatorCluster) -
 
 
 def test_switchover_moves_the_primary_with_nothing_lost(cluster: OperatorCluster) -> None:
-    cluster.apply(policy("switch", mode="Asynchronous", replicas=2, maxLag="1s"))
     name = "vol-" + "04" * 12
-    cluster.apply(volume(name, "switch"))
-    cluster.wait_condition("sv", name, "Ready")
-    status = cluster.get("sv", name)["status"]
+    status = ready_volume(cluster, name, "switch", mode="Asynchronous", replicas=2, maxLag="1s")
     old, epoch = status["primary"], status["epoch"]
     [target] = [n for n in replica_nodes(cluster, name) if n != old]
     write(cluster.agents.agents[old].live(name), "before-switch.bin", seed=4)
@@ -351,12 +359,9 @@ def test_a_restarted_operator_leaves_every_replica_where_it_is(
 
 def test_primary_agent_killed_fails_over_and_old_primary_rejoins_fenced(
         cluster: OperatorCluster) -> None:
-    cluster.apply(policy("failover", mode="Asynchronous", replicas=3, maxLag="1s",
-                         failover={"staleReplicaTimeout": "10m"}))
     name = "vol-" + "08" * 12
-    cluster.apply(volume(name, "failover"))
-    cluster.wait_condition("sv", name, "Ready")
-    status = cluster.get("sv", name)["status"]
+    status = ready_volume(cluster, name, "failover", mode="Asynchronous", replicas=3,
+                          maxLag="1s", failover={"staleReplicaTimeout": "10m"})
     old, epoch = status["primary"], status["epoch"]
     write(cluster.agents.agents[old].live(name), "kept.bin", seed=8)
     cluster.cp.kubectl("annotate", "sv", name, "sharedsync.io/sync-now=before-kill")
@@ -425,11 +430,8 @@ def test_a_primary_cut_off_from_everything_suspends_writes_until_it_is_back(
     restart of its agent too, until the API server and a peer at its epoch are back, then
     takes writes again, still primary. The operator is stopped, so nothing fails the volume
     over meanwhile."""
-    cluster.apply(policy("isolated", mode="Asynchronous", replicas=2, maxLag="1s"))
     name = "vol-" + "0d" * 12
-    cluster.apply(volume(name, "isolated"))
-    cluster.wait_condition("sv", name, "Ready")
-    status = cluster.get("sv", name)["status"]
+    status = ready_volume(cluster, name, "isolated", mode="Asynchronous", replicas=2, maxLag="1s")
     primary, epoch = status["primary"], status["epoch"]
     agent = cluster.agents.agents[primary]
     cluster.operator.stop()
@@ -465,12 +467,9 @@ def test_an_isolated_primary_stops_acknowledging_before_it_is_failed_over(
     API server and its peer, suspended writes before: no write it acknowledged after the
     promotion is set aside when it rejoins (only those of the moments before its Lease
     lapsed can be). It then learns of the newer epoch and rejoins as a replica."""
-    cluster.apply(policy("isolated-failover", mode="Asynchronous", replicas=2, maxLag="1s",
-                         failover={"staleReplicaTimeout": "10m"}))
     name = "vol-" + "0e" * 12
-    cluster.apply(volume(name, "isolated-failover"))
-    cluster.wait_condition("sv", name, "Ready")
-    status = cluster.get("sv", name)["status"]
+    status = ready_volume(cluster, name, "isolated-failover", mode="Asynchronous", replicas=2,
+                          maxLag="1s", failover={"staleReplicaTimeout": "10m"})
     old, epoch = status["primary"], status["epoch"]
     with attached_file(cluster, old, name) as (_, fd):
         assert appended_and_synced(fd) is None
@@ -493,12 +492,9 @@ def test_an_isolated_primary_stops_acknowledging_before_it_is_failed_over(
 
 
 def test_lost_replica_is_replaced_after_the_stale_timeout(cluster: OperatorCluster) -> None:
-    cluster.apply(policy("replace", mode="Asynchronous", replicas=2, maxLag="1s",
-                         failover={"staleReplicaTimeout": "5s"}))
     name = "vol-" + "09" * 12
-    cluster.apply(volume(name, "replace"))
-    cluster.wait_condition("sv", name, "Ready")
-    status = cluster.get("sv", name)["status"]
+    status = ready_volume(cluster, name, "replace", mode="Asynchronous", replicas=2,
+                          maxLag="1s", failover={"staleReplicaTimeout": "5s"})
     [lost] = [n for n in replica_nodes(cluster, name) if n != status["primary"]]
     cluster.agents.agents[lost].kill()
     try:
@@ -516,11 +512,9 @@ def test_lost_replica_is_replaced_after_the_stale_timeout(cluster: OperatorClust
 
 
 def test_rebuild_annotation_recopies_a_replica(cluster: OperatorCluster) -> None:
-    cluster.apply(policy("rebuildable", mode="Asynchronous", replicas=2, maxLag="1s"))
     name = "vol-" + "0a" * 12
-    cluster.apply(volume(name, "rebuildable"))
-    cluster.wait_condition("sv", name, "Ready")
-    status = cluster.get("sv", name)["status"]
+    status = ready_volume(cluster, name, "rebuildable", mode="Asynchronous", replicas=2,
+                          maxLag="1s")
     primary = status["primary"]
     [replica] = [n for n in replica_nodes(cluster, name) if n != primary]
     write(cluster.agents.agents[primary].live(name), "precious.bin", seed=10)
