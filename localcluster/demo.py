@@ -83,7 +83,7 @@ def up(nodes: int = DEFAULT_NODES) -> None:
   export KUBECONFIG={kubeconfig} PATH={TOOLS_BIN}:{REPO / '.venv' / 'bin'}:$PATH
   kubectl sharedsync status -n {NAMESPACE}             # replicas, primary, lag of each volume
   kubectl exec -n {NAMESPACE} journal-0 -- tail -3 /data/journal.log
-  sudo scripts/cluster kill-node node-2                  # a power cut: watch the failover
+  sudo scripts/cluster kill-node node-2                  # a power cut: failover, the pod moves
   kubectl get sv -w
   sudo scripts/cluster restart-node node-2               # it comes back and catches up
   kubectl patch sp async --type merge -p '{{"spec":{{"mode":"Synchronous"}}}}'   # live change

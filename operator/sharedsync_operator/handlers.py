@@ -17,6 +17,7 @@ import aiohttp
 import kopf
 import structlog
 
+from sharedsync.core.node_loss import NodeSignals
 from sharedsync.core.placement import BTRFS, NodeView
 
 from .agents import AgentInfo, Agents, agent_from_lease
@@ -24,6 +25,7 @@ from .kube import GROUP, SYNC_POLICIES, VERSION, Kube
 from .metrics import LIVE_AGENTS, RECONCILE_ERRORS, RECONCILE_SECONDS
 from .policies import IN_USE_FINALIZER, reconcile_policy, refuse_delete_in_use, volumes_using
 from .snapshots import NotYetError, SnapshotReconciler
+from .stranded_pods import StrandedPodReleaser
 from .volumes import VolumeReconciler
 
 log = structlog.get_logger(__name__)
@@ -68,6 +70,7 @@ class Runtime:
     orphans_seen: dict[tuple[str, str], float] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     snapshots: SnapshotReconciler | None = None
+    stranded_pods: StrandedPodReleaser | None = None
     #: When a SharedVolume was last reconciled (its timer fires every few seconds): the
     #: leader's watchdog (cli) exits when kopf stops handling volumes while holding the lease.
     last_volume_reconcile: float = field(default_factory=time.monotonic)
@@ -87,6 +90,15 @@ class Runtime:
         if self.snapshots is None:
             self.snapshots = SnapshotReconciler(self.volumes.kube, self.agents)
         self.snapshots.volumes = self.shared_volumes
+        if self.stranded_pods is None:
+            self.stranded_pods = StrandedPodReleaser(self.kube)
+
+    def node_signals(self) -> dict[str, NodeSignals]:
+        """Each node's health as the stranded-pod release judges it."""
+        alive = self.agents.alive()
+        return {name: NodeSignals(ready=facts.ready, agent_known=name in self.agents.leases,
+                                  agent_alive=name in alive)
+                for name, facts in self.nodes.items()}
 
     def snapshot_reconciler(self) -> SnapshotReconciler:
         assert self.snapshots is not None
@@ -212,6 +224,7 @@ async def _poll_agents(state: Runtime) -> None:
             await _guard_policies(state)
             await state.agents.poll_once()
             await _sweep_orphans(state)
+            await _release_stranded_pods(state)
             if time.monotonic() - last_policy_resync >= POLICY_RESYNC_SECONDS:
                 last_policy_resync = time.monotonic()
                 await _resync_policies(state)
@@ -220,6 +233,19 @@ async def _poll_agents(state: Runtime) -> None:
         except Exception:
             log.exception("agent poll failed")
         await asyncio.sleep(2.0)
+
+
+async def _release_stranded_pods(state: Runtime) -> None:
+    """Pods on lost nodes whose volumes' policies ask for it are deleted, so that their
+    StatefulSet or Deployment replaces them where the volume now lives (``stranded_pods``)."""
+    assert state.stranded_pods is not None
+    try:
+        await state.stranded_pods.run_once(state.node_signals(), state.shared_volumes,
+                                           state.policies)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the agents' poll goes on; tried again next round
+        log.exception("releasing pods stranded on lost nodes failed")
 
 
 async def _sweep_orphans(state: Runtime) -> None:

@@ -1,5 +1,6 @@
 """The operator's writes to the API server that kopf does not make for it: status patches of
-our custom resources and the removal of handled day-2 annotations."""
+our custom resources, the removal of handled day-2 annotations, and what the release of pods
+stranded on a lost node reads and deletes (``stranded_pods``)."""
 
 import datetime
 from collections.abc import Mapping
@@ -59,8 +60,8 @@ class Kube:
 
     async def post_event(self, body: Mapping[str, Any], type_: str, reason: str,
                          message: str, *, namespace: str) -> None:
-        """An Event about a cluster-scoped object, from work outside kopf's handlers (kopf
-        posts events only from the task of the object being handled)."""
+        """An Event about an object (cluster-scoped, or a pod), from work outside kopf's
+        handlers (kopf posts events only from the task of the object being handled)."""
         metadata = body.get("metadata", {})
         now = datetime.datetime.now(datetime.UTC)
         event = client.CoreV1Event(
@@ -68,7 +69,8 @@ class Kube:
                                          namespace=namespace),
             involved_object=client.V1ObjectReference(
                 api_version=body.get("apiVersion"), kind=body.get("kind"),
-                name=metadata.get("name"), uid=metadata.get("uid"),
+                name=metadata.get("name"), namespace=metadata.get("namespace"),
+                uid=metadata.get("uid"),
                 resource_version=metadata.get("resourceVersion")),
             type=type_, reason=reason, message=message[:1024],
             first_timestamp=now, last_timestamp=now, count=1,
@@ -124,6 +126,41 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    async def pods_on_node(self, node: str) -> list[dict[str, Any]]:
+        """Every pod bound to ``node``, in every namespace (as the API's JSON)."""
+        listed = await self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}")
+        pods: list[dict[str, Any]] = self.api_client.sanitize_for_serialization(listed.items)
+        return pods
+
+    async def claim_volume_handle(self, namespace: str, claim: str) -> str | None:
+        """The CSI volume handle behind PersistentVolumeClaim ``claim``; None when the claim
+        is not bound (yet, or any more) or its volume is not a CSI one."""
+        try:
+            pvc = await self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+            if not pvc.spec or not pvc.spec.volume_name:
+                return None
+            pv = await self.core.read_persistent_volume(pvc.spec.volume_name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        csi = pv.spec.csi if pv.spec else None
+        return str(csi.volume_handle) if csi and csi.volume_handle else None
+
+    async def force_delete_pod(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete the pod at once (grace period 0: its kubelet is not there to confirm), only
+        if it is still the pod with ``uid`` (not a replacement of the same name); False when
+        it was already gone or replaced."""
+        options = client.V1DeleteOptions(grace_period_seconds=0,
+                                         preconditions=client.V1Preconditions(uid=uid))
+        try:
+            await self.core.delete_namespaced_pod(name, namespace, body=options)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
 
     async def close(self) -> None:
         await self.api_client.close()

@@ -111,13 +111,18 @@ class OperatorCluster:
             node_config=node_config)
         self.zones = zones or {}
         for name in names:
-            labels = {"kubernetes.io/hostname": name}
-            if name in self.zones:
-                labels["topology.kubernetes.io/zone"] = self.zones[name]
-            cp.register_node(name, labels, address=self.agents.nodes[name].address)
+            self.set_node_ready(name, True)
         self.operator = OperatorProcess(workdir, self.operator_kubeconfig,
                                         self.agents.client_tls["operator"],
                                         metrics_port=free_port(), lease_seconds=lease_seconds)
+
+    def set_node_ready(self, node: str, ready: bool) -> None:
+        """Write Node ``node``'s Ready condition as its kubelet would (False: as the node
+        lifecycle controller does once a kubelet went silent), keeping its labels."""
+        labels = {"kubernetes.io/hostname": node}
+        if node in self.zones:
+            labels["topology.kubernetes.io/zone"] = self.zones[node]
+        self.cp.register_node(node, labels, ready=ready, address=self.agents.nodes[node].address)
 
     def _bridge_kubeconfig(self, kubeconfig: Path) -> Path:
         """``kubeconfig`` with the server at the bridge address the agents can reach."""

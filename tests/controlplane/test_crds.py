@@ -33,7 +33,8 @@ DEFAULT_SPEC: dict[str, Any] = {
     "qos": {"priority": 1},
     "conflictResolution": "LastWriterWins",
     "placement": {"topologyKey": "kubernetes.io/hostname", "dataLocality": "BestEffort"},
-    "failover": {"staleReplicaTimeout": "5m", "onQuorumLoss": "Freeze"},
+    "failover": {"staleReplicaTimeout": "5m", "onQuorumLoss": "Freeze",
+                 "podDeletionOnNodeLoss": "Never"},
     "integrity": {"scrubInterval": "168h", "autoRepair": True},
 }
 
@@ -224,6 +225,9 @@ BAD_POLICIES = [
     pytest.param({"failover": {"onQuorumLoss": "Panic"}},
                  ['spec.failover.onQuorumLoss: Unsupported value: "Panic"'],
                  id="onQuorumLoss-Panic"),
+    pytest.param({"failover": {"podDeletionOnNodeLoss": "Always"}},
+                 ['spec.failover.podDeletionOnNodeLoss: Unsupported value: "Always"'],
+                 id="podDeletionOnNodeLoss-Always"),
     pytest.param({"failover": {"staleReplicaTimeout": "5d"}},
                  ["spec.failover.staleReplicaTimeout", "should match"],
                  id="staleReplicaTimeout-days"),

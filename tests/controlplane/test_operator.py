@@ -491,6 +491,108 @@ def test_an_isolated_primary_stops_acknowledging_before_it_is_failed_over(
     cluster.wait_condition("sv", name, "Ready", timeout=180)
 
 
+def bound_pod_of(cluster: OperatorCluster, namespace: str, selector: str,
+                 node: str) -> dict[str, Any]:
+    """The one pod matching ``selector`` once its controller made it, bound to ``node`` as
+    the scheduler would (there is no scheduler nor kubelet here: pods are API objects)."""
+    def pods() -> list[dict[str, Any]]:
+        out = cluster.cp.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json")
+        items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+        return items
+    wait_until(lambda: len(pods()) == 1, timeout=120, what=f"the pod of {selector}")
+    [pod] = pods()
+    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod["metadata"]["name"]},
+               "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+    cluster.cp.kubectl("create", "--raw",
+                       f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}/binding",
+                       "-f", "-", input=json.dumps(binding))
+    [pod] = pods()
+    assert pod["spec"]["nodeName"] == node
+    return pod
+
+
+def test_a_lost_nodes_statefulset_pod_is_deleted_for_its_controller_to_replace(
+        cluster: OperatorCluster) -> None:
+    """podDeletionOnNodeLoss: StatefulSet. The node of a StatefulSet's pod and of a
+    Deployment's pod, both mounting the volume, is lost (NotReady, its agent gone): the
+    operator fails the volume over and force-deletes the StatefulSet's pod, which its
+    controller then recreates; the Deployment's pod, which the policy does not cover, stays."""
+    name = "vol-" + "1a" * 12
+    status = ready_volume(cluster, name, "pods-on-loss", mode="Asynchronous", replicas=2,
+                          maxLag="1s", failover={"staleReplicaTimeout": "10m",
+                                                 "podDeletionOnNodeLoss": "StatefulSet"})
+    victim = status["primary"]
+    ns = "stranded"
+    template = {"spec": {
+        "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}],
+        "automountServiceAccountToken": False,
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}}
+
+    def workload(kind: str, app: str) -> dict[str, Any]:
+        return {"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": app, "namespace": ns},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                         "template": {"metadata": {"labels": {"app": app}}, **template},
+                         **({"serviceName": app} if kind == "StatefulSet" else {})}}
+    cluster.cp.kubectl("create", "namespace", ns)
+    try:
+        cluster.apply({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"pv-{ns}"},
+             "spec": {"capacity": {"storage": "256Mi"}, "accessModes": ["ReadWriteOnce"],
+                      "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                      "claimRef": {"namespace": ns, "name": "data"},
+                      "csi": {"driver": "csi.sharedsync.io", "volumeHandle": name}}},
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": {"name": "data", "namespace": ns},
+             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                      "volumeName": f"pv-{ns}", "resources": {"requests": {"storage": "256Mi"}}}},
+            workload("StatefulSet", "db"), workload("Deployment", "web")]})
+        db = bound_pod_of(cluster, ns, "app=db", victim)
+        web = bound_pod_of(cluster, ns, "app=web", victim)
+
+        cluster.agents.agents[victim].kill()
+        cluster.set_node_ready(victim, False)
+        try:
+            def db_replaced() -> bool:
+                out = cluster.cp.kubectl("get", "pod", "db-0", "-n", ns, "-o", "json",
+                                         check=False)
+                return out.returncode == 0 and \
+                    json.loads(out.stdout)["metadata"]["uid"] != db["metadata"]["uid"]
+            wait_until(db_replaced, timeout=180, what="db-0 deleted and recreated; operator "
+                                                      f"log:\n{cluster.operator.log_tail()}")
+            assert cluster.get("sv", name)["status"]["primary"] != victim
+            events = json.loads(cluster.cp.kubectl(
+                "get", "events", "-n", ns, "-o", "json",
+                "--field-selector", "involvedObject.name=db-0").stdout)["items"]
+            [deleted] = [e for e in events if e["reason"] == "PodDeletedOnNodeLoss"]
+            assert deleted["type"] == "Warning"
+            assert victim in deleted["message"]
+            assert "StatefulSet" in deleted["message"]
+            # the Deployment's pod was judged in the same pass and kept
+            web_now = json.loads(cluster.cp.kubectl(
+                "get", "pod", web["metadata"]["name"], "-n", ns, "-o", "json").stdout)
+            assert web_now["metadata"]["uid"] == web["metadata"]["uid"]
+            assert not web_now["metadata"].get("deletionTimestamp")
+            assert "pod on a lost node kept" in cluster.operator.log_tail(400)
+            with urllib.request.urlopen(f"http://127.0.0.1:{cluster.operator.metrics_port}"
+                                        "/metrics", timeout=10) as page:
+                metrics = page.read().decode()
+            assert 'sharedsync_operator_stranded_pods_deleted_total{owner_kind="StatefulSet"} ' \
+                '1.0' in metrics
+            assert 'owner_kind="ReplicaSet"' not in metrics
+        finally:
+            cluster.set_node_ready(victim, True)
+            cluster.agents.agents[victim].start()
+    finally:
+        for kind in ("statefulset/db", "deployment/web"):
+            cluster.cp.kubectl("delete", kind, "-n", ns, "--wait=false", check=False)
+        # no kubelet will ever confirm a graceful deletion
+        cluster.cp.kubectl("delete", "pods", "--all", "-n", ns, "--force", "--grace-period=0",
+                           check=False)
+        cluster.cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        cluster.cp.kubectl("delete", "pv", f"pv-{ns}", "--wait=false", check=False)
+    cluster.wait_condition("sv", name, "Ready", timeout=180)
+
+
 def test_lost_replica_is_replaced_after_the_stale_timeout(cluster: OperatorCluster) -> None:
     name = "vol-" + "09" * 12
     status = ready_volume(cluster, name, "replace", mode="Asynchronous", replicas=2,

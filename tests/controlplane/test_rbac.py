@@ -18,6 +18,8 @@ CASES = [
     ("operator", ["watch", "nodes"], ["create", "namespace", "rbac-probe-op"]),
     ("operator", ["update", "leases", "-n", NAMESPACE], ["delete", "node", "rbac-probe"]),
     ("operator", ["list", "leases", "-A"], ["delete", "sharedvolume", "rbac-probe"]),
+    ("operator", ["delete", "pods", "-A"], ["patch", "pod", "rbac-probe", "-n", "default",
+                                            "--type", "merge", "-p", "{}"]),
     ("agent", ["update", "leases", "-n", NAMESPACE], ["get", "nodes"]),
     ("agent", ["create", "leases", "-n", NAMESPACE], ["get", "sharedvolumes"]),
     ("agent", ["get", "leases", "-n", NAMESPACE], ["get", "secrets", "-n", NAMESPACE]),

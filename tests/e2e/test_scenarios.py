@@ -414,10 +414,11 @@ def test_4_node_loss_promotes_and_the_pod_moves_with_every_acknowledged_write(
     # Two replicas, both needed for an fsync, so every acknowledged write is on the node that
     # survives; onQuorumLoss: Continue lets the survivor take writes alone. With two replicas
     # the volume's PV allows exactly the two replica nodes, so the replacement pod can only
-    # land on the promoted one.
+    # land on the promoted one. podDeletionOnNodeLoss: StatefulSet has the operator delete the
+    # pod stranded on the dead node, which nothing else in the cluster would.
     policy = add_policy(cluster, "e2e-failover", {
         "mode": "Synchronous", "replicas": 2, "writeQuorum": 2,
-        "failover": {"onQuorumLoss": "Continue"}})
+        "failover": {"onQuorumLoss": "Continue", "podDeletionOnNodeLoss": "StatefulSet"}})
     name = "failover"
     # The hardest case: the pod (so the primary, placed where its consumer is) starts on the
     # node of the operator's leader, so one power cut takes both, and the standby operator must
@@ -450,11 +451,9 @@ def test_4_node_loss_promotes_and_the_pod_moves_with_every_acknowledged_write(
 
         # A pod on a dead node is never replaced by its StatefulSet on its own: the
         # controller waits for the kubelet to confirm it is gone, which a dead kubelet never
-        # does (the StatefulSet's at-most-one guarantee). A platform team, or a node-fencing
-        # controller, confirms it by force-deleting the pod once the node is known dead; so
-        # does this test.
+        # does (the StatefulSet's at-most-one guarantee). The policy has the operator delete
+        # it once the node is lost (NotReady, its agent's Lease expired); nothing here does.
         old_uid = must_get(cluster, "pod", pod, ns)["metadata"]["uid"]
-        cluster.kubectl("delete", "pod", pod, "-n", ns, "--force", "--grace-period=0")
 
         def promoted() -> bool:
             status = shared_volume(cluster, volume).get("status", {})
@@ -463,6 +462,11 @@ def test_4_node_loss_promotes_and_the_pod_moves_with_every_acknowledged_write(
         new_primary = shared_volume(cluster, volume)["status"]["primary"]
         wait_pod_ready(cluster, ns, pod, timeout=900, other_than=old_uid)
         assert node_of(cluster, pod) == new_primary
+        deleted = items(cluster, "events", "--field-selector",
+                        f"involvedObject.kind=Pod,involvedObject.name={pod},"
+                        "reason=PodDeletedOnNodeLoss", namespace=ns)
+        assert deleted, f"{pod} was replaced, but not by the operator's deletion"
+        assert victim in deleted[0]["message"]
         verify_records(cluster, ns, pod, RECORDS).assert_holds(acked, f"{pod} on {new_primary}")
         after = write_records(cluster, ns, pod, RECORDS, f"{tag}after", 10)
     finally:

@@ -27,7 +27,8 @@ SERVER_DEFAULTED: dict[str, Any] = {
     "qos": {"priority": 1},
     "conflictResolution": "LastWriterWins",
     "placement": {"topologyKey": "kubernetes.io/hostname", "dataLocality": "BestEffort"},
-    "failover": {"staleReplicaTimeout": "5m", "onQuorumLoss": "Freeze"},
+    "failover": {"staleReplicaTimeout": "5m", "onQuorumLoss": "Freeze",
+                 "podDeletionOnNodeLoss": "Never"},
     "integrity": {"scrubInterval": "168h", "autoRepair": True},
 }
 
@@ -67,6 +68,7 @@ def test_an_empty_spec_gets_every_default() -> None:
     assert p.data_locality is True
     assert p.stale_replica_timeout_seconds == 300.0
     assert p.on_quorum_loss == "Freeze"
+    assert p.pod_deletion_on_node_loss == "Never"
     assert p.scrub_interval_seconds == 168 * 3600.0
     assert p.auto_repair is True
     assert p.name == ""
@@ -98,7 +100,8 @@ def test_a_full_spec_is_read_field_by_field() -> None:
         "placement": {"topologyKey": "topology.kubernetes.io/zone",
                       "nodeSelector": {"disk": "ssd", "example.com/tier": "gold"},
                       "dataLocality": "Disabled"},
-        "failover": {"staleReplicaTimeout": "1m30s", "onQuorumLoss": "Continue"},
+        "failover": {"staleReplicaTimeout": "1m30s", "onQuorumLoss": "Continue",
+                     "podDeletionOnNodeLoss": "StatefulSetAndDeployment"},
         "integrity": {"scrubInterval": "24h", "autoRepair": False},
     }
     assert policy_from_spec(spec, name="fast") == Policy(
@@ -109,7 +112,8 @@ def test_a_full_spec_is_read_field_by_field() -> None:
         topology_key="topology.kubernetes.io/zone",
         node_selector=(("disk", "ssd"), ("example.com/tier", "gold")), data_locality=False,
         stale_replica_timeout_seconds=90.0, on_quorum_loss="Continue",
-        scrub_interval_seconds=86400.0, auto_repair=False, name="fast")
+        pod_deletion_on_node_loss="StatefulSetAndDeployment", scrub_interval_seconds=86400.0,
+        auto_repair=False, name="fast")
 
 
 @pytest.mark.parametrize(("replicas", "quorum"), [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)])
@@ -307,6 +311,9 @@ ERRORS: list[tuple[dict[str, Any], str, str]] = [
      "duration string"),
     ({"failover": {"onQuorumLoss": "Panic"}}, "spec.failover.onQuorumLoss",
      "must be one of Freeze, Continue"),
+    ({"failover": {"podDeletionOnNodeLoss": "Always"}}, "spec.failover.podDeletionOnNodeLoss",
+     "must be one of Never, StatefulSet, Deployment, StatefulSetAndDeployment"),
+    ({"failover": {"podDeletionOnNodeLoss": True}}, "spec.failover.podDeletionOnNodeLoss", ""),
     ({"failover": {"timeout": "5m"}}, "spec.failover.timeout", "unknown field"),
     ({"integrity": {"scrubInterval": "7d"}}, "spec.integrity.scrubInterval", "use hours"),
     ({"integrity": {"scrubInterval": "0"}}, "spec.integrity.scrubInterval", "longer than 0"),
@@ -366,6 +373,7 @@ def test_long_values_are_shortened_in_messages() -> None:
         ({"on_lag_exceeded": "Block"}, "on_lag_exceeded"),
         ({"conflict_resolution": "x"}, "conflict_resolution"),
         ({"on_quorum_loss": "x"}, "on_quorum_loss"),
+        ({"pod_deletion_on_node_loss": "Always"}, "pod_deletion_on_node_loss"),
         ({"priority": 0}, "priority"),
         ({"bandwidth_bytes_per_second": -1}, "bandwidth"),
         ({"rebuild_bandwidth_bytes_per_second": -1}, "bandwidth"),
@@ -423,6 +431,8 @@ def valid_specs(draw: st.DrawFn) -> dict[str, Any]:
         "placement.dataLocality": st.sampled_from(["BestEffort", "Disabled"]),
         "failover.staleReplicaTimeout": _durations,
         "failover.onQuorumLoss": st.sampled_from(["Freeze", "Continue"]),
+        "failover.podDeletionOnNodeLoss": st.sampled_from(
+            ["Never", "StatefulSet", "Deployment", "StatefulSetAndDeployment"]),
         "integrity.scrubInterval": _durations,
         "integrity.autoRepair": st.booleans(),
     }
@@ -461,6 +471,7 @@ _FIELD_PATHS = ["mode", "replicas", "writeQuorum", "maxLag", "onLagExceeded", "s
                 "qos.rebuildBandwidth", "conflictResolution", "placement",
                 "placement.topologyKey", "placement.nodeSelector", "placement.dataLocality",
                 "failover", "failover.staleReplicaTimeout", "failover.onQuorumLoss",
+                "failover.podDeletionOnNodeLoss",
                 "integrity", "integrity.scrubInterval", "integrity.autoRepair"]
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),

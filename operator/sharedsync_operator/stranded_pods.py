@@ -1,0 +1,141 @@
+"""Delete pods stranded on a lost node, where their SyncPolicy asks for it, so they can move.
+
+The rules are pure (``sharedsync.core.node_loss``); this module gathers what they need from
+the cluster (the pods bound to each lost node, the sharedsync volumes they mount, those
+volumes' policies) and acts on the verdicts: a force deletion with the pod's UID as a
+precondition (never its replacement of the same name), a Warning event on the pod, a log line
+and a counter.
+"""
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from sharedsync.core.errors import InvalidArgument
+from sharedsync.core.node_loss import NodeSignals, StrandedPod, confirm_lost, verdict
+from sharedsync.core.policy import policy_from_spec
+
+from .kube import Kube
+from .metrics import STRANDED_PODS_DELETED
+
+log = structlog.get_logger(__name__)
+
+#: How often the pods of each lost node are looked at again (one pod list per lost node).
+PASS_INTERVAL_SECONDS = 5.0
+#: Pods that are over (a Job's, a crashed one's) hold nothing and are left to their owner.
+_FINISHED = ("Succeeded", "Failed")
+
+
+def owner_kind(pod: Mapping[str, Any]) -> str:
+    """The kind of the pod's controller, "" when it has none."""
+    for ref in pod.get("metadata", {}).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return str(ref.get("kind") or "")
+    return ""
+
+
+def claims_of(pod: Mapping[str, Any]) -> list[str]:
+    """The PersistentVolumeClaims the pod mounts: named ones, and generic ephemeral volumes'
+    (which Kubernetes names ``<pod>-<volume>``)."""
+    name = pod.get("metadata", {}).get("name", "")
+    claims = []
+    for volume in (pod.get("spec") or {}).get("volumes") or ():
+        if volume.get("persistentVolumeClaim"):
+            claims.append(str(volume["persistentVolumeClaim"].get("claimName") or ""))
+        elif volume.get("ephemeral"):
+            claims.append(f"{name}-{volume.get('name', '')}")
+    return [claim for claim in claims if claim]
+
+
+@dataclass
+class StrandedPodReleaser:
+    """Remembers when each node was first seen lost and what each pod mounts, between passes
+    (in memory: a new leader starts the confirmation over, which only delays it)."""
+
+    kube: Kube
+    clock: Callable[[], float] = time.monotonic
+    lost_since: dict[str, float] = field(default_factory=dict)
+    #: pod UID -> the sharedsync volumes it mounts (a pod's volumes never change)
+    volumes_of_pod: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: (pod UID, reason) already logged as kept, so a long outage logs it once
+    kept_logged: set[tuple[str, str]] = field(default_factory=set)
+    last_pass: float = float("-inf")
+
+    async def run_once(self, signals: Mapping[str, NodeSignals],
+                       shared_volumes: Mapping[str, Mapping[str, Any]],
+                       policies: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """One pass; returns the pods deleted (``namespace/name``)."""
+        now = self.clock()
+        lost, self.lost_since = confirm_lost(signals, self.lost_since, now)
+        if not lost or now - self.last_pass < PASS_INTERVAL_SECONDS:
+            return []
+        self.last_pass = now
+        deleted: list[str] = []
+        seen: set[str] = set()
+        for node in sorted(lost):
+            for body in await self.kube.pods_on_node(node):
+                uid = str(body.get("metadata", {}).get("uid") or "")
+                if not uid or (body.get("status") or {}).get("phase") in _FINISHED:
+                    continue
+                seen.add(uid)
+                pod = await self._stranded(body, node, uid, shared_volumes)
+                decision = verdict(pod, {v: _setting(v, shared_volumes, policies)
+                                         for v in pod.volumes})
+                if not decision.delete:
+                    if pod.volumes and (uid, decision.reason) not in self.kept_logged:
+                        self.kept_logged.add((uid, decision.reason))
+                        log.info("pod on a lost node kept", pod=f"{pod.namespace}/{pod.name}",
+                                 node=node, reason=decision.reason)
+                    continue
+                if await self._delete(body, pod, uid, decision.reason):
+                    deleted.append(f"{pod.namespace}/{pod.name}")
+        self.volumes_of_pod = {u: v for u, v in self.volumes_of_pod.items() if u in seen}
+        self.kept_logged = {entry for entry in self.kept_logged if entry[0] in seen}
+        return deleted
+
+    async def _stranded(self, body: Mapping[str, Any], node: str, uid: str,
+                        shared_volumes: Mapping[str, Mapping[str, Any]]) -> StrandedPod:
+        metadata = body.get("metadata", {})
+        namespace = str(metadata.get("namespace") or "")
+        volumes = self.volumes_of_pod.get(uid)
+        if volumes is None:
+            handles = [await self.kube.claim_volume_handle(namespace, claim)
+                       for claim in claims_of(body)]
+            volumes = tuple(h for h in handles if h is not None and h in shared_volumes)
+            if None not in handles:  # an unbound claim may be bound by the next pass
+                self.volumes_of_pod[uid] = volumes
+        return StrandedPod(namespace=namespace, name=str(metadata.get("name") or ""),
+                           node=node, owner_kind=owner_kind(body), volumes=volumes)
+
+    async def _delete(self, body: Mapping[str, Any], pod: StrandedPod, uid: str,
+                      reason: str) -> bool:
+        if not await self.kube.force_delete_pod(pod.namespace, pod.name, uid):
+            return False
+        STRANDED_PODS_DELETED.labels(pod.owner_kind).inc()
+        message = (f"deleted from node {pod.node}, which is lost (not Ready, and its "
+                   f"sharedsync agent's Lease expired), so that its {pod.owner_kind} can "
+                   f"replace it: {reason}")
+        log.warning("pod on a lost node deleted", pod=f"{pod.namespace}/{pod.name}",
+                    node=pod.node, owner=pod.owner_kind, volumes=list(pod.volumes))
+        event_body = {"apiVersion": "v1", "kind": "Pod", "metadata": dict(body["metadata"])}
+        await self.kube.post_event(event_body, "Warning", "PodDeletedOnNodeLoss", message,
+                                   namespace=pod.namespace)
+        return True
+
+
+def _setting(volume: str, shared_volumes: Mapping[str, Mapping[str, Any]],
+             policies: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The ``podDeletionOnNodeLoss`` of the volume's policy; None if either is unreadable."""
+    spec = (shared_volumes.get(volume) or {}).get("spec") or {}
+    policy_name = str(spec.get("policy") or "")
+    body = policies.get(policy_name)
+    if body is None:
+        return None
+    try:
+        return policy_from_spec(body.get("spec") or {}, name=policy_name) \
+            .pod_deletion_on_node_loss
+    except InvalidArgument:
+        return None
