@@ -17,6 +17,7 @@ import structlog
 
 from sharedsync.core.errors import PermissionDenied
 from sharedsync.core.rpc_roles import authorize
+from sharedsync.rpc_interceptor import Behavior, rewrap_handler
 
 from . import metrics
 from .tls import PEER_SERVER_NAME
@@ -25,9 +26,6 @@ log = structlog.get_logger(__name__)
 
 #: Auth-context properties that carry the names a certificate was issued for.
 NAME_PROPERTIES = ("x509_common_name", "x509_subject_alternative_name")
-
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
-
 
 def certificate_names(auth_context: Mapping[str, Any]) -> frozenset[str]:
     """The common name and subject alternative names of the verified client certificate
@@ -56,19 +54,12 @@ class CallerCheckInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
-        kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]], bool]] = [
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, False),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, True),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True),
-        ]
-        for behavior, make, streams in kinds:
-            if behavior is not None:
-                wrapped = self._streaming(method, behavior) if streams \
-                    else self._single(method, behavior)
-                return make(wrapped, request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+
+        def wrap(kind: str, behavior: Behavior) -> Behavior:
+            if kind.endswith("_stream"):  # the response is a stream
+                return self._streaming(method, behavior)
+            return self._single(method, behavior)
+        return rewrap_handler(handler, wrap)
 
     async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:

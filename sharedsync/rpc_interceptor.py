@@ -29,6 +29,36 @@ Handler: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaita
 RequestRenderer: TypeAlias = "Callable[[Message], dict[str, Any]]"
 
 
+Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]"
+
+#: The four kinds of gRPC method handler: the attribute that holds a handler's behavior, and
+#: the factory that builds a handler of that kind.
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def rewrap_handler(handler: grpc.RpcMethodHandler[Any, Any],
+                   wrap: Callable[[str, Behavior], Behavior | None]
+                   ) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its behavior replaced by ``wrap(kind, behavior)``, where ``kind`` is
+    one of ``unary_unary``, ``unary_stream``, ``stream_unary``, ``stream_stream``; unchanged
+    when ``wrap`` returns None. What server interceptors do to see or change every call."""
+    for kind, make in _HANDLER_KINDS:
+        behavior = getattr(handler, kind)
+        if behavior is None:
+            continue
+        wrapped = wrap(kind, behavior)
+        if wrapped is None:
+            return handler
+        return make(wrapped, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+    return handler
+
+
 def plain_request(message: Message) -> dict[str, Any]:
     """Render a request that carries no secrets."""
     return MessageToDict(message, preserving_proto_field_name=True)
@@ -66,22 +96,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method: str = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, cast("Handler", handler.unary_unary), log_request=True),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap(method, cast("Handler", handler.stream_unary), log_request=False),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
+
+        def wrap(kind: str, behavior: Behavior) -> Behavior | None:
+            if kind == "unary_unary":
+                return self._wrap(method, cast("Handler", behavior), log_request=True)
+            if kind == "stream_unary":
+                return self._wrap(method, cast("Handler", behavior), log_request=False)
+            if kind == "unary_stream":
+                return self._wrap_stream(method, behavior)
+            return None
+        return rewrap_handler(handler, wrap)
 
     @contextlib.asynccontextmanager
     async def _mapped(self, method: str,
@@ -101,7 +125,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                                   grpc_status_code=code_label(code)).observe(
                 time.perf_counter() - started)
 
-    def _wrap_stream(self, method: str, inner: Any) -> Any:
+    def _wrap_stream(self, method: str, inner: Behavior) -> Behavior:
         """Server-streaming handlers: the same mapping, applied while the stream is produced."""
 
         async def call(request: Any,
