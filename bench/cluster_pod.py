@@ -249,6 +249,75 @@ def failover(kube: Kube, result: Result) -> None:
     kube("delete", "-n", NAMESPACE, "pvc", "--all", "--wait=true", timeout=TIMEOUT)
 
 
+#: A policy like the chart's Synchronous one, on two replicas so the moved pod has exactly one
+#: node to go to, with the operator deleting the pod stranded on a lost node.
+MOVER_POLICY = "sharedsync-bench-mover"
+
+
+def statefulset_moves(kube: Kube, result: Result) -> None:
+    """The application's view of node loss: a StatefulSet's pod on the killed node runs and
+    writes again on another node, with nobody deleting anything by hand
+    (``failover.podDeletionOnNodeLoss: StatefulSet``)."""
+    from localcluster import cluster
+
+    kube("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "sharedsync.io/v1alpha1", "kind": "SyncPolicy",
+         "metadata": {"name": MOVER_POLICY},
+         "spec": {"mode": "Synchronous", "replicas": 2, "writeQuorum": 2,
+                  "failover": {"onQuorumLoss": "Continue",
+                               "podDeletionOnNodeLoss": "StatefulSet"}}},
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+         "metadata": {"name": MOVER_POLICY}, "provisioner": "csi.sharedsync.io",
+         "parameters": {"syncPolicy": MOVER_POLICY}, "reclaimPolicy": "Delete",
+         "volumeBindingMode": "WaitForFirstConsumer"}]}))
+    template = pod("unused", ["sh", "-c", "date >> /data/boots && sync /data/boots && "
+                              "echo BOOTED && while true; do date >> /data/log; "
+                              "sync /data/log; sleep 0.2; done"], claim="data")["spec"]
+    template["restartPolicy"] = "Always"
+    template["volumes"] = [v for v in template["volumes"] if v["name"] != "data"]
+    claim = pvc("data")
+    claim["spec"]["storageClassName"] = MOVER_POLICY
+    kube.apply({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "mover"},
+                "spec": {"replicas": 1, "serviceName": "mover",
+                         "selector": {"matchLabels": {"app": "mover"}},
+                         "template": {"metadata": {"labels": {"app": "mover"}},
+                                      "spec": template},
+                         "volumeClaimTemplates": [{"metadata": claim["metadata"],
+                                                   "spec": claim["spec"]}]}})
+    try:
+        kube.wait_until("mover-0 Running", lambda: phase(kube, "mover-0") == "Running")
+        first = kube.get("pod", "mover-0")
+        node = first["spec"]["nodeName"]
+        sv_name = kube("get", "pv", kube.get("pvc", "data-mover-0")["spec"]["volumeName"],
+                       "-o", "jsonpath={.spec.csi.volumeHandle}").strip()
+        kube.wait_until("its volume Ready", lambda: any(
+            c["type"] == "Ready" and c["status"] == "True" for c in json.loads(kube(
+                "get", "sv", sv_name, "-o", "json")).get("status", {}).get("conditions", [])))
+        log(f"mover-0 on {node}; killing {node}")
+        killed_at = time.monotonic()
+        cluster.kill_node(node)
+
+        def moved() -> bool:
+            now = kube("get", "-n", NAMESPACE, "pod", "mover-0", "-o", "json", check=False)
+            return bool(now) and json.loads(now)["metadata"]["uid"] != first["metadata"]["uid"] \
+                and "BOOTED" in kube("logs", "-n", NAMESPACE, "mover-0", check=False)
+        kube.wait_until("mover-0 writing on another node", moved, timeout=600)
+        seconds = time.monotonic() - killed_at
+        moved_to = kube.get("pod", "mover-0")["spec"]["nodeName"]
+        result.add(Figure("node killed -> StatefulSet pod writing on another node", seconds,
+                          "s", baseline="Kubernetes alone (never: the pod waits for the dead "
+                          "node)", note=f"podDeletionOnNodeLoss StatefulSet; killed {node}, "
+                          f"moved to {moved_to}; includes the node's NotReady grace period"))
+        cluster.restart_node(node)
+    finally:
+        kube("delete", "-n", NAMESPACE, "statefulset", "mover", "--wait=true", check=False,
+             timeout=TIMEOUT)
+        kube("delete", "-n", NAMESPACE, "pvc", "data-mover-0", "--wait=true", check=False,
+             timeout=TIMEOUT)
+        kube("delete", "storageclass", MOVER_POLICY, check=False)
+        kube("delete", "syncpolicy", MOVER_POLICY, "--wait=false", check=False)
+
+
 def body(quick: bool, workdir: Path, result: Result) -> None:
     if os.geteuid() != 0:
         raise NotAvailable("needs root (the local cluster)")
@@ -259,6 +328,7 @@ def body(quick: bool, workdir: Path, result: Result) -> None:
         startup(kube, quick, result)
         throughput(kube, quick, result)
         failover(kube, result)
+        statefulset_moves(kube, result)
     finally:
         kube("delete", "namespace", NAMESPACE, "--wait=true", check=False, timeout=TIMEOUT)
         if installed:
