@@ -257,7 +257,7 @@ MOVER_POLICY = "sharedsync-bench-mover"
 def statefulset_moves(kube: Kube, result: Result) -> None:
     """The application's view of node loss: a StatefulSet's pod on the killed node runs and
     writes again on another node, with nobody deleting anything by hand
-    (``failover.podDeletionOnNodeLoss: StatefulSet``)."""
+    (``failover.strandedPodDeletion: StatefulSet``)."""
     from localcluster import cluster
 
     kube("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
@@ -265,7 +265,7 @@ def statefulset_moves(kube: Kube, result: Result) -> None:
          "metadata": {"name": MOVER_POLICY},
          "spec": {"mode": "Synchronous", "replicas": 2, "writeQuorum": 2,
                   "failover": {"onQuorumLoss": "Continue",
-                               "podDeletionOnNodeLoss": "StatefulSet"}}},
+                               "strandedPodDeletion": "StatefulSet"}}},
         {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
          "metadata": {"name": MOVER_POLICY}, "provisioner": "csi.sharedsync.io",
          "parameters": {"syncPolicy": MOVER_POLICY}, "reclaimPolicy": "Delete",
@@ -306,7 +306,7 @@ def statefulset_moves(kube: Kube, result: Result) -> None:
         moved_to = kube.get("pod", "mover-0")["spec"]["nodeName"]
         result.add(Figure("node killed -> StatefulSet pod writing on another node", seconds,
                           "s", baseline="Kubernetes alone (never: the pod waits for the dead "
-                          "node)", note=f"podDeletionOnNodeLoss StatefulSet; killed {node}, "
+                          "node)", note=f"strandedPodDeletion StatefulSet; killed {node}, "
                           f"moved to {moved_to}; includes the node's NotReady grace period"))
         cluster.restart_node(node)
     finally:

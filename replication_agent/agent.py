@@ -255,7 +255,8 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
             awaiting_copy=state.awaiting_copy if state else (),
             failed=state.failed if state else (),
             # without a Lease nothing would resume a suspension (sharedsync.core.isolation)
-            suspended=state.suspended if state and self.config.kubernetes else "")
+            suspended=state.suspended if state and self.config.kubernetes else "",
+            stranded_ns=state.stranded_ns if state else 0)
         if state is not None:
             engine.primary = state.primary
         await engine.start()
@@ -507,6 +508,7 @@ class Agent(agent_pb2_grpc.AgentServicer, agent_pb2_grpc.ReplicationServicer):
     async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:
         engine = self.engine(request.volume_id)
         await self._to_completion(engine.detach())
+        engine.consumers_released()
         return pb.DetachResponse()
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.AgentStatus:

@@ -207,13 +207,16 @@ class PersistedState:
     #: Why this primary's writes are suspended (empty: they are not); see
     #: sharedsync.core.isolation. Kept so that a restart does not take writes it must not.
     suspended: str = ""
+    #: When pods here lost the volume (it stopped being served here: fenced or demoted) and
+    #: have not unmounted it since, Unix ns; 0: none (VolumeStatus.consumers_stranded_unix_ns).
+    stranded_ns: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps({
             "spec": json_format.MessageToDict(self.spec), "epoch": self.epoch,
             "role": str(self.role), "primary": self.primary, "fenced": self.fenced,
             "awaitingCopy": sorted(self.awaiting_copy), "failedReplicas": sorted(self.failed),
-            "writesSuspended": self.suspended,
+            "writesSuspended": self.suspended, "consumersStrandedAt": self.stranded_ns,
         }, sort_keys=True).encode()
 
     @classmethod
@@ -224,7 +227,8 @@ class PersistedState:
                    primary=str(raw["primary"]), fenced=bool(raw.get("fenced", False)),
                    awaiting_copy=frozenset(map(str, raw.get("awaitingCopy", ()))),
                    failed=frozenset(map(str, raw.get("failedReplicas", ()))),
-                   suspended=str(raw.get("writesSuspended", "")))
+                   suspended=str(raw.get("writesSuspended", "")),
+                   stranded_ns=int(raw.get("consumersStrandedAt", 0)))
 
 
 class PeerLink:
@@ -566,7 +570,7 @@ class VolumeEngine:
                  node_bandwidth: NodeBandwidth | None = None, epoch: int | None = None,
                  role: Role | None = None, fenced: bool = False,
                  awaiting_copy: Collection[str] = (), failed: Collection[str] = (),
-                 suspended: str = "") -> None:
+                 suspended: str = "", stranded_ns: int = 0) -> None:
         self.node = node
         self.spec = spec
         self.volume_id = spec.volume_id
@@ -601,6 +605,10 @@ class VolumeEngine:
         self.conflicts = 0
         #: Attach succeeded and no Detach since: pods here use the volume.
         self.attached = False
+        #: When pods here lost the volume, it having stopped being served here (persisted,
+        #: Unix ns, 0: none): set by a fence or a demotion while attached, cleared by Detach
+        #: or a new Attach.
+        self.stranded_ns = stranded_ns
         #: When a pod here last asked for the volume while another node served it.
         self.attach_wanted_at: float | None = None
         self.handover_until: float | None = None
@@ -746,7 +754,7 @@ class VolumeEngine:
         atomic_write(self.state_path, PersistedState(
             self.spec, self.epoch, self.role, self.primary, self.fenced,
             frozenset(self.awaiting_copy), frozenset(self.failed_replicas),
-            self.suspended).to_json())
+            self.suspended, self.stranded_ns).to_json())
 
     def _mark(self, peers: set[str], node: str, member: bool) -> None:
         """Put ``node`` in or out of one of the persisted peer sets; the state file is written
@@ -855,6 +863,7 @@ class VolumeEngine:
         self._newest_received = None
         if primary != self.node:
             self.role = Role.REPLICA
+            self._strand_consumers()  # before stop() detaches
             await self.stop()
             self.links.clear()
         self.fenced, self.suspended = False, ""
@@ -870,6 +879,7 @@ class VolumeEngine:
         if self.fenced:
             return
         self.fenced, self.suspended = True, ""
+        self._strand_consumers()
         self.persist()
         self.audit(AuditKind.FENCE, reason=why[:200])
         log.warning("fenced", volume_id=self.volume_id, reason=why)
@@ -1325,6 +1335,7 @@ class VolumeEngine:
         :meth:`MultiWriter.commit`); the merge loop finds changes by scanning.
         """
         self.attached, self.attach_wanted_at = True, None
+        self.consumers_released()
         if self.spec.kind == "block":
             return self.store.block_file(self.volume_id)
         if self._fuse is None:
@@ -1366,6 +1377,21 @@ class VolumeEngine:
     def attach_wanted(self) -> bool:
         return (self.attach_wanted_at is not None
                 and time.monotonic() - self.attach_wanted_at < ATTACH_WANTED_SECONDS)
+
+    def _strand_consumers(self) -> None:
+        """The volume stops being served here: pods that use it keep a mount that no longer
+        works, until kubelet unmounts it (the caller persists)."""
+        if self.attached and not self.stranded_ns:
+            self.stranded_ns = time.time_ns()
+            log.warning("pods here lost the volume", volume_id=self.volume_id,
+                        primary=self.primary)
+
+    def consumers_released(self) -> None:
+        """The pods that lost the volume here are gone (kubelet detached it) or have it
+        again (attached anew)."""
+        if self.stranded_ns:
+            self.stranded_ns = 0
+            self.persist()
 
     async def detach(self) -> None:
         self.attached = False
@@ -1710,7 +1736,8 @@ class VolumeEngine:
             replicas, lat, shipped=self.bytes_shipped, received=self.bytes_received,
             conflicts=self.conflicts, last_snapshot=ref_message(newest), fenced=self.fenced,
             attached=self.attached, attach_wanted=self.attach_wanted(),
-            journal_records=self.journal_log.records_on(newest))
+            journal_records=self.journal_log.records_on(newest),
+            consumers_stranded_unix_ns=self.stranded_ns)
 
     def _status_message(self, replicas: list[pb.ReplicaStatus], latencies: list[float], *,
                         shipped: int, received: int, conflicts: int,

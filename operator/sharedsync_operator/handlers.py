@@ -93,6 +93,14 @@ class Runtime:
         if self.stranded_pods is None:
             self.stranded_pods = StrandedPodReleaser(self.kube)
 
+    def stranded_consumers(self) -> dict[str, dict[str, int]]:
+        """Per node whose agent is alive: the volumes it stopped serving to pods there, and
+        since when (Unix ns), as its last report says."""
+        alive = self.agents.alive()
+        return {node: {v.volume_id: v.consumers_stranded_unix_ns for v in status.volumes
+                       if v.consumers_stranded_unix_ns}
+                for node, status in self.agents.statuses.items() if node in alive}
+
     def node_signals(self) -> dict[str, NodeSignals]:
         """Each node's health as the stranded-pod release judges it."""
         alive = self.agents.alive()
@@ -236,16 +244,17 @@ async def _poll_agents(state: Runtime) -> None:
 
 
 async def _release_stranded_pods(state: Runtime) -> None:
-    """Pods on lost nodes whose volumes' policies ask for it are deleted, so that their
-    StatefulSet or Deployment replaces them where the volume now lives (``stranded_pods``)."""
+    """Pods stranded by a failover (on a lost node, or on a node that stopped serving their
+    volume) whose volumes' policies ask for it are deleted, so that their StatefulSet or
+    Deployment replaces them where the volume now lives (``stranded_pods``)."""
     assert state.stranded_pods is not None
     try:
         await state.stranded_pods.run_once(state.node_signals(), state.shared_volumes,
-                                           state.policies)
+                                           state.policies, state.stranded_consumers())
     except asyncio.CancelledError:
         raise
     except Exception:  # the agents' poll goes on; tried again next round
-        log.exception("releasing pods stranded on lost nodes failed")
+        log.exception("releasing stranded pods failed")
 
 
 async def _sweep_orphans(state: Runtime) -> None:

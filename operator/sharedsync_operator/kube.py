@@ -148,11 +148,12 @@ class Kube:
         csi = pv.spec.csi if pv.spec else None
         return str(csi.volume_handle) if csi and csi.volume_handle else None
 
-    async def force_delete_pod(self, namespace: str, name: str, uid: str) -> bool:
-        """Delete the pod at once (grace period 0: its kubelet is not there to confirm), only
-        if it is still the pod with ``uid`` (not a replacement of the same name); False when
-        it was already gone or replaced."""
-        options = client.V1DeleteOptions(grace_period_seconds=0,
+    async def delete_pod(self, namespace: str, name: str, uid: str, *, force: bool) -> bool:
+        """Delete the pod, only if it is still the pod with ``uid`` (not a replacement of the
+        same name): at once with ``force`` (grace period 0: its kubelet is not there to
+        confirm), else gracefully (its kubelet stops it). False when it was already gone or
+        replaced."""
+        options = client.V1DeleteOptions(grace_period_seconds=0 if force else None,
                                          preconditions=client.V1Preconditions(uid=uid))
         try:
             await self.core.delete_namespaced_pod(name, namespace, body=options)

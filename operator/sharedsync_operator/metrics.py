@@ -15,5 +15,6 @@ LIVE_AGENTS = Gauge("sharedsync_operator_live_agents", "Agents whose Lease is cu
 LEADER = Gauge("sharedsync_operator_leader", "1 while this operator replica is the leader")
 STRANDED_PODS_DELETED = Counter(
     "sharedsync_operator_stranded_pods_deleted_total",
-    "Pods deleted from a lost node for their controller to replace (podDeletionOnNodeLoss), "
-    "by the kind of that controller", ["owner_kind"])
+    "Pods stranded by a failover deleted for their controller to replace "
+    "(strandedPodDeletion), by the kind of that controller and the event's reason "
+    "(PodDeletedOnNodeLoss, PodDeletedVolumeMoved)", ["owner_kind", "reason"])

@@ -1,12 +1,15 @@
-"""Delete pods stranded on a lost node, where their SyncPolicy asks for it, so they can move.
+"""Delete pods stranded by a failover, where their SyncPolicy asks for it, so they can move.
 
-The rules are pure (``sharedsync.core.node_loss``); this module gathers what they need from
-the cluster (the pods bound to each lost node, the sharedsync volumes they mount, those
-volumes' policies) and acts on the verdicts: a force deletion with the pod's UID as a
-precondition (never its replacement of the same name), a Warning event on the pod, a log line
-and a counter.
+Two kinds of stranded pods: those on a lost node, and those on a node that stopped serving
+their volume under them (its agent reports it). The rules are pure
+(``sharedsync.core.node_loss``); this module gathers what they need from the cluster (the pods
+bound to those nodes, the sharedsync volumes they mount, those volumes' policies) and acts on
+the verdicts: a deletion with the pod's UID as a precondition (never its replacement of the
+same name), forced on a lost node (no kubelet will confirm it), graceful elsewhere; a Warning
+event on the pod, a log line and a counter.
 """
 
+import datetime
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +18,13 @@ from typing import Any
 import structlog
 
 from sharedsync.core.errors import InvalidArgument
-from sharedsync.core.node_loss import NodeSignals, StrandedPod, confirm_lost, verdict
+from sharedsync.core.node_loss import (
+    NodeSignals,
+    StrandedPod,
+    confirm_lost,
+    lost_volumes,
+    verdict,
+)
 from sharedsync.core.policy import policy_from_spec
 
 from .kube import Kube
@@ -66,31 +75,56 @@ class StrandedPodReleaser:
 
     async def run_once(self, signals: Mapping[str, NodeSignals],
                        shared_volumes: Mapping[str, Mapping[str, Any]],
-                       policies: Mapping[str, Mapping[str, Any]]) -> list[str]:
-        """One pass; returns the pods deleted (``namespace/name``)."""
+                       policies: Mapping[str, Mapping[str, Any]],
+                       moved: Mapping[str, Mapping[str, int]] | None = None) -> list[str]:
+        """One pass; returns the pods deleted (``namespace/name``). ``moved`` maps a node
+        whose agent is alive to the volumes it stopped serving to pods there, and since when
+        (Unix ns: ``VolumeStatus.consumers_stranded_unix_ns``)."""
         now = self.clock()
         lost, self.lost_since = confirm_lost(signals, self.lost_since, now)
-        if not lost or now - self.last_pass < PASS_INTERVAL_SECONDS:
+        moved = {node: volumes for node, volumes in (moved or {}).items()
+                 if volumes and node not in lost}
+        if not (lost or moved) or now - self.last_pass < PASS_INTERVAL_SECONDS:
             return []
         self.last_pass = now
         deleted: list[str] = []
         seen: set[str] = set()
-        for node in sorted(lost):
+        for node in sorted(lost | set(moved)):
             for body in await self.kube.pods_on_node(node):
-                uid = str(body.get("metadata", {}).get("uid") or "")
-                if not uid or (body.get("status") or {}).get("phase") in _FINISHED:
+                metadata = body.get("metadata", {})
+                uid = str(metadata.get("uid") or "")
+                phase = (body.get("status") or {}).get("phase")
+                if not uid or phase in _FINISHED:
                     continue
                 seen.add(uid)
                 pod = await self._stranded(body, node, uid, shared_volumes)
+                if node in lost:
+                    why = (f"deleted from node {node}, which is lost (not Ready, and its "
+                           f"sharedsync agent's Lease expired), so that its {pod.owner_kind} "
+                           "can replace it")
+                    reason, force = "PodDeletedOnNodeLoss", True
+                else:
+                    if metadata.get("deletionTimestamp"):
+                        continue  # its kubelet is stopping it already
+                    gone = lost_volumes(pod, phase == "Running", created_unix_ns(metadata),
+                                        moved[node])
+                    if not gone:
+                        continue
+                    why = (f"deleted from node {node}, which stopped serving volume "
+                           f"{', '.join(gone)} under it (the replica there was fenced or "
+                           "demoted by a failover: its mount no longer works), so that its "
+                           f"{pod.owner_kind} can replace it")
+                    reason, force = "PodDeletedVolumeMoved", False
                 decision = verdict(pod, {v: _setting(v, shared_volumes, policies)
                                          for v in pod.volumes})
                 if not decision.delete:
                     if pod.volumes and (uid, decision.reason) not in self.kept_logged:
                         self.kept_logged.add((uid, decision.reason))
-                        log.info("pod on a lost node kept", pod=f"{pod.namespace}/{pod.name}",
+                        log.info("stranded pod kept", pod=f"{pod.namespace}/{pod.name}",
                                  node=node, reason=decision.reason)
                     continue
-                if await self._delete(body, pod, uid, decision.reason):
+                if await self._delete(body, pod, uid, force=force, reason=reason,
+                                      message=f"{why}: {decision.reason}"):
                     deleted.append(f"{pod.namespace}/{pod.name}")
         self.volumes_of_pod = {u: v for u, v in self.volumes_of_pod.items() if u in seen}
         self.kept_logged = {entry for entry in self.kept_logged if entry[0] in seen}
@@ -110,25 +144,38 @@ class StrandedPodReleaser:
         return StrandedPod(namespace=namespace, name=str(metadata.get("name") or ""),
                            node=node, owner_kind=owner_kind(body), volumes=volumes)
 
-    async def _delete(self, body: Mapping[str, Any], pod: StrandedPod, uid: str,
-                      reason: str) -> bool:
-        if not await self.kube.force_delete_pod(pod.namespace, pod.name, uid):
+    async def _delete(self, body: Mapping[str, Any], pod: StrandedPod, uid: str, *,
+                      force: bool, reason: str, message: str) -> bool:
+        if not await self.kube.delete_pod(pod.namespace, pod.name, uid, force=force):
             return False
-        STRANDED_PODS_DELETED.labels(pod.owner_kind).inc()
-        message = (f"deleted from node {pod.node}, which is lost (not Ready, and its "
-                   f"sharedsync agent's Lease expired), so that its {pod.owner_kind} can "
-                   f"replace it: {reason}")
-        log.warning("pod on a lost node deleted", pod=f"{pod.namespace}/{pod.name}",
-                    node=pod.node, owner=pod.owner_kind, volumes=list(pod.volumes))
+        STRANDED_PODS_DELETED.labels(pod.owner_kind, reason).inc()
+        log.warning("stranded pod deleted", pod=f"{pod.namespace}/{pod.name}", node=pod.node,
+                    owner=pod.owner_kind, volumes=list(pod.volumes), reason=reason)
         event_body = {"apiVersion": "v1", "kind": "Pod", "metadata": dict(body["metadata"])}
-        await self.kube.post_event(event_body, "Warning", "PodDeletedOnNodeLoss", message,
+        await self.kube.post_event(event_body, "Warning", reason, message,
                                    namespace=pod.namespace)
         return True
 
 
+def created_unix_ns(metadata: Mapping[str, Any]) -> int:
+    """The pod's creationTimestamp in Unix ns (0 if absent or unreadable: then no volume can
+    have been lost after it, and the pod is left alone)."""
+    stamp = metadata.get("creationTimestamp")
+    if isinstance(stamp, datetime.datetime):
+        when = stamp
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        except ValueError:
+            return 0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1e9)
+
+
 def _setting(volume: str, shared_volumes: Mapping[str, Mapping[str, Any]],
              policies: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """The ``podDeletionOnNodeLoss`` of the volume's policy; None if either is unreadable."""
+    """The ``strandedPodDeletion`` of the volume's policy; None if either is unreadable."""
     spec = (shared_volumes.get(volume) or {}).get("spec") or {}
     policy_name = str(spec.get("policy") or "")
     body = policies.get(policy_name)
@@ -136,6 +183,6 @@ def _setting(volume: str, shared_volumes: Mapping[str, Mapping[str, Any]],
         return None
     try:
         return policy_from_spec(body.get("spec") or {}, name=policy_name) \
-            .pod_deletion_on_node_loss
+            .stranded_pod_deletion
     except InvalidArgument:
         return None

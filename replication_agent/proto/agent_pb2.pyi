@@ -1589,6 +1589,7 @@ class VolumeStatus(_message.Message):
     ATTACH_WANTED_FIELD_NUMBER: _builtins.int
     STORE_FILESYSTEM_FIELD_NUMBER: _builtins.int
     JOURNAL_RECORDS_FIELD_NUMBER: _builtins.int
+    CONSUMERS_STRANDED_UNIX_NS_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     epoch: _builtins.int
     primary_node: _builtins.str
@@ -1630,6 +1631,14 @@ class VolumeStatus(_message.Message):
     `last_snapshot` (see Replication.Journal). Of two replicas with the same last snapshot,
     the one with more records holds more acknowledged writes: failover prefers it.
     """
+    consumers_stranded_unix_ns: _builtins.int
+    """When (Unix time, ns) this node stopped serving the volume to pods that used it here (this
+    primary was fenced, or demoted by a newer epoch); 0 if it did not, or they are gone. Their
+    mounts no longer work (EROFS, then ENOTCONN). Cleared once the volume is detached here
+    (kubelet unmounted it: those pods are gone) or served here again. The operator deletes
+    the pods here that mount the volume and started before then, where the policy's
+    failover.strandedPodDeletion covers them, so that their controller replaces them.
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
@@ -1665,10 +1674,11 @@ class VolumeStatus(_message.Message):
         attach_wanted: _builtins.bool = ...,
         store_filesystem: _builtins.str = ...,
         journal_records: _builtins.int = ...,
+        consumers_stranded_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_snapshot", b"last_snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_wanted", b"attach_wanted", "attached", b"attached", "bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "epoch", b"epoch", "fenced", b"fenced", "journal_records", b"journal_records", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "multi_writer", b"multi_writer", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "store_filesystem", b"store_filesystem", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_wanted", b"attach_wanted", "attached", b"attached", "bytes_received", b"bytes_received", "bytes_shipped", b"bytes_shipped", "conflicts", b"conflicts", "consumers_stranded_unix_ns", b"consumers_stranded_unix_ns", "epoch", b"epoch", "fenced", b"fenced", "journal_records", b"journal_records", "last_snapshot", b"last_snapshot", "message", b"message", "mode", b"mode", "multi_writer", b"multi_writer", "primary_node", b"primary_node", "replicas", b"replicas", "role", b"role", "size_bytes", b"size_bytes", "snapshot_bytes", b"snapshot_bytes", "snapshots", b"snapshots", "spec_revision", b"spec_revision", "store_filesystem", b"store_filesystem", "sync_latency_p50_seconds", b"sync_latency_p50_seconds", "sync_latency_p90_seconds", b"sync_latency_p90_seconds", "sync_latency_p99_seconds", b"sync_latency_p99_seconds", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

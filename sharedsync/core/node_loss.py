@@ -1,4 +1,4 @@
-"""Pods stranded on a lost node: which of them the operator deletes so that they can move.
+"""Pods stranded by a failover: which of them the operator deletes so that they can move.
 
 When a node dies, Kubernetes never replaces a StatefulSet's pod on it by itself: the
 StatefulSet controller waits for the pod object to go, and only the dead node's kubelet would
@@ -6,7 +6,7 @@ confirm that (the StatefulSet's at-most-one guarantee). A Deployment's pod is re
 is evicted (after five minutes by default), but the old one stays Terminating meanwhile. The
 volume is writable on another node long before that (failover takes seconds); the pod is what
 keeps the application down. A platform team, or a node-fencing controller, force-deletes the
-pod; a SyncPolicy can ask the operator to do it (``spec.failover.podDeletionOnNodeLoss``).
+pod; a SyncPolicy can ask the operator to do it (``spec.failover.strandedPodDeletion``).
 
 A node counts as lost when two independent witnesses agree, continuously for
 :data:`LOST_CONFIRM_SECONDS`: its kubelet is not Ready (the node lifecycle controller says so)
@@ -15,6 +15,14 @@ off, with the pod still running there. For the pod's sharedsync volumes that is 
 primary cut off from its Lease and its peers suspends writes, and one fenced by a newer epoch
 refuses every commit, so nothing the stranded pod writes is acknowledged. Anything else the pod
 does outside its volumes is the platform team's to judge, which is why the default is Never.
+
+The same happens, without force, to pods on a node that is well but stopped serving their
+volume under them: a primary cut off long enough to be failed over (its Lease expired while
+its node stayed Ready) is fenced, then rejoins as a replica, and the pods that used the volume
+there keep a mount that no longer works (EROFS, then ENOTCONN), running, never replaced. Its
+agent reports when that happened (``consumers_stranded_unix_ns``); the pods there that mount
+the volume, run, and were created before then are the ones that lost it (a pod created since
+is one waiting for the volume to come to it).
 
 A pod is deleted only if every sharedsync volume it mounts allows it, for the kind of its
 controller: ``StatefulSet`` for a StatefulSet's pods, ``Deployment`` for a ReplicaSet's (a
@@ -33,7 +41,7 @@ from typing import Final
 LOST_CONFIRM_SECONDS: Final = 5.0
 
 #: Which controller kinds (a pod's ``ownerReferences`` entry with ``controller: true``) each
-#: ``podDeletionOnNodeLoss`` value lets the operator delete pods of.
+#: ``strandedPodDeletion`` value lets the operator delete pods of.
 OWNER_KINDS: Final[Mapping[str, frozenset[str]]] = {
     "Never": frozenset(),
     "StatefulSet": frozenset({"StatefulSet"}),
@@ -90,7 +98,7 @@ class Verdict:
 
 def verdict(pod: StrandedPod, settings: Mapping[str, str | None]) -> Verdict:
     """Whether to delete ``pod``; ``settings`` maps each of its volumes to its policy's
-    ``podDeletionOnNodeLoss`` (None when the volume or its policy cannot be read)."""
+    ``strandedPodDeletion`` (None when the volume or its policy cannot be read)."""
     if not pod.volumes:
         return Verdict(False, "it mounts no sharedsync volume")
     if not pod.owner_kind:
@@ -101,9 +109,19 @@ def verdict(pod: StrandedPod, settings: Mapping[str, str | None]) -> Verdict:
         if setting is None:
             return Verdict(False, f"the policy of volume {volume} cannot be read")
         if pod.owner_kind not in OWNER_KINDS.get(setting, frozenset()):
-            return Verdict(False, f"volume {volume}'s policy has podDeletionOnNodeLoss "
+            return Verdict(False, f"volume {volume}'s policy has strandedPodDeletion "
                                   f"{setting}, which does not cover {pod.owner_kind} pods")
         allowed.append(f"{volume} ({setting})")
-    return Verdict(True, f"podDeletionOnNodeLoss allows it for every volume it mounts: "
+    return Verdict(True, f"strandedPodDeletion allows it for every volume it mounts: "
                          f"{', '.join(allowed)}")
 
+
+
+def lost_volumes(pod: StrandedPod, running: bool, created_unix_ns: int,
+                 stranded_since: Mapping[str, int]) -> tuple[str, ...]:
+    """The volumes ``pod`` lost on a node that is well: those it mounts that the node stopped
+    serving (``stranded_since``: volume -> Unix ns) after the pod was created, if it runs."""
+    if not running:
+        return ()
+    return tuple(sorted(v for v in set(pod.volumes)
+                        if stranded_since.get(v, 0) > created_unix_ns))

@@ -43,7 +43,7 @@ DATA_LOCALITIES: Final = ("BestEffort", "Disabled")
 ON_QUORUM_LOSS: Final = ("Freeze", "Continue")
 #: Which pods on a lost node the operator deletes so that their controller can replace them
 #: (``sharedsync.core.node_loss``).
-POD_DELETION_ON_NODE_LOSS: Final = ("Never", "StatefulSet", "Deployment",
+STRANDED_POD_DELETION: Final = ("Never", "StatefulSet", "Deployment",
                                     "StatefulSetAndDeployment")
 
 HOSTNAME_KEY: Final = "kubernetes.io/hostname"
@@ -100,7 +100,7 @@ class Policy:
     data_locality: bool = True  # BestEffort
     stale_replica_timeout_seconds: float = DEFAULT_STALE_REPLICA_TIMEOUT_SECONDS
     on_quorum_loss: str = "Freeze"
-    pod_deletion_on_node_loss: str = "Never"
+    stranded_pod_deletion: str = "Never"
     scrub_interval_seconds: float = DEFAULT_SCRUB_INTERVAL_SECONDS
     auto_repair: bool = True
     #: The SyncPolicy's ``metadata.name``, for messages ("policy fast wants 3 replicas ...").
@@ -136,8 +136,8 @@ def _invariant_problem(p: Policy) -> str:
                                  (p.conflict_resolution, "conflict_resolution",
                                   CONFLICT_RESOLUTIONS),
                                  (p.on_quorum_loss, "on_quorum_loss", ON_QUORUM_LOSS),
-                                 (p.pod_deletion_on_node_loss, "pod_deletion_on_node_loss",
-                                  POD_DELETION_ON_NODE_LOSS)):
+                                 (p.stranded_pod_deletion, "stranded_pod_deletion",
+                                  STRANDED_POD_DELETION)):
         if value not in allowed:
             return f"{name} {value!r} is not one of {', '.join(allowed)}"
     if not MIN_PRIORITY <= p.priority <= MAX_PRIORITY:
@@ -325,7 +325,7 @@ _SPEC_FIELDS = ("mode", "replicas", "writeQuorum", "maxLag", "onLagExceeded", "s
 _TRIGGER_FIELDS = ("manual",)
 _QOS_FIELDS = ("bandwidth", "priority", "rebuildBandwidth")
 _PLACEMENT_FIELDS = ("topologyKey", "nodeSelector", "dataLocality")
-_FAILOVER_FIELDS = ("staleReplicaTimeout", "onQuorumLoss", "podDeletionOnNodeLoss")
+_FAILOVER_FIELDS = ("staleReplicaTimeout", "onQuorumLoss", "strandedPodDeletion")
 _INTEGRITY_FIELDS = ("scrubInterval", "autoRepair")
 
 
@@ -400,8 +400,8 @@ def policy_from_spec(spec: Mapping[str, Any] | None, *, name: str = "") -> Polic
         stale_replica_timeout_seconds=failover.duration(
             "staleReplicaTimeout", DEFAULT_STALE_REPLICA_TIMEOUT_SECONDS),
         on_quorum_loss=failover.choice("onQuorumLoss", ON_QUORUM_LOSS, "Freeze"),
-        pod_deletion_on_node_loss=failover.choice("podDeletionOnNodeLoss",
-                                                  POD_DELETION_ON_NODE_LOSS, "Never"),
+        stranded_pod_deletion=failover.choice("strandedPodDeletion",
+                                                  STRANDED_POD_DELETION, "Never"),
         scrub_interval_seconds=integrity.duration("scrubInterval",
                                                   DEFAULT_SCRUB_INTERVAL_SECONDS),
         auto_repair=integrity.boolean("autoRepair", True),

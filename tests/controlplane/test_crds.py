@@ -34,7 +34,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "conflictResolution": "LastWriterWins",
     "placement": {"topologyKey": "kubernetes.io/hostname", "dataLocality": "BestEffort"},
     "failover": {"staleReplicaTimeout": "5m", "onQuorumLoss": "Freeze",
-                 "podDeletionOnNodeLoss": "Never"},
+                 "strandedPodDeletion": "Never"},
     "integrity": {"scrubInterval": "168h", "autoRepair": True},
 }
 
@@ -225,9 +225,9 @@ BAD_POLICIES = [
     pytest.param({"failover": {"onQuorumLoss": "Panic"}},
                  ['spec.failover.onQuorumLoss: Unsupported value: "Panic"'],
                  id="onQuorumLoss-Panic"),
-    pytest.param({"failover": {"podDeletionOnNodeLoss": "Always"}},
-                 ['spec.failover.podDeletionOnNodeLoss: Unsupported value: "Always"'],
-                 id="podDeletionOnNodeLoss-Always"),
+    pytest.param({"failover": {"strandedPodDeletion": "Always"}},
+                 ['spec.failover.strandedPodDeletion: Unsupported value: "Always"'],
+                 id="strandedPodDeletion-Always"),
     pytest.param({"failover": {"staleReplicaTimeout": "5d"}},
                  ["spec.failover.staleReplicaTimeout", "should match"],
                  id="staleReplicaTimeout-days"),

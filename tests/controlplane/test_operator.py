@@ -494,35 +494,32 @@ def test_an_isolated_primary_stops_acknowledging_before_it_is_failed_over(
 def bound_pod_of(cluster: OperatorCluster, namespace: str, selector: str,
                  node: str) -> dict[str, Any]:
     """The one pod matching ``selector`` once its controller made it, bound to ``node`` as
-    the scheduler would (there is no scheduler nor kubelet here: pods are API objects)."""
+    the scheduler would and Running as its kubelet would say (there is no scheduler nor
+    kubelet here: pods are API objects)."""
     def pods() -> list[dict[str, Any]]:
         out = cluster.cp.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json")
         items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
         return items
     wait_until(lambda: len(pods()) == 1, timeout=120, what=f"the pod of {selector}")
     [pod] = pods()
-    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod["metadata"]["name"]},
+    name = pod["metadata"]["name"]
+    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
                "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
-    cluster.cp.kubectl("create", "--raw",
-                       f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}/binding",
+    cluster.cp.kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{name}/binding",
                        "-f", "-", input=json.dumps(binding))
+    cluster.cp.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status",
+                       "--type=merge", "-p", json.dumps({"status": {"phase": "Running"}}))
     [pod] = pods()
     assert pod["spec"]["nodeName"] == node
     return pod
 
 
-def test_a_lost_nodes_statefulset_pod_is_deleted_for_its_controller_to_replace(
-        cluster: OperatorCluster) -> None:
-    """podDeletionOnNodeLoss: StatefulSet. The node of a StatefulSet's pod and of a
-    Deployment's pod, both mounting the volume, is lost (NotReady, its agent gone): the
-    operator fails the volume over and force-deletes the StatefulSet's pod, which its
-    controller then recreates; the Deployment's pod, which the policy does not cover, stays."""
-    name = "vol-" + "1a" * 12
-    status = ready_volume(cluster, name, "pods-on-loss", mode="Asynchronous", replicas=2,
-                          maxLag="1s", failover={"staleReplicaTimeout": "10m",
-                                                 "podDeletionOnNodeLoss": "StatefulSet"})
-    victim = status["primary"]
-    ns = "stranded"
+@contextlib.contextmanager
+def workloads_on(cluster: OperatorCluster, ns: str, volume_id: str,
+                 node: str) -> Iterator[dict[str, dict[str, Any]]]:
+    """In a new namespace ``ns``: a PersistentVolume and claim for ``volume_id``, and a
+    StatefulSet ("db") and a Deployment ("web") whose one pod each mounts it, both bound to
+    ``node``; yields those pods by app. Everything is deleted on leaving."""
     template = {"spec": {
         "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}],
         "automountServiceAccountToken": False,
@@ -540,48 +537,13 @@ def test_a_lost_nodes_statefulset_pod_is_deleted_for_its_controller_to_replace(
              "spec": {"capacity": {"storage": "256Mi"}, "accessModes": ["ReadWriteOnce"],
                       "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
                       "claimRef": {"namespace": ns, "name": "data"},
-                      "csi": {"driver": "csi.sharedsync.io", "volumeHandle": name}}},
+                      "csi": {"driver": "csi.sharedsync.io", "volumeHandle": volume_id}}},
             {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
              "metadata": {"name": "data", "namespace": ns},
              "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
                       "volumeName": f"pv-{ns}", "resources": {"requests": {"storage": "256Mi"}}}},
             workload("StatefulSet", "db"), workload("Deployment", "web")]})
-        db = bound_pod_of(cluster, ns, "app=db", victim)
-        web = bound_pod_of(cluster, ns, "app=web", victim)
-
-        cluster.agents.agents[victim].kill()
-        cluster.set_node_ready(victim, False)
-        try:
-            def db_replaced() -> bool:
-                out = cluster.cp.kubectl("get", "pod", "db-0", "-n", ns, "-o", "json",
-                                         check=False)
-                return out.returncode == 0 and \
-                    json.loads(out.stdout)["metadata"]["uid"] != db["metadata"]["uid"]
-            wait_until(db_replaced, timeout=180, what="db-0 deleted and recreated; operator "
-                                                      f"log:\n{cluster.operator.log_tail()}")
-            assert cluster.get("sv", name)["status"]["primary"] != victim
-            events = json.loads(cluster.cp.kubectl(
-                "get", "events", "-n", ns, "-o", "json",
-                "--field-selector", "involvedObject.name=db-0").stdout)["items"]
-            [deleted] = [e for e in events if e["reason"] == "PodDeletedOnNodeLoss"]
-            assert deleted["type"] == "Warning"
-            assert victim in deleted["message"]
-            assert "StatefulSet" in deleted["message"]
-            # the Deployment's pod was judged in the same pass and kept
-            web_now = json.loads(cluster.cp.kubectl(
-                "get", "pod", web["metadata"]["name"], "-n", ns, "-o", "json").stdout)
-            assert web_now["metadata"]["uid"] == web["metadata"]["uid"]
-            assert not web_now["metadata"].get("deletionTimestamp")
-            assert "pod on a lost node kept" in cluster.operator.log_tail(400)
-            with urllib.request.urlopen(f"http://127.0.0.1:{cluster.operator.metrics_port}"
-                                        "/metrics", timeout=10) as page:
-                metrics = page.read().decode()
-            assert 'sharedsync_operator_stranded_pods_deleted_total{owner_kind="StatefulSet"} ' \
-                '1.0' in metrics
-            assert 'owner_kind="ReplicaSet"' not in metrics
-        finally:
-            cluster.set_node_ready(victim, True)
-            cluster.agents.agents[victim].start()
+        yield {app: bound_pod_of(cluster, ns, f"app={app}", node) for app in ("db", "web")}
     finally:
         for kind in ("statefulset/db", "deployment/web"):
             cluster.cp.kubectl("delete", kind, "-n", ns, "--wait=false", check=False)
@@ -590,6 +552,112 @@ def test_a_lost_nodes_statefulset_pod_is_deleted_for_its_controller_to_replace(
                            check=False)
         cluster.cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
         cluster.cp.kubectl("delete", "pv", f"pv-{ns}", "--wait=false", check=False)
+
+
+def pod_json(cluster: OperatorCluster, ns: str, name: str) -> dict[str, Any] | None:
+    out = cluster.cp.kubectl("get", "pod", name, "-n", ns, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def pod_events(cluster: OperatorCluster, ns: str, name: str, reason: str) -> list[dict[str, Any]]:
+    out = cluster.cp.kubectl("get", "events", "-n", ns, "-o", "json", "--field-selector",
+                             f"involvedObject.name={name},reason={reason}")
+    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return items
+
+
+def operator_metrics(cluster: OperatorCluster) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics",
+                                timeout=10) as page:
+        text: str = page.read().decode()
+    return text
+
+
+def test_a_lost_nodes_statefulset_pod_is_deleted_for_its_controller_to_replace(
+        cluster: OperatorCluster) -> None:
+    """strandedPodDeletion: StatefulSet. The node of a StatefulSet's pod and of a
+    Deployment's pod, both mounting the volume, is lost (NotReady, its agent gone): the
+    operator fails the volume over and force-deletes the StatefulSet's pod, which its
+    controller then recreates; the Deployment's pod, which the policy does not cover, stays."""
+    name = "vol-" + "1a" * 12
+    status = ready_volume(cluster, name, "pods-on-loss", mode="Asynchronous", replicas=2,
+                          maxLag="1s", failover={"staleReplicaTimeout": "10m",
+                                                 "strandedPodDeletion": "StatefulSet"})
+    victim = status["primary"]
+    ns = "stranded"
+    with workloads_on(cluster, ns, name, victim) as pods:
+        db, web = pods["db"], pods["web"]
+        cluster.agents.agents[victim].kill()
+        cluster.set_node_ready(victim, False)
+        try:
+            def db_replaced() -> bool:
+                now = pod_json(cluster, ns, "db-0")
+                return now is not None and now["metadata"]["uid"] != db["metadata"]["uid"]
+            wait_until(db_replaced, timeout=180, what="db-0 deleted and recreated; operator "
+                                                      f"log:\n{cluster.operator.log_tail()}")
+            assert cluster.get("sv", name)["status"]["primary"] != victim
+            [deleted] = pod_events(cluster, ns, "db-0", "PodDeletedOnNodeLoss")
+            assert deleted["type"] == "Warning"
+            assert victim in deleted["message"]
+            assert "StatefulSet" in deleted["message"]
+            # the Deployment's pod was judged in the same pass and kept
+            web_now = pod_json(cluster, ns, web["metadata"]["name"])
+            assert web_now is not None
+            assert web_now["metadata"]["uid"] == web["metadata"]["uid"]
+            assert not web_now["metadata"].get("deletionTimestamp")
+            assert "stranded pod kept" in cluster.operator.log_tail(400)
+            metrics = operator_metrics(cluster)
+            assert 'sharedsync_operator_stranded_pods_deleted_total{owner_kind="StatefulSet",' \
+                'reason="PodDeletedOnNodeLoss"} 1.0' in metrics
+            assert 'owner_kind="ReplicaSet"' not in metrics
+        finally:
+            cluster.set_node_ready(victim, True)
+            cluster.agents.agents[victim].start()
+    cluster.wait_condition("sv", name, "Ready", timeout=180)
+
+
+def test_pods_that_lost_their_volume_on_a_node_that_came_back_are_deleted(
+        cluster: OperatorCluster) -> None:
+    """strandedPodDeletion: StatefulSetAndDeployment. The primary's node is cut off long
+    enough for a failover, but stays Ready (as when the network blip is shorter than the node
+    grace period): when it is back, its replica is demoted under the pods that used the volume
+    there (their mount no longer works). Its agent says since when; the operator deletes
+    those pods gracefully (their kubelet is there), and Detach, as kubelet's unmount after
+    them, clears the report."""
+    name = "vol-" + "1b" * 12
+    status = ready_volume(cluster, name, "pods-volume-moved", mode="Asynchronous", replicas=2,
+                          maxLag="1s", failover={"staleReplicaTimeout": "10m",
+                                                 "strandedPodDeletion": "StatefulSetAndDeployment"})
+    old = status["primary"]
+    agent = cluster.agents.agents[old]
+    ns = "moved"
+    with workloads_on(cluster, ns, name, old) as pods, attached_file(cluster, old, name):
+        assert agent.volume(name).consumers_stranded_unix_ns == 0
+        with cluster.cut_off(old):
+            wait_until(lambda: cluster.get("sv", name)["status"]["primary"] != old,
+                       timeout=120, what="failover")
+        wait_until(lambda: agent.volume(name).role == "replica", timeout=120,
+                   what="the old primary rejoins as a replica")
+        stranded_at = agent.volume(name).consumers_stranded_unix_ns
+        assert stranded_at > 0
+
+        def deleting(app: str) -> bool:
+            now = pod_json(cluster, ns, pods[app]["metadata"]["name"])
+            return now is None or bool(now["metadata"].get("deletionTimestamp"))
+        wait_until(lambda: deleting("db") and deleting("web"), timeout=120,
+                   what=f"both pods deleted; operator log:\n{cluster.operator.log_tail()}")
+        for app in ("db", "web"):
+            [event] = pod_events(cluster, ns, pods[app]["metadata"]["name"],
+                                 "PodDeletedVolumeMoved")
+            assert name in event["message"]
+            assert old in event["message"]
+        # gracefully: the pods stay Terminating until their kubelet confirms (none here)
+        assert pod_json(cluster, ns, pods["web"]["metadata"]["name"]) is not None
+        # the report stands until the volume is let go here
+        assert agent.volume(name).consumers_stranded_unix_ns == stranded_at
+    # attached_file's Detach is kubelet's unmount after the pods: the report is cleared
+    assert agent.volume(name).consumers_stranded_unix_ns == 0
+    assert 'reason="PodDeletedVolumeMoved"} 1.0' in operator_metrics(cluster)
     cluster.wait_condition("sv", name, "Ready", timeout=180)
 
 

@@ -414,11 +414,11 @@ def test_4_node_loss_promotes_and_the_pod_moves_with_every_acknowledged_write(
     # Two replicas, both needed for an fsync, so every acknowledged write is on the node that
     # survives; onQuorumLoss: Continue lets the survivor take writes alone. With two replicas
     # the volume's PV allows exactly the two replica nodes, so the replacement pod can only
-    # land on the promoted one. podDeletionOnNodeLoss: StatefulSet has the operator delete the
+    # land on the promoted one. strandedPodDeletion: StatefulSet has the operator delete the
     # pod stranded on the dead node, which nothing else in the cluster would.
     policy = add_policy(cluster, "e2e-failover", {
         "mode": "Synchronous", "replicas": 2, "writeQuorum": 2,
-        "failover": {"onQuorumLoss": "Continue", "podDeletionOnNodeLoss": "StatefulSet"}})
+        "failover": {"onQuorumLoss": "Continue", "strandedPodDeletion": "StatefulSet"}})
     name = "failover"
     # The hardest case: the pod (so the primary, placed where its consumer is) starts on the
     # node of the operator's leader, so one power cut takes both, and the standby operator must
@@ -436,6 +436,8 @@ def test_4_node_loss_promotes_and_the_pod_moves_with_every_acknowledged_write(
     victim = sv["status"]["primary"]
     assert victim == node_of(cluster, pod), sv["status"]
     acked = write_records(cluster, ns, pod, RECORDS, f"{tag}before", 20)
+    # read before the kill: the operator may replace the pod before the test sees NotReady
+    old_uid = must_get(cluster, "pod", pod, ns)["metadata"]["uid"]
 
     killed = False
     try:
@@ -453,7 +455,6 @@ def test_4_node_loss_promotes_and_the_pod_moves_with_every_acknowledged_write(
         # controller waits for the kubelet to confirm it is gone, which a dead kubelet never
         # does (the StatefulSet's at-most-one guarantee). The policy has the operator delete
         # it once the node is lost (NotReady, its agent's Lease expired); nothing here does.
-        old_uid = must_get(cluster, "pod", pod, ns)["metadata"]["uid"]
 
         def promoted() -> bool:
             status = shared_volume(cluster, volume).get("status", {})

@@ -11,9 +11,10 @@ from sharedsync.core.node_loss import (
     NodeSignals,
     StrandedPod,
     confirm_lost,
+    lost_volumes,
     verdict,
 )
-from sharedsync.core.policy import POD_DELETION_ON_NODE_LOSS
+from sharedsync.core.policy import STRANDED_POD_DELETION
 
 LOST = NodeSignals(ready=False, agent_known=True, agent_alive=False)
 
@@ -58,7 +59,7 @@ def test_each_setting_covers_its_controllers() -> None:
         for owner in ("StatefulSet", "ReplicaSet", "DaemonSet", "Job"):
             assert verdict(pod(owner), {"vol-a": setting}).delete == (owner in kinds), \
                 (setting, owner)
-    assert set(OWNER_KINDS) == set(POD_DELETION_ON_NODE_LOSS)
+    assert set(OWNER_KINDS) == set(STRANDED_POD_DELETION)
 
 
 def test_the_reason_names_what_kept_the_pod() -> None:
@@ -85,7 +86,7 @@ def test_a_volume_whose_policy_cannot_be_read_keeps_the_pod() -> None:
     assert not verdict(pod(), {"vol-a": "Sometimes"}).delete  # unknown value: nothing allowed
 
 
-_settings = st.sampled_from([*POD_DELETION_ON_NODE_LOSS, None])
+_settings = st.sampled_from([*STRANDED_POD_DELETION, None])
 _owners = st.sampled_from(["", "StatefulSet", "ReplicaSet", "DaemonSet", "Job"])
 _volumes = st.lists(st.sampled_from(["vol-a", "vol-b", "vol-c"]), max_size=4).map(tuple)
 
@@ -116,3 +117,28 @@ def test_only_nodes_lost_now_and_long_enough_are_confirmed(
     for node in after:
         assert after[node] == since.get(node, now)
         assert (node in lost) == (now - after[node] >= LOST_CONFIRM_SECONDS)
+
+
+def test_a_running_pod_lost_the_volumes_the_node_stopped_serving_after_it_was_created() -> None:
+    mounts = pod(volumes=("vol-a", "vol-b"))
+    assert lost_volumes(mounts, True, 100, {"vol-a": 150}) == ("vol-a",)
+    assert lost_volumes(mounts, True, 100, {"vol-a": 150, "vol-b": 120}) == ("vol-a", "vol-b")
+    # created since: it is waiting for the volume to come to it, it lost nothing
+    assert lost_volumes(mounts, True, 200, {"vol-a": 150}) == ()
+    # not running: nothing to lose
+    assert lost_volumes(mounts, False, 100, {"vol-a": 150}) == ()
+    # another volume, or none stranded
+    assert lost_volumes(mounts, True, 100, {"vol-c": 150}) == ()
+    assert lost_volumes(mounts, True, 100, {}) == ()
+
+
+@given(_volumes, st.booleans(), st.integers(min_value=0, max_value=10),
+       st.dictionaries(st.sampled_from(["vol-a", "vol-b", "vol-c"]),
+                       st.integers(min_value=0, max_value=10)))
+def test_lost_volumes_are_mounted_stranded_and_after_creation(
+        volumes: tuple[str, ...], running: bool, created: int,
+        stranded: dict[str, int]) -> None:
+    got = lost_volumes(pod(volumes=volumes), running, created, stranded)
+    assert list(got) == sorted(set(got))
+    assert set(got) == ({v for v in volumes if stranded.get(v, 0) > created}
+                        if running else set())

@@ -28,7 +28,7 @@ SERVER_DEFAULTED: dict[str, Any] = {
     "conflictResolution": "LastWriterWins",
     "placement": {"topologyKey": "kubernetes.io/hostname", "dataLocality": "BestEffort"},
     "failover": {"staleReplicaTimeout": "5m", "onQuorumLoss": "Freeze",
-                 "podDeletionOnNodeLoss": "Never"},
+                 "strandedPodDeletion": "Never"},
     "integrity": {"scrubInterval": "168h", "autoRepair": True},
 }
 
@@ -68,7 +68,7 @@ def test_an_empty_spec_gets_every_default() -> None:
     assert p.data_locality is True
     assert p.stale_replica_timeout_seconds == 300.0
     assert p.on_quorum_loss == "Freeze"
-    assert p.pod_deletion_on_node_loss == "Never"
+    assert p.stranded_pod_deletion == "Never"
     assert p.scrub_interval_seconds == 168 * 3600.0
     assert p.auto_repair is True
     assert p.name == ""
@@ -101,7 +101,7 @@ def test_a_full_spec_is_read_field_by_field() -> None:
                       "nodeSelector": {"disk": "ssd", "example.com/tier": "gold"},
                       "dataLocality": "Disabled"},
         "failover": {"staleReplicaTimeout": "1m30s", "onQuorumLoss": "Continue",
-                     "podDeletionOnNodeLoss": "StatefulSetAndDeployment"},
+                     "strandedPodDeletion": "StatefulSetAndDeployment"},
         "integrity": {"scrubInterval": "24h", "autoRepair": False},
     }
     assert policy_from_spec(spec, name="fast") == Policy(
@@ -112,7 +112,7 @@ def test_a_full_spec_is_read_field_by_field() -> None:
         topology_key="topology.kubernetes.io/zone",
         node_selector=(("disk", "ssd"), ("example.com/tier", "gold")), data_locality=False,
         stale_replica_timeout_seconds=90.0, on_quorum_loss="Continue",
-        pod_deletion_on_node_loss="StatefulSetAndDeployment", scrub_interval_seconds=86400.0,
+        stranded_pod_deletion="StatefulSetAndDeployment", scrub_interval_seconds=86400.0,
         auto_repair=False, name="fast")
 
 
@@ -311,9 +311,9 @@ ERRORS: list[tuple[dict[str, Any], str, str]] = [
      "duration string"),
     ({"failover": {"onQuorumLoss": "Panic"}}, "spec.failover.onQuorumLoss",
      "must be one of Freeze, Continue"),
-    ({"failover": {"podDeletionOnNodeLoss": "Always"}}, "spec.failover.podDeletionOnNodeLoss",
+    ({"failover": {"strandedPodDeletion": "Always"}}, "spec.failover.strandedPodDeletion",
      "must be one of Never, StatefulSet, Deployment, StatefulSetAndDeployment"),
-    ({"failover": {"podDeletionOnNodeLoss": True}}, "spec.failover.podDeletionOnNodeLoss", ""),
+    ({"failover": {"strandedPodDeletion": True}}, "spec.failover.strandedPodDeletion", ""),
     ({"failover": {"timeout": "5m"}}, "spec.failover.timeout", "unknown field"),
     ({"integrity": {"scrubInterval": "7d"}}, "spec.integrity.scrubInterval", "use hours"),
     ({"integrity": {"scrubInterval": "0"}}, "spec.integrity.scrubInterval", "longer than 0"),
@@ -373,7 +373,7 @@ def test_long_values_are_shortened_in_messages() -> None:
         ({"on_lag_exceeded": "Block"}, "on_lag_exceeded"),
         ({"conflict_resolution": "x"}, "conflict_resolution"),
         ({"on_quorum_loss": "x"}, "on_quorum_loss"),
-        ({"pod_deletion_on_node_loss": "Always"}, "pod_deletion_on_node_loss"),
+        ({"stranded_pod_deletion": "Always"}, "stranded_pod_deletion"),
         ({"priority": 0}, "priority"),
         ({"bandwidth_bytes_per_second": -1}, "bandwidth"),
         ({"rebuild_bandwidth_bytes_per_second": -1}, "bandwidth"),
@@ -431,7 +431,7 @@ def valid_specs(draw: st.DrawFn) -> dict[str, Any]:
         "placement.dataLocality": st.sampled_from(["BestEffort", "Disabled"]),
         "failover.staleReplicaTimeout": _durations,
         "failover.onQuorumLoss": st.sampled_from(["Freeze", "Continue"]),
-        "failover.podDeletionOnNodeLoss": st.sampled_from(
+        "failover.strandedPodDeletion": st.sampled_from(
             ["Never", "StatefulSet", "Deployment", "StatefulSetAndDeployment"]),
         "integrity.scrubInterval": _durations,
         "integrity.autoRepair": st.booleans(),
@@ -471,7 +471,7 @@ _FIELD_PATHS = ["mode", "replicas", "writeQuorum", "maxLag", "onLagExceeded", "s
                 "qos.rebuildBandwidth", "conflictResolution", "placement",
                 "placement.topologyKey", "placement.nodeSelector", "placement.dataLocality",
                 "failover", "failover.staleReplicaTimeout", "failover.onQuorumLoss",
-                "failover.podDeletionOnNodeLoss",
+                "failover.strandedPodDeletion",
                 "integrity", "integrity.scrubInterval", "integrity.autoRepair"]
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),

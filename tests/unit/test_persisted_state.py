@@ -16,7 +16,8 @@ def spec() -> pb.VolumeSpec:
 def test_a_state_reads_back_as_written() -> None:
     state = PersistedState(spec(), 3, Role.PRIMARY, "a", fenced=True,
                            awaiting_copy=frozenset({"c", "b"}), failed=frozenset({"b"}),
-                           suspended="the agent's Lease lapsed and no peer answers")
+                           suspended="the agent's Lease lapsed and no peer answers",
+                           stranded_ns=1_796_000_000_000_000_000)
     again = PersistedState.from_json(state.to_json())
     assert again == state
 
@@ -43,3 +44,11 @@ def test_a_file_written_before_suspensions_existed_reads_as_not_suspended() -> N
     old = written.replace(b', "writesSuspended": "cut off"', b"")
     assert b"writesSuspended" not in old
     assert PersistedState.from_json(old).suspended == ""
+
+
+def test_a_file_written_before_stranded_consumers_existed_reads_as_none() -> None:
+    written = PersistedState(spec(), 1, Role.REPLICA, "b", stranded_ns=12).to_json()
+    assert b'"consumersStrandedAt": 12' in written
+    old = written.replace(b'"consumersStrandedAt": 12, ', b"")
+    assert b"consumersStranded" not in old
+    assert PersistedState.from_json(old).stranded_ns == 0
