@@ -460,11 +460,16 @@ def test_a_pod_on_a_fenced_primary_gets_no_write_acknowledged(cluster: AgentClus
         os.write(held, b"after the fence\n")  # lands (the open came before) ...
         assert errno_of(lambda: os.fsync(held)) == errno.EROFS  # ... but is never acknowledged
         assert errno_of(lambda: os.fdatasync(held)) == errno.EROFS
+        # the agent says since when the pods here have lost it (the operator deletes them)
+        stranded_at = cluster.agents["a"].volume(VOLUME).consumers_stranded_unix_ns
+        assert 0 < stranded_at <= time.time_ns()
     finally:
         with contextlib.suppress(OSError):
             os.close(held)
         cluster.proxies[("b", "a")].client.heal()
         cluster.agents["a"].call("Detach", pb.DetachRequest(volume_id=VOLUME))
+    # kubelet's unmount after the pods: nobody here has lost it any more
+    assert cluster.agents["a"].volume(VOLUME).consumers_stranded_unix_ns == 0
 
 
 def test_a_switchover_moves_the_primary_of_an_attached_volume(cluster: AgentCluster) -> None:
