@@ -99,9 +99,8 @@ class StrandedPodReleaser:
                 seen.add(uid)
                 pod = await self._stranded(body, node, uid, shared_volumes)
                 if node in lost:
-                    why = (f"deleted from node {node}, which is lost (not Ready, and its "
-                           f"sharedsync agent's Lease expired), so that its {pod.owner_kind} "
-                           "can replace it")
+                    where = (f"on node {node}, which is lost (not Ready, and its sharedsync "
+                             "agent's Lease expired)")
                     reason, force = "PodDeletedOnNodeLoss", True
                 else:
                     if metadata.get("deletionTimestamp"):
@@ -110,19 +109,17 @@ class StrandedPodReleaser:
                                         moved[node])
                     if not gone:
                         continue
-                    why = (f"deleted from node {node}, which stopped serving volume "
-                           f"{', '.join(gone)} under it (the replica there was fenced or "
-                           "demoted by a failover: its mount no longer works), so that its "
-                           f"{pod.owner_kind} can replace it")
+                    where = (f"on node {node}, which stopped serving volume "
+                             f"{', '.join(gone)} under it (the replica there was fenced or "
+                             "demoted by a failover: its mount no longer works)")
                     reason, force = "PodDeletedVolumeMoved", False
                 decision = verdict(pod, {v: _setting(v, shared_volumes, policies)
                                          for v in pod.volumes})
                 if not decision.delete:
                     if pod.volumes and (uid, decision.reason) not in self.kept_logged:
-                        self.kept_logged.add((uid, decision.reason))
-                        log.info("stranded pod kept", pod=f"{pod.namespace}/{pod.name}",
-                                 node=node, reason=decision.reason)
+                        await self._report_kept(body, pod, uid, where, decision.reason)
                     continue
+                why = f"deleted {where}, so that its {pod.owner_kind} can replace it"
                 if await self._delete(body, pod, uid, force=force, reason=reason,
                                       message=f"{why}: {decision.reason}"):
                     deleted.append(f"{pod.namespace}/{pod.name}")
@@ -143,6 +140,20 @@ class StrandedPodReleaser:
                 self.volumes_of_pod[uid] = volumes
         return StrandedPod(namespace=namespace, name=str(metadata.get("name") or ""),
                            node=node, owner_kind=owner_kind(body), volumes=volumes)
+
+    async def _report_kept(self, body: Mapping[str, Any], pod: StrandedPod, uid: str,
+                           where: str, why_kept: str) -> None:
+        """Say once, on the pod, that it is stranded and left to a human (what Never asks)."""
+        self.kept_logged.add((uid, why_kept))
+        log.info("stranded pod kept", pod=f"{pod.namespace}/{pod.name}", node=pod.node,
+                 reason=why_kept)
+        await self.kube.post_event(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": dict(body["metadata"])},
+            "Warning", "PodStranded",
+            f"stranded {where}; left alone: {why_kept}. Delete it, and its controller (if "
+            "any) replaces it where the volume is served now; the SyncPolicy's "
+            "failover.strandedPodDeletion can have the operator do that",
+            namespace=pod.namespace)
 
     async def _delete(self, body: Mapping[str, Any], pod: StrandedPod, uid: str, *,
                       force: bool, reason: str, message: str) -> bool:

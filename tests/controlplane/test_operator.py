@@ -606,6 +606,8 @@ def test_a_lost_nodes_statefulset_pod_is_deleted_for_its_controller_to_replace(
             assert web_now["metadata"]["uid"] == web["metadata"]["uid"]
             assert not web_now["metadata"].get("deletionTimestamp")
             assert "stranded pod kept" in cluster.operator.log_tail(400)
+            [kept] = pod_events(cluster, ns, web["metadata"]["name"], "PodStranded")
+            assert "ReplicaSet" in kept["message"]
             metrics = operator_metrics(cluster)
             assert 'sharedsync_operator_stranded_pods_deleted_total{owner_kind="StatefulSet",' \
                 'reason="PodDeletedOnNodeLoss"} 1.0' in metrics
