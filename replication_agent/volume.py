@@ -51,7 +51,12 @@ from google.protobuf import json_format
 
 from sharedsync import failpoints
 from sharedsync.core.audit_chain import AuditKind
-from sharedsync.core.commit_quorum import COMMIT_TIMEOUT_SECONDS, stream_now, write_quorum
+from sharedsync.core.commit_quorum import (
+    COMMIT_TIMEOUT_SECONDS,
+    stream_now,
+    streams_well,
+    write_quorum,
+)
 from sharedsync.core.errors import (
     Aborted,
     FailedPrecondition,
@@ -142,18 +147,13 @@ JOURNAL_TIMEOUT_SECONDS = 2.0
 #: Journal records on the way to one peer at most; beyond, it leaves the session (see
 #: ``VolumeEngine.journal_commit``), so a slow peer costs bounded memory.
 JOURNAL_MAX_PENDING = 8
-#: A Synchronous volume's peer beyond the write quorum streams a change once the quorum's
-#: streams of it sent nothing for this long (a partitioned peer's stream stalls for seconds
-#: before it fails), and after ``TURN_MAX_SECONDS`` in any case (see ``PeerLink._wait_turn``).
-TURN_STALL_SECONDS = 0.25
+#: A Synchronous volume's peer beyond the write quorum waits for the quorum's streams of a
+#: change (see ``sharedsync.core.commit_quorum.streams_well``) at most this long.
 TURN_MAX_SECONDS = 5.0
 #: Pushes smaller than this say little about a link's rate (mostly round trips and syncfs).
 RATE_MIN_BYTES = 8 * 1024 * 1024
 #: How often a waiting peer looks at the quorum's streams.
 TURN_POLL_SECONDS = 0.05
-#: A stream counts as ahead of a waiting peer's only at this share of the rate that peer's own
-#: pushes reached lately: a commit does not wait for a slow link while a fast one idles.
-TURN_RATE_SHARE = 0.5
 
 
 def _rate(spec: pb.VolumeSpec) -> float:
@@ -359,9 +359,9 @@ class PeerLink:
         streams the fsync waits for end later than one would alone: measured here for a 64 MiB
         fsync, 0.41 s alone, 0.69-0.95 s with a second stream beside it. So when enough other
         peers already stream this change, this one waits until they acknowledged it, then
-        ships it while the writer goes on. It stops waiting as soon as one of them failed, sent
-        nothing for ``TURN_STALL_SECONDS``, or streams at under ``TURN_RATE_SHARE`` of this
-        peer's own recent rate, and after ``TURN_MAX_SECONDS`` at most. Only incremental sends
+        ships it while the writer goes on (and, recorded, the very stream they were sent: see
+        .shared_streams). It stops waiting as soon as one of them failed or stopped streaming
+        well (``streams_well``), and after ``TURN_MAX_SECONDS`` at most. Only incremental sends
         of a Synchronous volume wait: a rebuild never does.
         """
         engine = self.engine
@@ -372,8 +372,8 @@ class PeerLink:
 
         def ahead(link: PeerLink, now: float) -> bool:
             return (link.in_flight is not None and link.in_flight >= wanted
-                    and now - link.progressed_at < TURN_STALL_SECONDS
-                    and link.rate >= TURN_RATE_SHARE * self.rate)
+                    and streams_well(idle_seconds=now - link.progressed_at, rate=link.rate,
+                                     own_rate=self.rate))
 
         def go() -> bool:
             now = time.monotonic()

@@ -22,6 +22,13 @@ from dataclasses import dataclass
 from .errors import Unavailable
 from .policy import majority
 
+#: A quorum peer's stream of a change counts as going well while it sent something within this
+#: long (a partitioned peer's stream stalls for seconds before it fails)...
+STREAM_STALL_SECONDS = 0.25
+#: ... and, when both links' rates are known, at this share of the waiting peer's own rate
+#: at least (a commit does not wait for a slow link while a fast one idles).
+STREAM_RATE_SHARE = 0.5
+
 #: How long a Synchronous commit (an fsync, single- or multi-writer) waits for its write quorum
 #: before it fails, and the fsync with it (EIO).
 COMMIT_TIMEOUT_SECONDS = 30.0
@@ -72,3 +79,19 @@ def stream_now(need: int, held: int, ahead: int) -> bool:
     quorum holds the change, or as soon as the others cannot make the quorum without it.
     """
     return held >= need or held + ahead < need
+
+
+def streams_well(*, idle_seconds: float, rate: float, own_rate: float) -> bool:
+    """Whether another peer's stream of a change is going well enough for a peer beyond the
+    quorum to wait for it (``stream_now``'s ``ahead``): it sent something in the last
+    ``STREAM_STALL_SECONDS``, and it is not much slower than the waiting peer's own link.
+
+    ``rate`` and ``own_rate`` are bytes per second measured on recent large pushes, 0 where
+    none was measured yet. An unmeasured link is not slow: judged so, a link whose pushes were
+    all small (2 MiB commits, say) never counted as ahead of one measured by its rebuild, and
+    the peer beyond the quorum streamed every change beside it, each with a ``btrfs send`` of
+    its own, on the CPUs the quorum's stream needed.
+    """
+    if idle_seconds >= STREAM_STALL_SECONDS:
+        return False
+    return rate == 0 or own_rate == 0 or rate >= STREAM_RATE_SHARE * own_rate

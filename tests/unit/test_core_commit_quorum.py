@@ -7,10 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharedsync.core.commit_quorum import (
+    STREAM_RATE_SHARE,
+    STREAM_STALL_SECONDS,
     CommitCalls,
     commit_settled,
     plan_commit,
     stream_now,
+    streams_well,
     write_quorum,
 )
 from sharedsync.core.errors import Unavailable
@@ -105,3 +108,27 @@ def test_stream_now_examples() -> None:
     assert stream_now(need=1, held=0, ahead=0)  # the other stalled or failed
     # writeQuorum 3 of 3: every peer is needed, none waits
     assert stream_now(need=2, held=0, ahead=1)
+
+
+RATES = st.sampled_from([0.0, 1e3, 5e7, 1e8, 2e8, 1e9])
+
+
+@given(idle=st.floats(0, 10), rate=RATES, own=RATES)
+def test_a_stream_goes_well_while_it_moves_and_is_not_much_slower_than_ours(
+        idle: float, rate: float, own: float) -> None:
+    well = streams_well(idle_seconds=idle, rate=rate, own_rate=own)
+    if idle >= STREAM_STALL_SECONDS:
+        assert not well  # stalled: maybe partitioned; the waiting peer streams now
+    elif rate and own:
+        assert well == (rate >= STREAM_RATE_SHARE * own)
+    else:
+        assert well  # a rate not measured yet is not a slow link
+
+
+def test_streams_well_examples() -> None:
+    assert streams_well(idle_seconds=0.01, rate=0.0, own_rate=0.0)
+    # the link whose pushes were all small commits, against one measured by its rebuild
+    assert streams_well(idle_seconds=0.01, rate=0.0, own_rate=63e6)
+    assert not streams_well(idle_seconds=0.01, rate=10e6, own_rate=63e6)
+    assert streams_well(idle_seconds=0.01, rate=40e6, own_rate=63e6)
+    assert not streams_well(idle_seconds=1.0, rate=40e6, own_rate=63e6)
