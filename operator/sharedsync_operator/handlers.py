@@ -9,7 +9,7 @@ status within seconds without a watch on every input.
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,17 +93,17 @@ class Runtime:
         if self.stranded_pods is None:
             self.stranded_pods = StrandedPodReleaser(self.kube)
 
-    def stranded_consumers(self) -> dict[str, dict[str, int]]:
-        """Per node whose agent is alive: the volumes it stopped serving to pods there, and
-        since when (Unix ns), as its last report says."""
-        alive = self.agents.alive()
+    def stranded_consumers(self, alive: Collection[str]) -> dict[str, dict[str, int]]:
+        """Per node whose agent is ``alive``: the volumes it stopped serving to pods there,
+        and since when (Unix ns), as its last report says."""
         return {node: {v.volume_id: v.consumers_stranded_unix_ns for v in status.volumes
                        if v.consumers_stranded_unix_ns}
                 for node, status in self.agents.statuses.items() if node in alive}
 
-    def node_signals(self) -> dict[str, NodeSignals]:
-        """Each node's health as the stranded-pod release judges it."""
-        alive = self.agents.alive()
+    def node_signals(self, alive: Collection[str]) -> dict[str, NodeSignals]:
+        """Each node's health as the stranded-pod release judges it (``alive``: the nodes
+        whose agent's Lease is current, read once for both this and ``stranded_consumers``,
+        so that a node cannot count as lost in one and alive in the other)."""
         return {name: NodeSignals(ready=facts.ready, agent_known=name in self.agents.leases,
                                   agent_alive=name in alive)
                 for name, facts in self.nodes.items()}
@@ -249,8 +249,9 @@ async def _release_stranded_pods(state: Runtime) -> None:
     Deployment replaces them where the volume now lives (``stranded_pods``)."""
     assert state.stranded_pods is not None
     try:
-        await state.stranded_pods.run_once(state.node_signals(), state.shared_volumes,
-                                           state.policies, state.stranded_consumers())
+        alive = state.agents.alive()
+        await state.stranded_pods.run_once(state.node_signals(alive), state.shared_volumes,
+                                           state.policies, state.stranded_consumers(alive))
     except asyncio.CancelledError:
         raise
     except Exception:  # the agents' poll goes on; tried again next round

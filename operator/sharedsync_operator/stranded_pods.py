@@ -147,13 +147,11 @@ class StrandedPodReleaser:
         self.kept_logged.add((uid, why_kept))
         log.info("stranded pod kept", pod=f"{pod.namespace}/{pod.name}", node=pod.node,
                  reason=why_kept)
-        await self.kube.post_event(
-            {"apiVersion": "v1", "kind": "Pod", "metadata": dict(body["metadata"])},
-            "Warning", "PodStranded",
-            f"stranded {where}; left alone: {why_kept}. Delete it, and its controller (if "
-            "any) replaces it where the volume is served now; the SyncPolicy's "
-            "failover.strandedPodDeletion can have the operator do that",
-            namespace=pod.namespace)
+        await self._warn(body, pod, "PodStranded",
+                         f"stranded {where}; left alone: {why_kept}. Delete it, and its "
+                         "controller (if any) replaces it where the volume is served now; the "
+                         "SyncPolicy's failover.strandedPodDeletion can have the operator do "
+                         "that")
 
     async def _delete(self, body: Mapping[str, Any], pod: StrandedPod, uid: str, *,
                       force: bool, reason: str, message: str) -> bool:
@@ -162,10 +160,15 @@ class StrandedPodReleaser:
         STRANDED_PODS_DELETED.labels(pod.owner_kind, reason).inc()
         log.warning("stranded pod deleted", pod=f"{pod.namespace}/{pod.name}", node=pod.node,
                     owner=pod.owner_kind, volumes=list(pod.volumes), reason=reason)
-        event_body = {"apiVersion": "v1", "kind": "Pod", "metadata": dict(body["metadata"])}
-        await self.kube.post_event(event_body, "Warning", reason, message,
-                                   namespace=pod.namespace)
+        await self._warn(body, pod, reason, message)
         return True
+
+    async def _warn(self, body: Mapping[str, Any], pod: StrandedPod, reason: str,
+                    message: str) -> None:
+        """A Warning event on the pod (it outlives the pod in ``kubectl get events``)."""
+        await self.kube.post_event(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": dict(body["metadata"])},
+            "Warning", reason, message, namespace=pod.namespace)
 
 
 def created_unix_ns(metadata: Mapping[str, Any]) -> int:

@@ -78,7 +78,8 @@ def confirm_lost(signals: Mapping[str, NodeSignals], lost_since: Mapping[str, fl
 
 @dataclass(frozen=True, slots=True)
 class StrandedPod:
-    """A pod on a lost node, as far as the decision needs it."""
+    """A running pod that mounts sharedsync volumes, on a lost node or on a node that stopped
+    serving one of them, as far as the decision needs it."""
 
     namespace: str
     name: str
